@@ -1,0 +1,36 @@
+# The README's two commands: `make demo` and `make test`. Everything installs into .venv.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+PY     := $(VENV)/bin/python
+CONFIG ?= configs/demo.toml
+STORE  ?= store/dpo_neurons.duckdb
+PORT   ?= 8501
+
+.PHONY: demo test pipeline app install bench clean
+
+# Reinstalls only when a requirements file changes; each stamp records one install set.
+$(VENV)/.pipeline: requirements.txt requirements-pipeline.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-pipeline.txt
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.pipeline requirements-dev.txt
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+install: $(VENV)/.pipeline
+
+demo: pipeline app
+
+pipeline: $(VENV)/.pipeline
+	$(PY) -m pipeline run --config $(CONFIG)
+
+app: $(VENV)/.pipeline
+	STORE=$(STORE) $(VENV)/bin/streamlit run app/Home.py --server.port $(PORT) --server.headless true
+
+test: $(VENV)/.dev
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf .cache .pytest_cache
