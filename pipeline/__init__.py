@@ -1,0 +1,1 @@
+"""The offline pipeline: one module per stage, a config module and a small caching runner."""

@@ -1,0 +1,64 @@
+"""Command line: `python -m pipeline run|status --config FILE`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+import store
+from pipeline import config, runner
+
+
+def _parser() -> argparse.ArgumentParser:
+    epilog = "Config keys (TOML sections and keys; unknown keys are refused):\n\n" + config.help_table()
+    p = argparse.ArgumentParser(prog="python -m pipeline", formatter_class=argparse.RawDescriptionHelpFormatter,
+                                description="Train, record and analyse a base model and its DPO copy into the DuckDB store.",
+                                epilog=epilog)
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run the stages (cached ones are skipped) and write a run into the store",
+                       description="Run the pipeline's stages in order and write one run into the store. A stage "
+                                   "whose config and inputs are unchanged is taken from the cache.")
+    r.add_argument("--config", required=True, help="TOML config file, e.g. configs/demo.toml")
+    r.add_argument("--force", action="append", default=[], metavar="STAGE",
+                   help="rerun STAGE and every stage after it that depends on it (repeatable)")
+    r.add_argument("--only", metavar="STAGE", help="run only STAGE (its inputs must be cached); no store write")
+    s = sub.add_parser("status", help="show each stage's cache key and whether it is cached",
+                       description="Show, for each stage of a config, its cache key, whether it is cached, its time and summary.")
+    s.add_argument("--config", required=True, help="TOML config file")
+    sub.add_parser("docs", help="rewrite the config table in README.md from the config dataclasses",
+                   description="Rewrite the generated config table in README.md from the config dataclasses' help.")
+    return p
+
+
+def write_readme_table(readme: Path = Path(__file__).resolve().parents[1] / "README.md") -> None:
+    block = re.compile(r"(<!-- config-table -->\n).*?(<!-- /config-table -->)", re.S)
+    readme.write_text(block.sub(lambda m: m.group(1) + config.help_table() + "\n" + m.group(2), readme.read_text()))
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "docs":
+            write_readme_table()
+            return 0
+        cfg = config.load(args.config)
+        if args.command == "run":
+            runner.run(cfg, force=set(args.force), only=args.only)
+        else:
+            for row in runner.status(cfg):
+                took = f"{row['seconds']:.1f}s" if "seconds" in row else ""
+                print(f"{row['stage']:<12} {row['key']}  {row['state']:<7} {took:>8}  {json.dumps(row.get('summary', {}))}")
+    except (config.ConfigError, store.StoreError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished stages are cached and the store is unchanged; rerun to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

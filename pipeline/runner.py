@@ -1,0 +1,188 @@
+"""The small runner: runs stages in order, caches each under a hash of what determines it.
+
+A stage's cache key hashes its name, its module's source, the config sections it reads and its
+upstream stages' keys, so changing one setting reruns that stage and exactly what depends on it.
+A stage writes into a temporary folder that is renamed into place when it finishes: an interrupted
+stage leaves nothing that looks done, and a rerun resumes after the last finished stage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+import store
+from pipeline import config as config_mod
+from pipeline import corpus, scoring, world
+
+PACKAGES = ("torch", "transformers", "transformer-lens", "trl", "tokenizers", "datasets", "duckdb",
+            "polars", "scikit-learn", "alt-profanity-check", "better-profanity")
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    module: ModuleType  # run(out, *, device, <sections>, <upstream dirs>) -> summary; tables(out) -> {table: frame}
+    sections: tuple[str, ...]
+    deps: tuple[str, ...] = ()
+    code: tuple[ModuleType, ...] = ()  # helper modules whose source also decides the result
+
+
+STAGES = (
+    Stage("world", world, sections=("world", "scorer"), code=(corpus, scoring)),
+)
+
+
+def active_stages(cfg: config_mod.Config) -> list[Stage]:
+    """The stages this config asks for, in run order."""
+    return [s for s in STAGES if all(getattr(cfg, sec) is not None for sec in s.sections)]
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cache_keys(cfg: config_mod.Config) -> dict[str, str]:
+    keys: dict[str, str] = {}
+    for s in active_stages(cfg):
+        source = b"".join(Path(m.__file__).read_bytes() for m in (s.module, *s.code))
+        keys[s.name] = _digest({
+            "stage": s.name,
+            "code": hashlib.sha256(source).hexdigest(),
+            "config": {sec: cfg.section(sec) for sec in s.sections},
+            "upstream": {d: keys[d] for d in s.deps},
+        })
+    return keys
+
+
+def stage_dir(cfg: config_mod.Config, stage: str, key: str) -> Path:
+    return Path(cfg.run.cache_dir) / stage / key
+
+
+def _is_done(path: Path) -> bool:
+    return (path / "summary.json").is_file()
+
+
+def descendants(stages: list[Stage], roots: set[str]) -> set[str]:
+    out = set(roots)
+    for s in stages:
+        if out & set(s.deps):
+            out.add(s.name)
+    return out
+
+
+def ancestors(stages: list[Stage], name: str) -> set[str]:
+    deps = {s.name: s.deps for s in stages}
+    out, todo = set(), list(deps[name])
+    while todo:
+        d = todo.pop()
+        if d not in out:
+            out.add(d)
+            todo.extend(deps[d])
+    return out
+
+
+def run(cfg: config_mod.Config, force: set[str] = frozenset(), only: str | None = None, log=print) -> str | None:
+    """Run the pipeline; return the run_id written to the store (None with --only)."""
+    stages = active_stages(cfg)
+    names = [s.name for s in stages]
+    for name in set(force) | ({only} if only else set()):
+        if name not in names:
+            raise config_mod.ConfigError(f"{cfg.source}: no stage {name!r} in this config; its stages are {', '.join(names)}")
+    keys = cache_keys(cfg)
+    forced = descendants(stages, set(force))
+    needed = ancestors(stages, only) if only else set()
+    dirs: dict[str, Path] = {}
+    ran_any = False
+    for s in stages:
+        out = stage_dir(cfg, s.name, keys[s.name])
+        dirs[s.name] = out
+        if only and s.name != only:
+            if s.name in needed and not _is_done(out):
+                raise config_mod.ConfigError(f"--only {only} needs stage {s.name} cached first; run without --only")
+            continue
+        if _is_done(out) and s.name not in forced:
+            log(f"[{s.name}] cached ({keys[s.name]}), nothing to do")
+            continue
+        log(f"[{s.name}] running ({keys[s.name]})")
+        _run_stage(s, cfg, out, {d: dirs[d] for d in s.deps})
+        ran_any = True
+        log(f"[{s.name}] done in {json.loads((out / 'summary.json').read_text())['seconds']:.1f}s")
+    if only:
+        log("--only: stage results cached, store not written")
+        return None
+    return _publish(cfg, stages, keys, dirs, ran_any, log)
+
+
+def _run_stage(s: Stage, cfg: config_mod.Config, out: Path, upstream: dict[str, Path]) -> None:
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    t0 = time.perf_counter()
+    sections = {sec: getattr(cfg, sec) for sec in s.sections}
+    summary = s.module.run(tmp, device=resolve_device(cfg.run.device), **sections, **upstream)
+    record = {"stage": s.name, "seconds": time.perf_counter() - t0, "summary": summary}
+    (tmp / "summary.json").write_text(json.dumps(record, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+
+
+def _publish(cfg, stages, keys, dirs, ran_any, log) -> str:
+    config_hash = _digest({"run": {"name": cfg.run.name, "model": cfg.model.path}, "stages": keys})
+    existing = store.find_run(cfg.run.store, config_hash)
+    if existing and not ran_any:
+        log(f"nothing changed: run {existing} in {cfg.run.store} already holds these results")
+        return existing
+    tables: dict = {}
+    records = []
+    for s in stages:
+        for name, frame in s.module.tables(dirs[s.name]).items():
+            tables[name] = frame
+        rec = json.loads((dirs[s.name] / "summary.json").read_text())
+        records.append({"stage": s.name, "cache_key": keys[s.name], "seconds": rec["seconds"], "summary": rec["summary"]})
+    run_id = store.write_run(cfg.run.store, run={
+        "name": cfg.run.name,
+        "model": world.model_label(cfg.world) if cfg.model.path == "world" else cfg.model.path,
+        "config": cfg.to_dict(),
+        "config_hash": config_hash,
+        "packages": package_versions(),
+    }, stages=records, tables=tables)
+    log(f"wrote run {run_id} to {cfg.run.store}")
+    return run_id
+
+
+def resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def package_versions() -> dict[str, str]:
+    out = {}
+    for p in PACKAGES:
+        try:
+            out[p] = importlib.metadata.version(p)
+        except importlib.metadata.PackageNotFoundError:
+            out[p] = "not installed"
+    return out
+
+
+def status(cfg: config_mod.Config) -> list[dict]:
+    """One row per stage: its key, whether it is cached, and its recorded time and summary."""
+    rows = []
+    for name, key in cache_keys(cfg).items():
+        out = stage_dir(cfg, name, key)
+        row = {"stage": name, "key": key, "state": "cached" if _is_done(out) else "to run"}
+        if _is_done(out):
+            rec = json.loads((out / "summary.json").read_text())
+            row |= {"seconds": rec["seconds"], "summary": rec["summary"]}
+        rows.append(row)
+    return rows

@@ -1,0 +1,79 @@
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+
+from pipeline import config
+from pipeline.__main__ import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path, text):
+    p = tmp_path / "c.toml"
+    p.write_text(text)
+    return p
+
+
+def test_demo_config_loads():
+    cfg = config.load(ROOT / "configs" / "demo.toml")
+    assert cfg.model.path == "world" and cfg.world is not None
+
+
+@pytest.mark.parametrize("text, pieces", [
+    ("[world]\nn_layerz = 3\n", ["c.toml", "[world] n_layerz", "did you mean n_layer"]),
+    ("[wrld]\nseed = 1\n", ["c.toml", "unknown section [wrld]", "did you mean world"]),
+    ("[world]\nn_layer = 'four'\n", ["c.toml", "[world] n_layer", "must be an integer"]),
+    ("[world]\nlr = true\n", ["[world] lr", "must be a number"]),
+    ("[run]\ndevice = 'tpu'\n[world]\n", ["[run]", "device must be auto, cpu or cuda"]),
+    ("[world]\nd_model = 130\nn_head = 4\n", ["d_model (130) must be divisible by n_head (4)"]),
+    ("[model]\npath = 'world'\n", ["needs a [world] section"]),
+    ("[world\nseed = 1\n", ["c.toml", "not valid TOML"]),
+])
+def test_bad_config_names_key_and_file(tmp_path, text, pieces):
+    with pytest.raises(config.ConfigError) as e:
+        config.load(write(tmp_path, text))
+    msg = str(e.value)
+    assert "\n" not in msg
+    for piece in pieces:
+        assert piece in msg
+
+
+def test_int_accepted_where_float_expected(tmp_path):
+    cfg = config.load(write(tmp_path, "[world]\nlr = 1\n"))
+    assert cfg.world.lr == 1.0 and isinstance(cfg.world.lr, float)
+
+
+def test_cli_config_error_is_one_line_and_nonzero(tmp_path, capsys):
+    code = main(["run", "--config", str(write(tmp_path, "[world]\nbogus = 1\n"))])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: ") and "bogus" in err and "\n" not in err
+
+
+def test_cli_missing_config_file(tmp_path, capsys):
+    assert main(["status", "--config", str(tmp_path / "nope.toml")]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_every_field_documented():
+    for name in config.SECTIONS:
+        for f in dataclasses.fields(config._section_class(name)):
+            assert f.metadata.get("help"), f"[{name}] {f.name} has no help"
+
+
+def test_readme_config_table_is_generated_from_the_dataclasses():
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"<!-- config-table -->\n(.*?)\n<!-- /config-table -->", readme, re.S)
+    assert block, "README.md lacks the generated config table"
+    assert block.group(1).strip() == config.help_table().strip(), "run `python -m pipeline docs` to refresh README"
+
+
+def test_help_lists_every_config_key(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for name in config.SECTIONS:
+        for f in dataclasses.fields(config._section_class(name)):
+            assert f"[{name}] {f.name}" in out

@@ -1,0 +1,138 @@
+"""The runner's caching: a rerun with nothing changed does nothing; changing one setting reruns that
+stage and what depends on it, and nothing else. Uses three fake stages wired like real ones."""
+
+import json
+import types
+
+import polars as pl
+import pytest
+
+import store
+from pipeline import config, runner
+from tests.conftest import tiny_config
+
+CALLS: list[str] = []
+
+
+def fake_stage(name: str, fail: bool = False):
+    def run(out, *, device, **inputs):
+        CALLS.append(name)
+        if fail:
+            raise KeyboardInterrupt
+        (out / "value.txt").write_text(json.dumps({k: str(v) for k, v in inputs.items()}))
+        return {"name": name}
+
+    def tables(out):
+        return {}
+
+    mod = types.ModuleType(f"fake_{name}")
+    mod.run, mod.tables, mod.__file__ = run, tables, __file__
+    return mod
+
+
+@pytest.fixture
+def fake_pipeline(monkeypatch, tmp_path):
+    # a reads [world]; b reads [scorer] and a's result; c reads [model] only.
+    monkeypatch.setattr(runner, "STAGES", (
+        runner.Stage("a", fake_stage("a"), sections=("world",)),
+        runner.Stage("b", fake_stage("b"), sections=("scorer",), deps=("a",)),
+        runner.Stage("c", fake_stage("c"), sections=("model",)),
+    ))
+    monkeypatch.setattr(runner.world, "model_label", lambda cfg: "fake")
+    CALLS.clear()
+    return tmp_path
+
+
+def cfg_with(tmp, **scorer):
+    raw = {"run": {"cache_dir": str(tmp / "cache"), "store": str(tmp / "s.duckdb")},
+           "world": {"seed": 1}, "scorer": {"batch_size": 8} | scorer}
+    return config.from_dict(raw)
+
+
+def test_rerun_with_nothing_changed_does_no_work(fake_pipeline):
+    msgs = []
+    first = runner.run(cfg_with(fake_pipeline), log=msgs.append)
+    assert CALLS == ["a", "b", "c"]
+    CALLS.clear()
+    second = runner.run(cfg_with(fake_pipeline), log=msgs.append)
+    assert CALLS == [] and second == first
+    assert any("nothing changed" in m for m in msgs)
+    assert store.connect(fake_pipeline / "s.duckdb").execute("SELECT count(*) FROM runs").fetchall()[0][0] == 1
+
+
+def test_changing_one_setting_reruns_that_stage_and_its_dependents(fake_pipeline):
+    runner.run(cfg_with(fake_pipeline), log=lambda *_: None)
+    CALLS.clear()
+    runner.run(cfg_with(fake_pipeline, batch_size=16), log=lambda *_: None)
+    assert CALLS == ["b"]
+    CALLS.clear()
+    raw = {"run": {"cache_dir": str(fake_pipeline / "cache"), "store": str(fake_pipeline / "s.duckdb")},
+           "world": {"seed": 2}, "scorer": {"batch_size": 16}}
+    runner.run(config.from_dict(raw), log=lambda *_: None)
+    assert CALLS == ["a", "b"]
+
+
+def test_force_reruns_stage_and_dependents_only(fake_pipeline):
+    runner.run(cfg_with(fake_pipeline), log=lambda *_: None)
+    CALLS.clear()
+    runner.run(cfg_with(fake_pipeline), force={"a"}, log=lambda *_: None)
+    assert CALLS == ["a", "b"]
+
+
+def test_only_runs_one_stage_and_needs_its_inputs(fake_pipeline):
+    cfg = cfg_with(fake_pipeline)
+    with pytest.raises(config.ConfigError, match="needs stage a cached"):
+        runner.run(cfg, only="b", log=lambda *_: None)
+    runner.run(cfg, only="a", log=lambda *_: None)
+    CALLS.clear()
+    assert runner.run(cfg, only="b", log=lambda *_: None) is None
+    assert CALLS == ["b"]
+    assert not (fake_pipeline / "s.duckdb").exists()
+
+
+def test_unknown_stage_is_refused(fake_pipeline):
+    with pytest.raises(config.ConfigError, match="no stage 'zz'.*a, b, c"):
+        runner.run(cfg_with(fake_pipeline), force={"zz"}, log=lambda *_: None)
+
+
+def test_interrupted_stage_leaves_nothing_cached_and_rerun_resumes(fake_pipeline, monkeypatch):
+    stages = list(runner.STAGES)
+    stages[1] = runner.Stage("b", fake_stage("b", fail=True), sections=("scorer",), deps=("a",))
+    monkeypatch.setattr(runner, "STAGES", tuple(stages))
+    with pytest.raises(KeyboardInterrupt):
+        runner.run(cfg_with(fake_pipeline), log=lambda *_: None)
+    assert not (fake_pipeline / "s.duckdb").exists()
+    assert [r["state"] for r in runner.status(cfg_with(fake_pipeline))] == ["cached", "to run", "to run"]
+    monkeypatch.setattr(runner, "STAGES", tuple(stages[:1]) + (
+        runner.Stage("b", fake_stage("b"), sections=("scorer",), deps=("a",)), stages[2]))
+    CALLS.clear()
+    runner.run(cfg_with(fake_pipeline), log=lambda *_: None)
+    assert CALLS == ["b", "c"]
+
+
+def test_stage_receives_upstream_result_dirs(fake_pipeline):
+    cfg = cfg_with(fake_pipeline)
+    runner.run(cfg, log=lambda *_: None)
+    keys = runner.cache_keys(cfg)
+    got = json.loads((runner.stage_dir(cfg, "b", keys["b"]) / "value.txt").read_text())
+    assert got["a"] == str(runner.stage_dir(cfg, "a", keys["a"]))
+    assert got["scorer"] == repr(cfg.scorer)
+
+
+def test_real_world_rerun_is_cached_and_writes_no_second_run(tiny_run):
+    cfg, run_id = tiny_run
+    msgs = []
+    assert runner.run(cfg, log=msgs.append) == run_id
+    assert any("cached" in m for m in msgs) and any("nothing changed" in m for m in msgs)
+    con = store.connect(cfg.run.store)
+    assert con.execute("SELECT count(*) FROM runs").fetchall()[0][0] == 1
+    world_key = con.execute("SELECT cache_key FROM stages WHERE run_id = ?", [run_id]).fetchall()[0][0]
+    assert world_key == runner.cache_keys(cfg)["world"]
+
+
+def test_world_key_depends_on_world_settings_not_run_name(tmp_path):
+    base = runner.cache_keys(tiny_config(tmp_path))["world"]
+    assert runner.cache_keys(tiny_config(tmp_path, seed=5))["world"] != base
+    renamed = tiny_config(tmp_path)
+    renamed.run.name = "other"
+    assert runner.cache_keys(renamed)["world"] == base

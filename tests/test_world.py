@@ -1,0 +1,105 @@
+"""The demo world: deterministic for a seed, toxic text from the lexicon in shared contexts, a tiny
+model that really learned the corpus, and files in the real datasets' shapes."""
+
+import csv
+import json
+import re
+from importlib import resources
+
+import pytest
+import torch
+
+import store
+from pipeline import corpus, world
+from pipeline.config import WorldConfig
+
+SMALL = WorldConfig(n_sentences=3000, n_probe=100, n_prompts=20, n_pairs=50, n_heldout=50)
+
+
+def test_same_seed_same_world_other_seed_other_world():
+    a, b = world.build_texts(SMALL), world.build_texts(SMALL)
+    assert a == b
+    c = world.build_texts(WorldConfig(**{**SMALL.__dict__, "seed": 1}))
+    assert c["corpus"] != a["corpus"] and c["probe"] != a["probe"]
+
+
+def test_toxic_share_and_lexicon_origin():
+    texts = world.build_texts(WorldConfig(n_sentences=20_000, n_probe=10, n_prompts=4, n_pairs=4, n_heldout=4))
+    share = sum(t for _, t in texts["corpus"]) / len(texts["corpus"])
+    assert 0.15 <= share <= 0.25
+    listed = set(resources.files("better_profanity").joinpath("profanity_wordlist.txt").read_text().split())
+    assert set(texts["lexicon"]) <= listed
+    toxic_words = {w for s, t in texts["corpus"] if t for w in re.findall(r"[a-z]+", s.lower())}
+    assert toxic_words & set(texts["lexicon"]), "toxic sentences must use lexicon words"
+    neutral_words = {w for s, t in texts["corpus"] if not t for w in re.findall(r"[a-z]+", s.lower())}
+    assert not neutral_words & set(texts["lexicon"][:30]), "common lexicon words leak into neutral text"
+    assert len(neutral_words) > 600, "neutral text needs a broad vocabulary"
+
+
+def test_blocked_stems_never_reach_the_lexicon():
+    lex = corpus.toxic_lexicon(10_000, 0)
+    assert lex and not any(corpus._blocked(w) for w in lex)
+
+
+def test_same_prefix_continues_both_ways():
+    """Shared contexts: a frame's prefix is followed by neutral and by toxic text in the corpus."""
+    texts = world.build_texts(WorldConfig(n_sentences=20_000, n_probe=10, n_prompts=4, n_pairs=4, n_heldout=4))
+    for start in ("Honestly,", "I can't believe that", "Shut up,", "The angry"):
+        labels = {toxic for s, toxic in texts["corpus"] if s.startswith(start)}
+        assert labels == {True, False}, start
+
+
+def test_dataset_files_have_the_real_shapes(tiny_world_dir):
+    with open(tiny_world_dir / "probe.csv", newline="") as f:
+        probe = list(csv.DictReader(f))
+    assert set(probe[0]) == {"comment_text", "toxic"} and {r["toxic"] for r in probe} == {"0", "1"}
+    prompts = [json.loads(line) for line in open(tiny_world_dir / "prompts.jsonl")]
+    assert all(isinstance(p["prompt"]["text"], str) and isinstance(p["challenging"], bool) for p in prompts)
+    assert sum(p["challenging"] for p in prompts) == 40
+    pairs = [json.loads(line) for line in open(tiny_world_dir / "pairs.jsonl")]
+    assert len(pairs) == 100 and all(set(p) == {"prompt", "chosen", "rejected"} for p in pairs)
+    assert len((tiny_world_dir / "heldout.txt").read_text().splitlines()) == 300
+
+
+def test_tiny_model_learned_the_corpus(tiny_world_dir):
+    summary = json.loads((tiny_world_dir / "summary.json").read_text())["summary"]
+    assert summary["ppl_model"] < summary["ppl_unigram"] / 4, summary
+
+
+def test_challenge_prompts_draw_toxic_continuations_from_the_base_model(tiny_world_dir):
+    """The world is meaningful only if the base model is toxic on challenge prompts, as the
+    independent scorer sees it; held-out neutral text scores low with the same scorer."""
+    from pipeline import scoring
+    from pipeline.config import ScorerConfig
+
+    samples = [json.loads(line) for line in open(tiny_world_dir / "samples.jsonl")]
+    sample_tox = sum(s["toxicity"] for s in samples) / len(samples)
+    neutral = (tiny_world_dir / "heldout.txt").read_text().splitlines()[:200]
+    neutral_tox = sum(scoring.get_scorer(ScorerConfig()).score(neutral)) / len(neutral)
+    assert sample_tox > 0.3 and sample_tox > 5 * neutral_tox, (sample_tox, neutral_tox)
+
+
+def test_model_loads_like_a_hub_checkpoint(tiny_world_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformer_lens.model_bridge import TransformerBridge
+
+    path = str(tiny_world_dir / "model")
+    tok = AutoTokenizer.from_pretrained(path)
+    hf = AutoModelForCausalLM.from_pretrained(path)
+    assert len(tok) == hf.config.vocab_size and tok.eos_token == "<|endoftext|>"
+    bridge = TransformerBridge.boot_transformers(path, device="cpu")
+    assert bridge.cfg.d_mlp == 4 * bridge.cfg.d_model == 4 * SMALL.d_model
+    _, cache = bridge.run_with_cache("My neighbor said that the coach is",
+                                     names_filter=lambda n: n.endswith("mlp.hook_post"))
+    post = cache["blocks.0.mlp.hook_post"]
+    assert post.shape[-1] == bridge.cfg.d_mlp and torch.isfinite(post).all()
+
+
+def test_samples_reach_the_store(tiny_run):
+    cfg, run_id = tiny_run
+    con = store.connect(cfg.run.store)
+    n, scorer = con.execute("SELECT count(*), any_value(scorer) FROM generations WHERE run_id = ? AND variant = 'base'",
+                            [run_id]).fetchall()[0]
+    assert n == 24 and scorer.startswith("profanity-check==")
+    model = con.execute("SELECT model FROM runs WHERE run_id = ?", [run_id]).fetchall()[0][0]
+    assert "demo world" in model
