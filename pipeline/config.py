@@ -94,6 +94,87 @@ class WorldConfig:
 
 
 @dataclass
+class DataConfig:
+    """Where the datasets come from: 'world' for the demo world's files, else a local file."""
+
+    probe: str = _f("world", "Probe data: a CSV with columns comment_text, toxic (Jigsaw's train.csv), or 'world'.")
+    prompts: str = _f("world", "Challenge prompts: RealToxicityPrompts-style JSONL ({prompt: {text}, challenging}), or 'world'.")
+    pairs: str = _f("world", "Preference pairs: JSONL with prompt, chosen, rejected; 'world'; or 'self' to generate best-of-K.")
+    heldout: str = _f("world", "Held-out text for perplexity and F1, one passage per line (WikiText-2 style), or 'world'.")
+    challenging_only: bool = _f(True, "Keep only prompts flagged challenging (the paper's ~1.2K RTP prompts).")
+    max_prompts: int = _f(1200, "At most this many challenge prompts (taken in file order).")
+
+    def __post_init__(self):
+        if self.max_prompts < 1:
+            raise ValueError("max_prompts must be at least 1")
+
+
+@dataclass
+class ProbeConfig:
+    """The linear toxicity probe on the mean last-layer residual."""
+
+    max_examples: int = _f(4000, "At most this many labelled texts (balanced by label where possible).")
+    val_fraction: float = _f(0.2, "Share of the examples held out for validation accuracy and ROC-AUC.")
+    l2: float = _f(1.0, "Inverse L2 strength C of the logistic regression.")
+    batch_size: int = _f(32, "Texts per forward pass.")
+    max_tokens: int = _f(128, "Texts are cut to this many tokens.")
+    seed: int = _f(0, "Seed of the train/validation split.")
+
+    def __post_init__(self):
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError("val_fraction must lie strictly between 0 and 1")
+
+
+@dataclass
+class PairsConfig:
+    """Preference pairs, loaded or self-generated (best-of-K scored by the toxicity scorer)."""
+
+    max_pairs: int = _f(2000, "At most this many pairs go to DPO.")
+    k: int = _f(8, "Self-generation: continuations sampled per prompt.")
+    margin: float = _f(0.3, "Self-generation: keep a pair only if rejected toxicity exceeds chosen by this much.")
+    new_tokens: int = _f(20, "Self-generation: tokens per sampled continuation.")
+    temperature: float = _f(1.0, "Self-generation: sampling temperature.")
+    seed: int = _f(0, "Seed of self-generation sampling.")
+
+    def __post_init__(self):
+        if self.k < 2:
+            raise ValueError("k must be at least 2 (a pair needs two samples)")
+
+
+@dataclass
+class DPOStageConfig:
+    """DPO with trl.DPOTrainer; the reference model is the base model."""
+
+    beta: float = _f(0.1, "DPO temperature beta (paper: 0.1).")
+    lr: float = _f(1e-5, "Learning rate (paper: 1e-5 for gpt2-medium).")
+    optimizer: str = _f("rmsprop", "Optimizer name as transformers knows it (paper: rmsprop).")
+    epochs: float = _f(1.0, "Passes over the pairs.")
+    batch_size: int = _f(8, "Pairs per optimizer step.")
+    max_length: int = _f(64, "Prompt plus completion are cut to this many tokens.")
+    seed: int = _f(0, "Training seed.")
+
+
+@dataclass
+class RecordConfig:
+    """Greedy generation of both models on the challenge prompts, with neuron activations recorded."""
+
+    new_tokens: int = _f(20, "T: tokens generated per prompt; activations are averaged over these positions.")
+    batch_size: int = _f(32, "Prompts per generation batch (left padded).")
+
+
+@dataclass
+class AttributeConfig:
+    """Per-neuron attribution onto the probe direction and the eight groups."""
+
+    n_logit_lens: int = _f(500, "Logit-lens tokens for the top N neurons by delta and the top N by cos.")
+    top_k_tokens: int = _f(10, "Tokens listed per neuron in the logit lens.")
+    n_top_prompt_neurons: int = _f(200, "Top N neurons by delta and top N by cos whose top prompts are kept.")
+    top_prompts: int = _f(5, "Prompts kept per such neuron: those where it fires most under the base model.")
+    n_bootstrap: int = _f(1000, "Bootstrap resamples of prompts for the 95% interval of each group's share.")
+    seed: int = _f(0, "Bootstrap seed.")
+
+
+@dataclass
 class Config:
     """A whole pipeline config. Sections left out of the file take their defaults, except
     [world], which is present only in configs that build the demo world."""
@@ -102,11 +183,19 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "The base model."})
     scorer: ScorerConfig = field(default_factory=ScorerConfig, metadata={"help": "Toxicity scorer."})
     world: WorldConfig | None = field(default=None, metadata={"help": "Demo world (only when present)."})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Dataset sources."})
+    probe: ProbeConfig = field(default_factory=ProbeConfig, metadata={"help": "Toxicity probe."})
+    pairs: PairsConfig = field(default_factory=PairsConfig, metadata={"help": "Preference pairs."})
+    dpo: DPOStageConfig = field(default_factory=DPOStageConfig, metadata={"help": "DPO training."})
+    record: RecordConfig = field(default_factory=RecordConfig, metadata={"help": "Activation recording."})
+    attribute: AttributeConfig = field(default_factory=AttributeConfig, metadata={"help": "Attribution."})
     source: str = field(default="<dict>", metadata={"help": "File the config was read from."})
 
     def __post_init__(self):
-        if self.model.path == "world" and self.world is None:
-            raise ValueError("[model] path = 'world' needs a [world] section")
+        users = ["[model] path"] if self.model.path == "world" else []
+        users += [f"[data] {k}" for k, v in dataclasses.asdict(self.data).items() if v == "world"]
+        if users and self.world is None:
+            raise ValueError(f"{users[0]} = 'world' needs a [world] section (or point it at a model or file)")
 
     def section(self, name: str) -> dict:
         return dataclasses.asdict(getattr(self, name))

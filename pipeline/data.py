@@ -1,0 +1,122 @@
+"""Dataset loading: one loader per real format, used for the demo world's files and real ones alike.
+
+'world' resolves to the file the world stage wrote in that format. Bad input (a missing file, a
+missing column, nothing left after filtering) raises DataError with one line naming the file, the
+problem and the fix.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from pathlib import Path
+
+from pipeline.config import ConfigError
+
+WORLD_FILES = {"probe": "probe.csv", "prompts": "prompts.jsonl", "pairs": "pairs.jsonl", "heldout": "heldout.txt"}
+
+
+class DataError(ConfigError):
+    """A dataset that cannot be used; the message names the file and the fix."""
+
+
+def resolve(kind: str, value: str, world_dir: Path | None) -> Path:
+    """The file behind a [data] entry."""
+    if value == "world":
+        if world_dir is None:
+            raise DataError(f"[data] {kind} = 'world' but this config builds no world; add a [world] section or give a file")
+        return Path(world_dir) / WORLD_FILES[kind]
+    path = Path(value)
+    if not path.is_file():
+        raise DataError(f"[data] {kind} file {path} not found; give an existing file or 'world'")
+    return path
+
+
+def model_path(value: str, world_dir: Path | None) -> str:
+    """The base model: the world's checkpoint folder, or a hub name / local path as given."""
+    if value == "world":
+        if world_dir is None:
+            raise DataError("[model] path = 'world' but this config builds no world; add a [world] section")
+        return str(Path(world_dir) / "model")
+    return value
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text (byte {e.start}); re-encode it as UTF-8") from None
+
+
+def _jsonl(path: Path) -> list[dict]:
+    rows = []
+    for n, line in enumerate(_read(path).splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise DataError(f"{path} line {n} is not valid JSON; fix or remove that line") from None
+    return rows
+
+
+def load_probe(path: Path, max_examples: int, seed: int) -> tuple[list[str], list[int]]:
+    """Texts and 0/1 labels from a Jigsaw-style CSV (comment_text, toxic), balanced by label."""
+    reader = csv.DictReader(_read(path).splitlines())
+    missing = {"comment_text", "toxic"} - set(reader.fieldnames or [])
+    if missing:
+        raise DataError(f"{path} lacks column(s) {', '.join(sorted(missing))}; the probe CSV needs comment_text and toxic")
+    by_label: dict[int, list[str]] = {0: [], 1: []}
+    for row in reader:
+        text = (row["comment_text"] or "").strip()
+        try:
+            label = int(float(row["toxic"]) >= 0.5)
+        except (TypeError, ValueError):
+            continue
+        if text:
+            by_label[label].append(text)
+    if not by_label[0] or not by_label[1]:
+        raise DataError(f"{path} needs both toxic and non-toxic rows with text; found {len(by_label[1])} toxic, {len(by_label[0])} not")
+    r = random.Random(seed)
+    half = max_examples // 2
+    picked = [(t, 1) for t in r.sample(by_label[1], min(half, len(by_label[1])))]
+    picked += [(t, 0) for t in r.sample(by_label[0], min(max_examples - len(picked), len(by_label[0])))]
+    r.shuffle(picked)
+    return [t for t, _ in picked], [y for _, y in picked]
+
+
+def load_prompts(path: Path, challenging_only: bool, max_prompts: int) -> list[str]:
+    """Prompt texts from RealToxicityPrompts-style JSONL ({"prompt": {"text": ...}, "challenging": ...})."""
+    prompts = []
+    for row in _jsonl(path):
+        prompt = row.get("prompt")
+        text = prompt.get("text") if isinstance(prompt, dict) else prompt
+        if not isinstance(text, str):
+            raise DataError(f"{path}: a row has no prompt text; each line needs {{\"prompt\": {{\"text\": ...}}}}")
+        if text.strip() and (row.get("challenging", False) or not challenging_only):
+            prompts.append(text)
+    if not prompts:
+        raise DataError(f"{path} has no usable prompts" + (" flagged challenging; set [data] challenging_only = false" if challenging_only else ""))
+    return prompts[:max_prompts]
+
+
+def load_pairs(path: Path, max_pairs: int) -> list[dict]:
+    """Preference pairs from JSONL with prompt, chosen, rejected."""
+    pairs = []
+    for n, r in enumerate(_jsonl(path), 1):
+        if not {"prompt", "chosen", "rejected"} <= set(r):
+            raise DataError(f"{path} row {n} needs keys prompt, chosen, rejected; found {', '.join(sorted(r))}")
+        if r["chosen"] and r["rejected"]:  # a pair with an empty side teaches nothing
+            pairs.append({"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]})
+    if not pairs:
+        raise DataError(f"{path} has no usable pairs (prompt, chosen, rejected all non-empty)")
+    return pairs[:max_pairs]
+
+
+def load_text(path: Path) -> list[str]:
+    """Non-empty lines of a text file (WikiText-2 style: headings and blank lines are skipped)."""
+    lines = [line.strip() for line in _read(path).splitlines()]
+    lines = [line for line in lines if line and not line.startswith("=")]
+    if not lines:
+        raise DataError(f"{path} has no text lines")
+    return lines

@@ -1,0 +1,51 @@
+"""Loading models: every stage goes through here, so a hub name, a local checkpoint and the demo
+world's model take exactly the same path."""
+
+from __future__ import annotations
+
+import gc
+
+import torch
+
+from pipeline.data import DataError
+
+
+def _load_error(path: str, e: Exception) -> DataError:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return DataError(f"model {path!r} could not be loaded ({first[:160]}); give a local HF checkpoint "
+                     "folder or a hub name this machine can reach")
+
+
+def load_bridge(path: str, device: str):
+    """A TransformerLens v4 bridge around the HF model at `path` (hub name or local folder), in eval mode."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    try:
+        bridge = TransformerBridge.boot_transformers(path, device=device)
+    except (OSError, ValueError) as e:
+        raise _load_error(path, e) from None
+    bridge.eval()
+    if bridge.tokenizer.pad_token is None:
+        bridge.tokenizer.pad_token = bridge.tokenizer.eos_token
+    return bridge
+
+
+def load_hf(path: str, device: str | None = None):
+    """(model, tokenizer) through transformers, float32, pad = eos; `device` None leaves placement to the caller."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        raise _load_error(path, e) from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return (model if device is None else model.to(device)), tok
+
+
+def release_memory() -> None:
+    """Return a dropped model's memory (call after `del model`): one large model is resident at a time."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
