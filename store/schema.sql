@@ -36,3 +36,121 @@ CREATE TABLE IF NOT EXISTS generations (
     scorer       VARCHAR NOT NULL,
     PRIMARY KEY (run_id, variant, prompt_id)
 );
+
+CREATE TABLE IF NOT EXISTS probe_metrics (
+    run_id        VARCHAR PRIMARY KEY,
+    n_train       INTEGER NOT NULL,
+    n_val         INTEGER NOT NULL,
+    train_accuracy DOUBLE NOT NULL,
+    val_accuracy  DOUBLE NOT NULL,
+    val_roc_auc   DOUBLE NOT NULL,
+    layer         INTEGER NOT NULL,
+    w_norm        DOUBLE NOT NULL,
+    direction     DOUBLE[] NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS pairs (
+    run_id            VARCHAR NOT NULL,
+    pair_id           INTEGER NOT NULL,
+    prompt            VARCHAR NOT NULL,
+    chosen            VARCHAR NOT NULL,
+    rejected          VARCHAR NOT NULL,
+    chosen_toxicity   DOUBLE NOT NULL,
+    rejected_toxicity DOUBLE NOT NULL,
+    PRIMARY KEY (run_id, pair_id)
+);
+
+CREATE TABLE IF NOT EXISTS dpo_curve (
+    run_id          VARCHAR NOT NULL,
+    step            INTEGER NOT NULL,
+    loss            DOUBLE NOT NULL,
+    reward_margin   DOUBLE,
+    reward_accuracy DOUBLE,
+    chosen_reward   DOUBLE,
+    rejected_reward DOUBLE,
+    PRIMARY KEY (run_id, step)
+);
+
+CREATE TABLE IF NOT EXISTS layers (
+    run_id    VARCHAR NOT NULL,
+    variant   VARCHAR NOT NULL,
+    layer     INTEGER NOT NULL,
+    mlp_proj  DOUBLE NOT NULL,
+    PRIMARY KEY (run_id, variant, layer)
+);
+
+CREATE TABLE IF NOT EXISTS neurons (
+    run_id     VARCHAR NOT NULL,
+    layer      INTEGER NOT NULL,
+    neuron     INTEGER NOT NULL,
+    cos        DOUBLE NOT NULL,
+    act        DOUBLE NOT NULL,
+    act_dpo    DOUBLE NOT NULL,
+    proj       DOUBLE NOT NULL,
+    proj_dpo   DOUBLE NOT NULL,
+    delta      DOUBLE NOT NULL,
+    dact       DOUBLE NOT NULL,
+    group_code VARCHAR NOT NULL,
+    delta_rank INTEGER NOT NULL,
+    PRIMARY KEY (run_id, layer, neuron)
+);
+
+CREATE TABLE IF NOT EXISTS group_summary (
+    run_id      VARCHAR NOT NULL,
+    group_code  VARCHAR NOT NULL,
+    effect      VARCHAR NOT NULL,
+    n_neurons   INTEGER NOT NULL,
+    sum_delta   DOUBLE NOT NULL,
+    share_gross DOUBLE NOT NULL,
+    share_net   DOUBLE NOT NULL,
+    ci_low      DOUBLE NOT NULL,
+    ci_high     DOUBLE NOT NULL,
+    PRIMARY KEY (run_id, group_code)
+);
+
+CREATE TABLE IF NOT EXISTS layer_groups (
+    run_id     VARCHAR NOT NULL,
+    layer      INTEGER NOT NULL,
+    group_code VARCHAR NOT NULL,
+    n_neurons  INTEGER NOT NULL,
+    sum_delta  DOUBLE NOT NULL,
+    PRIMARY KEY (run_id, layer, group_code)
+);
+
+CREATE TABLE IF NOT EXISTS attribution (
+    run_id          VARCHAR PRIMARY KEY,
+    net_reduction   DOUBLE NOT NULL,
+    gross_reduction DOUBLE NOT NULL,
+    n_neurons       INTEGER NOT NULL,
+    n_for_50        INTEGER NOT NULL,
+    n_for_75        INTEGER NOT NULL,
+    n_for_99        INTEGER NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS neuron_tokens (
+    run_id   VARCHAR NOT NULL,
+    layer    INTEGER NOT NULL,
+    neuron   INTEGER NOT NULL,
+    rank     INTEGER NOT NULL,
+    token    VARCHAR NOT NULL,
+    logit    DOUBLE NOT NULL,
+    PRIMARY KEY (run_id, layer, neuron, rank)
+);
+
+CREATE TABLE IF NOT EXISTS neuron_top_prompts (
+    run_id     VARCHAR NOT NULL,
+    layer      INTEGER NOT NULL,
+    neuron     INTEGER NOT NULL,
+    rank       INTEGER NOT NULL,
+    prompt_id  INTEGER NOT NULL,
+    act        DOUBLE NOT NULL,
+    act_dpo    DOUBLE NOT NULL,
+    PRIMARY KEY (run_id, layer, neuron, rank)
+);
+
+-- The cumulative contribution curve: neurons by delta_rank, running share of the net reduction.
+CREATE VIEW IF NOT EXISTS cumulative AS
+SELECT run_id, delta_rank, layer, neuron, delta,
+       sum(delta) OVER (PARTITION BY run_id ORDER BY delta_rank ROWS UNBOUNDED PRECEDING)
+         / sum(delta) OVER (PARTITION BY run_id) AS cum_share
+FROM neurons;
