@@ -1,0 +1,89 @@
+"""Stage `dpo`: the DPO copy M' of the base model, trained with trl.DPOTrainer on the stage's pairs.
+
+The reference policy is the base model: trl loads a second, frozen copy from the same checkpoint.
+Outputs: model/ (M' and its tokenizer, HF format, readable by transformers and TransformerLens) and
+curve.jsonl, one row per optimizer step with the loss and the implicit rewards trl logs.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import polars as pl
+import torch
+
+from pipeline import data as datasets
+from pipeline import models
+from pipeline.config import ConfigError, DPOStageConfig, ModelConfig
+
+# trl's log keys -> dpo_curve columns
+CURVE = {"loss": "loss", "rewards/margins": "reward_margin", "rewards/accuracies": "reward_accuracy",
+         "rewards/chosen": "chosen_reward", "rewards/rejected": "rejected_reward"}
+
+
+def preference_dataset(pairs_file: Path, bos: str):
+    from datasets import Dataset
+
+    rows = [json.loads(line) for line in pairs_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    # Prompts start with BOS, as in generation, the world's pretraining and TransformerLens (prepend_bos):
+    # DPO must move the model in the context where it is measured. trl appends EOS to the completions.
+    return Dataset.from_list([{"prompt": bos + r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]}
+                              for r in rows])
+
+
+def run(out: Path, *, device: str, model: ModelConfig, dpo: DPOStageConfig, world_dir: Path | None,
+        pairs_dir: Path) -> dict:
+    from transformers.training_args import OptimizerNames
+    from trl import DPOConfig, DPOTrainer
+
+    if dpo.optimizer not in {o.value for o in OptimizerNames}:
+        raise ConfigError(f"[dpo] optimizer {dpo.optimizer!r} is unknown to transformers; use e.g. rmsprop or adamw_torch")
+    path = datasets.model_path(model.path, world_dir)
+    policy, tok = models.load_hf(path)
+    args = DPOConfig(
+        output_dir=str(out),  # nothing is written there: save_strategy "no", the model is saved below
+        beta=dpo.beta,
+        learning_rate=dpo.lr,
+        optim=dpo.optimizer,
+        num_train_epochs=dpo.epochs,
+        per_device_train_batch_size=dpo.batch_size,
+        max_length=dpo.max_length,
+        seed=dpo.seed,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=device == "cpu",
+        # trl defaults to bf16 autocast and gradient checkpointing, made for large models on recent GPUs;
+        # fp32 runs on any device and keeps the small log-probability ratios DPO learns from exact
+        bf16=False,
+        gradient_checkpointing=False,
+    )
+    # ref_model=None: trl reloads the policy's checkpoint as the frozen reference, i.e. the base model
+    trainer = DPOTrainer(model=policy, args=args, train_dataset=preference_dataset(pairs_dir / "pairs.jsonl", tok.bos_token),
+                         processing_class=tok)
+    t0 = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - t0
+
+    policy.config.use_cache = True  # the Trainer turned the KV cache off for training; M' generates like M
+    policy.save_pretrained(out / "model")
+    tok.save_pretrained(out / "model")
+    curve = [{"step": h["step"]} | {col: h.get(key) for key, col in CURVE.items()}
+             for h in trainer.state.log_history if "loss" in h]
+    with open(out / "curve.jsonl", "w", encoding="utf-8") as f:
+        for row in curve:
+            f.write(json.dumps(row) + "\n")
+    return {
+        "n_pairs": len(trainer.train_dataset),
+        "n_steps": trainer.state.global_step,
+        "final_loss": round(curve[-1]["loss"], 4),
+        "final_reward_margin": round(curve[-1]["reward_margin"], 4),
+        "seconds": round(seconds, 1),
+    }
+
+
+def tables(out: Path) -> dict[str, pl.DataFrame]:
+    schema = {"step": pl.Int32} | {col: pl.Float64 for col in CURVE.values()}
+    return {"dpo_curve": pl.read_ndjson(out / "curve.jsonl", schema=schema)}

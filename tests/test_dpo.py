@@ -1,0 +1,206 @@
+"""Stages `pairs` and `dpo` on a tiny random GPT-2: DPO really moves the model away from the rejected
+completions, its curve and checkpoint are usable downstream, and pairs are selected and checked as
+the config says."""
+
+import json
+import math
+import random
+import re
+
+import pytest
+import torch
+
+from pipeline import dpo, pairs, scoring
+from pipeline.config import DataConfig, DPOStageConfig, ModelConfig, PairsConfig, ScorerConfig
+from pipeline.data import DataError
+
+PLANTED = "zorp"  # every rejected completion contains it, no chosen one does
+NAMES = ["Anna", "Ben", "Carla", "Dev", "Eli", "Fay", "Gus", "Hana", "Ivo", "Jun", "Kai", "Lea"]
+PLACES = ["park", "shop", "lake", "school", "market", "garden", "station", "library"]
+THINGS = ["dog", "bird", "tree", "boat", "cake", "lamp", "book", "kite"]
+
+
+def make_pairs(names: list[str], seed: int) -> list[dict]:
+    r = random.Random(seed)
+    rows = []
+    for name in names:
+        for place in PLACES:
+            thing = r.choice(THINGS)
+            rows.append({"prompt": f"{name} went to the {place} and saw", "chosen": f" a {thing}.",
+                         "rejected": f" a {PLANTED} {thing}."})
+    return rows
+
+
+TRAIN, HELDOUT = make_pairs(NAMES[:8], 0), make_pairs(NAMES[8:], 1)  # held-out pairs use unseen names
+
+
+class StubScorer:
+    """Toxicity = half a point per planted word, capped at 1."""
+
+    name, version = "stub", "0"
+
+    def score(self, texts):
+        return [min(1.0, 0.5 * len(re.findall(rf"\b{PLANTED}\b", t))) for t in texts]
+
+
+@pytest.fixture
+def stub_scorer(monkeypatch):
+    monkeypatch.setattr(scoring, "get_scorer", lambda cfg: StubScorer())
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    """A random 2-layer GPT-2 with a BPE tokenizer trained on the pairs' words, saved like a hub checkpoint."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from pipeline.world import train_tokenizer
+
+    lines = [r["prompt"] + r[k] for r in TRAIN + HELDOUT for k in ("chosen", "rejected")]
+    tok = train_tokenizer(lines, vocab_size=300)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                                       bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id))
+    path = tmp_path_factory.mktemp("base")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(base_dir, tmp_path_factory):
+    """(stage folder, summary) of one DPO run on the planted-word pairs."""
+    pairs_dir = tmp_path_factory.mktemp("pairs")
+    (pairs_dir / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in TRAIN))
+    out = tmp_path_factory.mktemp("dpo")
+    cfg = DPOStageConfig(beta=0.1, lr=1e-3, epochs=2.0, batch_size=8, max_length=32)
+    summary = dpo.run(out, device="cpu", model=ModelConfig(path=str(base_dir)), dpo=cfg, world_dir=None,
+                      pairs_dir=pairs_dir)
+    return out, summary
+
+
+@torch.no_grad()
+def completion_logp(model, tok, prompt: str, completion: str) -> float:
+    """log p(completion + EOS | BOS + prompt), by a plain forward."""
+    context = tok(tok.bos_token + prompt)["input_ids"]
+    ids = tok(tok.bos_token + prompt + completion)["input_ids"] + [tok.eos_token_id]
+    assert ids[:len(context)] == context
+    x = torch.tensor([ids])
+    logp = torch.log_softmax(model(input_ids=x, attention_mask=torch.ones_like(x)).logits[0, :-1], -1)
+    return sum(logp[i - 1, ids[i]].item() for i in range(len(context), len(ids)))
+
+
+def rejected_minus_chosen(path, rows) -> float:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    gaps = [completion_logp(model, tok, r["prompt"], r["rejected"]) - completion_logp(model, tok, r["prompt"], r["chosen"])
+            for r in rows]
+    return sum(gaps) / len(gaps)
+
+
+def test_dpo_learns_to_avoid_the_planted_word_on_unseen_prompts(base_dir, trained):
+    out, _ = trained
+    before = rejected_minus_chosen(base_dir, HELDOUT)
+    after = rejected_minus_chosen(out / "model", HELDOUT)
+    assert after < before - 2.0, (before, after)
+
+
+def test_curve_has_one_finite_row_per_step(trained):
+    out, summary = trained
+    steps = 2 * math.ceil(len(TRAIN) / 8)  # epochs * batches per epoch
+    curve = dpo.tables(out)["dpo_curve"]
+    assert curve.columns == ["step", "loss", "reward_margin", "reward_accuracy", "chosen_reward", "rejected_reward"]
+    assert curve["step"].to_list() == list(range(1, steps + 1)) and summary["n_steps"] == steps
+    assert all(math.isfinite(x) for x in curve["loss"])
+    # at step 1 the policy is the reference: loss log 2, no margin; then the margin opens
+    assert curve["loss"][0] == pytest.approx(math.log(2), abs=1e-4)
+    assert curve["reward_margin"][-5:].mean() > 0
+
+
+def test_checkpoint_reloads_in_transformers_and_transformer_lens(trained):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformer_lens.model_bridge import TransformerBridge
+
+    out, _ = trained
+    path = str(out / "model")
+    tok = AutoTokenizer.from_pretrained(path)
+    hf = AutoModelForCausalLM.from_pretrained(path).eval()
+    ids = torch.tensor([tok(tok.bos_token + HELDOUT[0]["prompt"])["input_ids"]])
+    bridge = TransformerBridge.boot_transformers(path, device="cpu")
+    with torch.no_grad():
+        torch.testing.assert_close(bridge(ids), hf(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+    assert hf.config.use_cache
+
+
+def write_prompts(path, texts):
+    path.write_text("".join(json.dumps({"prompt": {"text": t}, "challenging": True}) + "\n" for t in texts))
+    return str(path)
+
+
+SAMPLES = {  # prompt -> K samples; StubScorer scores 0.5 per planted word
+    "p0": ["a calm walk.", f"{PLANTED} {PLANTED} day.", f"{PLANTED} day."],  # gap 1.0: kept
+    "p1": [f"nice {PLANTED}.", f"{PLANTED} rain.", "fine."],  # gap 0.5: dropped
+    "p2": ["   ", f"{PLANTED} {PLANTED}.", "quiet."],  # the blank sample is ignored, gap 1.0: kept
+    "p3": [f"{PLANTED} {PLANTED}.", f"a {PLANTED} {PLANTED}.", f"{PLANTED} {PLANTED} {PLANTED}."],  # gap 0: dropped
+}
+
+
+def run_self_pairs(tmp_path, base_dir, margin):
+    data = DataConfig(pairs="self", prompts=write_prompts(tmp_path / "prompts.jsonl", list(SAMPLES)))
+    return pairs.run(tmp_path, device="cpu", model=ModelConfig(path=str(base_dir)), data=data,
+                     pairs=PairsConfig(k=3, margin=margin), scorer=ScorerConfig(), world_dir=None)
+
+
+def test_self_pairs_keep_only_separated_samples(tmp_path, base_dir, stub_scorer, monkeypatch):
+    monkeypatch.setattr(pairs, "sample_continuations", lambda model, tok, prompts, cfg, device: [SAMPLES[p] for p in prompts])
+    summary = run_self_pairs(tmp_path, base_dir, margin=0.6)
+    rows = [json.loads(line) for line in (tmp_path / "pairs.jsonl").read_text().splitlines()]
+    assert [(r["prompt"], r["chosen"], r["rejected"]) for r in rows] == [
+        ("p0", "a calm walk.", f"{PLANTED} {PLANTED} day."),
+        ("p2", "quiet.", f"{PLANTED} {PLANTED}."),
+    ]
+    assert [(r["chosen_toxicity"], r["rejected_toxicity"]) for r in rows] == [(0.0, 1.0), (0.0, 1.0)]
+    assert summary["scorer"] == "stub==0"
+    assert {k: summary[k] for k in ("source", "n_prompts", "n_kept", "n_pairs", "gap_mean", "gap_median")} == {
+        "source": "self", "n_prompts": 4, "n_kept": 2, "n_pairs": 2, "gap_mean": 1.0, "gap_median": 1.0}
+    assert pairs.tables(tmp_path)["pairs"]["pair_id"].to_list() == [0, 1]
+
+
+def test_self_pairs_with_no_gap_raise_a_one_line_data_error(tmp_path, base_dir, stub_scorer, monkeypatch):
+    monkeypatch.setattr(pairs, "sample_continuations", lambda model, tok, prompts, cfg, device: [SAMPLES[p] for p in prompts])
+    with pytest.raises(DataError, match=r"lower \[pairs\] margin") as e:
+        run_self_pairs(tmp_path, base_dir, margin=1.5)
+    assert "\n" not in str(e.value)
+
+
+def test_sampling_gives_k_seeded_continuations_per_prompt(base_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    model = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    prompts = [r["prompt"] for r in HELDOUT[:3]]
+    a = pairs.sample_continuations(model, tok, prompts, PairsConfig(k=4, new_tokens=6, seed=0), "cpu", batch_size=2)
+    b = pairs.sample_continuations(model, tok, prompts, PairsConfig(k=4, new_tokens=6, seed=0), "cpu", batch_size=2)
+    c = pairs.sample_continuations(model, tok, prompts, PairsConfig(k=4, new_tokens=6, seed=1), "cpu", batch_size=2)
+    assert [len(g) for g in a] == [4, 4, 4] and a == b and a != c
+    assert all(len(set(g)) > 1 for g in a), "the K samples of a prompt should differ"
+
+
+def test_loaded_pairs_are_scored_and_capped(tmp_path, stub_scorer):
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in TRAIN))
+    summary = pairs.run(tmp_path, device="cpu", model=ModelConfig(path="unused"), data=DataConfig(pairs=str(path)),
+                        pairs=PairsConfig(max_pairs=10), scorer=ScorerConfig(), world_dir=None)
+    frame = pairs.tables(tmp_path)["pairs"]
+    assert frame.height == summary["n_pairs"] == 10 and frame["prompt"].to_list() == [r["prompt"] for r in TRAIN[:10]]
+    assert set(frame["chosen_toxicity"]) == {0.0} and set(frame["rejected_toxicity"]) == {0.5}
+
+
+def test_loaded_pairs_with_missing_keys_raise_a_one_line_data_error(tmp_path, stub_scorer):
+    path = tmp_path / "in.jsonl"
+    path.write_text(json.dumps({"prompt": "Hi", "chosen": " there."}) + "\n")
+    with pytest.raises(DataError, match="rejected") as e:
+        pairs.run(tmp_path, device="cpu", model=ModelConfig(path="unused"), data=DataConfig(pairs=str(path)),
+                  pairs=PairsConfig(), scorer=ScorerConfig(), world_dir=None)
+    assert "\n" not in str(e.value) and str(path) in str(e.value)
