@@ -1,0 +1,148 @@
+"""Stage `record`: both models greedily continue the challenge prompts while hooks record their MLPs.
+
+"Over the generated tokens" (method.md) means the T positions holding the generated tokens, as if
+one forward ran over prompt + continuation and we kept the last T positions. Generation runs one
+forward pass per new token, and a pass's newest position holds the token it was fed last; the T-th
+generated token is fed only by the pass that would pick token T + 1. So we generate T + 1 tokens,
+skip pass 0 (its newest position is the last prompt token), read passes 1..T, and drop token
+T + 1. Sums accumulate on the model's device as the passes stream by; no [prompts x tokens x
+neurons] tensor ever exists, and the generated text is never run through the model again.
+
+The bridge's KV cache stays off: with transformer-lens 4.3 and transformers 5.24 the bridge's
+attention looks for the cache under `past_key_values`, which transformers now passes as `cache`,
+so every cached step silently attends to itself alone (tests/test_record.py catches this). Without
+the cache each pass reruns prompt + tokens so far, masked and positioned from the attention mask.
+
+Outputs, per variant (base, dpo):
+  {variant}_act.npy         (n_layers, d_mlp) float32  mean neuron activation (mlp.hook_post)
+  {variant}_act_prompt.npy  (n_prompts, n_layers, d_mlp) float16  the same mean, per prompt
+  {variant}_mlp_proj.npy    (n_layers,) float32  mean of (MLP output . w_hat)
+  {variant}_tokens.npy      (n_prompts, T) int64  the generated token ids
+  generations.jsonl         {variant, prompt_id, prompt, continuation, toxicity, scorer}
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+from tqdm import tqdm
+
+from pipeline import data as datasets
+from pipeline import models, scoring
+from pipeline.config import DataConfig, ModelConfig, RecordConfig, ScorerConfig
+
+VARIANTS = ("base", "dpo")
+
+
+def prompt_tokens(bridge, prompts: list[str], new_tokens: int) -> list[torch.Tensor]:
+    """Each prompt tokenized alone, with the model's own BOS policy; refuses prompts that leave no
+    room for the continuation, before any generation time is spent."""
+    rows = [bridge.to_tokens(p, move_to_device=False, truncate=False)[0] for p in prompts]
+    room = bridge.cfg.n_ctx - new_tokens
+    for i, r in enumerate(rows):
+        if len(r) > room:
+            raise datasets.DataError(f"prompt {i} has {len(r)} tokens; with [record] new_tokens = {new_tokens} the "
+                                     f"context of {bridge.cfg.n_ctx} holds at most {room}; lower new_tokens or shorten it")
+    return rows
+
+
+def left_pad(rows: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and 0/1 attention mask, right-aligned so every row's next token comes last."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (B, L)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)  # (B, L)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = r
+        mask[i, width - len(r):] = 1
+    return ids, mask
+
+
+class AfterPromptPass:
+    """Forward hook that hands fn the newest position of every pass but the first (the prompt
+    pass): in pass k the newest position holds generated token k."""
+
+    def __init__(self, fn):
+        self.fn, self.passes = fn, 0
+
+    def __call__(self, x, hook):  # x (B, pos, width)
+        if self.passes:
+            self.fn(x[:, -1].float())  # (B, width)
+        self.passes += 1
+
+
+@torch.no_grad()
+def generate_and_record(bridge, prompts: list[str], w_hat: np.ndarray, new_tokens: int, batch_size: int, desc: str) -> dict:
+    cfg = bridge.cfg
+    n_layers, d_mlp, T, dev = cfg.n_layers, cfg.d_mlp, new_tokens, cfg.device
+    w = torch.tensor(w_hat, dtype=torch.float32, device=dev)  # (d_model,)
+    rows = prompt_tokens(bridge, prompts, T)
+
+    act_sum = torch.zeros(n_layers, d_mlp, device=dev)
+    proj_sum = torch.zeros(n_layers, device=dev)
+    act_prompt = np.zeros((len(prompts), n_layers, d_mlp), np.float16)
+    tokens = np.zeros((len(prompts), T), np.int64)
+    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch"):
+        ids, mask = left_pad(rows[start:start + batch_size], bridge.tokenizer.pad_token_id)
+        act = torch.zeros(len(ids), n_layers, d_mlp, device=dev)  # (B, n_layers, d_mlp) sums over T positions
+        hooks = {}
+        for l in range(n_layers):
+            hooks[f"blocks.{l}.mlp.hook_post"] = AfterPromptPass(lambda a, l=l: act[:, l].add_(a))  # a (B, d_mlp)
+            hooks[f"blocks.{l}.hook_mlp_out"] = AfterPromptPass(lambda o, l=l: proj_sum[l].add_((o @ w).sum()))  # o (B, d_model)
+        with bridge.hooks(fwd_hooks=list(hooks.items())):
+            out = bridge.generate(ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=T + 1, do_sample=False,
+                                  stop_at_eos=False, use_past_kv_cache=False, return_type="tokens", verbose=False)
+        if any(h.passes != T + 1 for h in hooks.values()):  # a hook that missed a pass would skew every mean
+            raise RuntimeError(f"expected {T + 1} forward passes per hook, saw {sorted({h.passes for h in hooks.values()})}")
+        tokens[start:start + len(ids)] = out[:, ids.shape[1]:ids.shape[1] + T].cpu().numpy()  # (B, T)
+        act_sum += act.sum(0)
+        act_prompt[start:start + len(ids)] = (act / T).cpu().numpy()
+    n = len(prompts) * T
+    return {"act": (act_sum / n).cpu().numpy(), "act_prompt": act_prompt,
+            "mlp_proj": (proj_sum / n).cpu().numpy(), "tokens": tokens}
+
+
+def run(out: Path, *, device: str, model: ModelConfig, data: DataConfig, record: RecordConfig,
+        scorer: ScorerConfig, world_dir: Path | None, probe_dir: Path, dpo_dir: Path) -> dict:
+    prompts = datasets.load_prompts(datasets.resolve("prompts", data.prompts, world_dir), data.challenging_only, data.max_prompts)
+    w = np.load(Path(probe_dir) / "w.npy").astype(np.float32)
+    w_hat = w / np.linalg.norm(w)
+    sc = scoring.get_scorer(scorer)
+    paths = {"base": datasets.model_path(model.path, world_dir), "dpo": str(Path(dpo_dir) / "model")}
+
+    summary: dict = {"n_prompts": len(prompts), "new_tokens": record.new_tokens}
+    rows = []
+    for variant in VARIANTS:
+        t0 = time.perf_counter()
+        bridge = models.load_bridge(paths[variant], device)
+        rec = generate_and_record(bridge, prompts, w_hat, record.new_tokens, record.batch_size, f"record {variant}")
+        texts = bridge.tokenizer.batch_decode(rec["tokens"], skip_special_tokens=True)
+        del bridge
+        models.release_memory()
+        summary[f"seconds_{variant}"] = round(time.perf_counter() - t0, 2)
+        for name, arr in rec.items():
+            np.save(out / f"{variant}_{name}.npy", arr)
+        tox = sc.score(texts)
+        rows += [{"variant": variant, "prompt_id": i, "prompt": p, "continuation": c, "toxicity": t, "scorer": scoring.label(sc)}
+                 for i, (p, c, t) in enumerate(zip(prompts, texts, tox))]
+        summary[f"toxicity_{variant}"] = round(float(np.mean(tox)), 4)
+        summary[f"toxic_share_{variant}"] = round(float(np.mean(np.array(tox) > 0.5)), 4)
+
+    with open(out / "generations.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return summary
+
+
+def tables(out: Path) -> dict[str, pl.DataFrame]:
+    generations = pl.read_ndjson(out / "generations.jsonl", schema={
+        "variant": pl.String, "prompt_id": pl.Int64, "prompt": pl.String, "continuation": pl.String,
+        "toxicity": pl.Float64, "scorer": pl.String})
+    layers = pl.concat([
+        pl.DataFrame({"variant": [variant] * len(proj), "layer": np.arange(len(proj)), "mlp_proj": proj.astype(np.float64)})
+        for variant in VARIANTS for proj in [np.load(out / f"{variant}_mlp_proj.npy")]
+    ])
+    return {"generations": generations, "layers": layers}

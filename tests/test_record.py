@@ -1,0 +1,162 @@
+"""Stage record: activations recorded during KV-cache generation equal one plain forward over
+prompt + continuation (last T positions), greedy continuations equal transformers' own, and
+nothing depends on the model's sizes. Tiny random GPT-2s are built here, two shapes."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from pipeline import corpus, models, record, world
+from pipeline.config import DataConfig, ModelConfig, RecordConfig, ScorerConfig
+
+T = 5
+PROMPTS = ["Honestly, he is", "The cat", "After the game at the park, my neighbour yelled that the coach was",
+           "I think", "Shut up, you are a", "We will"]  # different lengths in each batch of 4
+SHAPES = {"2x32x128": dict(n_layer=2, n_embd=32, n_inner=None), "3x48x72": dict(n_layer=3, n_embd=48, n_inner=72)}
+
+
+def tiny_model(tok, shape: dict, seed: int, eos_bias: float) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    m = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=64, n_head=2, initializer_range=0.1,
+                                   bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, **shape)).eval()
+    with torch.no_grad():  # push the final residual towards EOS so that some greedy steps emit it
+        e = m.transformer.wte.weight[tok.eos_token_id]
+        m.transformer.ln_f.bias.add_(eos_bias * e / e.norm() ** 2)
+    return m
+
+
+@pytest.fixture(scope="module", params=list(SHAPES))
+def stage(request, tmp_path_factory):
+    """(out dir, {variant: model path}, w_hat, shape, summary) of one record run on tiny models of one shape."""
+    tmp = tmp_path_factory.mktemp(f"record-{request.param}")
+    r = random.Random(0)
+    tok = world.train_tokenizer([corpus.neutral_sentence(r) for _ in range(2000)] + PROMPTS, vocab_size=400)
+    shape = SHAPES[request.param]
+    for name, seed in (("base", 0), ("dpo/model", 1)):
+        tiny_model(tok, shape, seed, eos_bias=2.0).save_pretrained(tmp / name)
+        tok.save_pretrained(tmp / name)
+    (tmp / "prompts.jsonl").write_text("".join(json.dumps({"prompt": {"text": p}, "challenging": True}) + "\n" for p in PROMPTS))
+    w = np.random.default_rng(0).normal(size=shape["n_embd"]).astype(np.float32)
+    (tmp / "probe").mkdir()
+    np.save(tmp / "probe" / "w.npy", 3 * w)  # scaled: only the direction may matter
+    out = tmp / "out"
+    out.mkdir()
+    summary = record.run(out, device="cpu", model=ModelConfig(path=str(tmp / "base")),
+                         data=DataConfig(prompts=str(tmp / "prompts.jsonl"), challenging_only=True, max_prompts=100),
+                         record=RecordConfig(new_tokens=T, batch_size=4), scorer=ScorerConfig(),
+                         world_dir=None, probe_dir=tmp / "probe", dpo_dir=tmp / "dpo")
+    paths = {"base": tmp / "base", "dpo": tmp / "dpo" / "model"}
+    return out, paths, w / np.linalg.norm(w), shape, summary
+
+
+def direct_measurement(path, token_rows: list[list[int]], w_hat):
+    """Per-prompt mean of mlp.hook_post and of hook_mlp_out . w_hat over the last T positions of one
+    plain forward each (no cache, no padding), and the same one position earlier."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    bridge = TransformerBridge.boot_transformers(str(path), device="cpu")
+    n = bridge.cfg.n_layers
+    acts, projs, shifted = [], [], []
+    for ids in token_rows:
+        _, cache = bridge.run_with_cache(torch.tensor([ids]),
+                                         names_filter=lambda h: h.endswith(("mlp.hook_post", "hook_mlp_out")))
+        post = torch.stack([cache[f"blocks.{l}.mlp.hook_post"][0] for l in range(n)])  # (n_layers, pos, d_mlp)
+        mlp_out = torch.stack([cache[f"blocks.{l}.hook_mlp_out"][0] for l in range(n)])  # (n_layers, pos, d_model)
+        acts.append(post[:, -T:].mean(1).numpy())
+        shifted.append(post[:, -T - 1:-1].mean(1).numpy())
+        projs.append((mlp_out[:, -T:] @ torch.tensor(w_hat)).mean(1).numpy())
+    return np.stack(acts), np.stack(projs), np.stack(shifted)  # (P, n_layers, d_mlp), (P, n_layers), ...
+
+
+def full_rows(path, tokens: np.ndarray) -> list[list[int]]:
+    """BOS + prompt + generated tokens, tokenized by the HF tokenizer alone."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    return [[tok.bos_token_id] + tok(p)["input_ids"] + list(map(int, gen)) for p, gen in zip(PROMPTS, tokens)]
+
+
+@pytest.mark.parametrize("variant", record.VARIANTS)
+def test_activations_equal_one_forward_over_prompt_and_continuation(stage, variant):
+    out, paths, w_hat, shape, _ = stage
+    tokens = np.load(out / f"{variant}_tokens.npy")
+    act, proj, shifted = direct_measurement(paths[variant], full_rows(paths[variant], tokens), w_hat)
+
+    np.testing.assert_allclose(np.load(out / f"{variant}_act_prompt.npy"), act, atol=2e-3, rtol=2e-3)  # float16 storage
+    np.testing.assert_allclose(np.load(out / f"{variant}_act.npy"), act.mean(0), atol=1e-5, rtol=1e-4)
+    np.testing.assert_allclose(np.load(out / f"{variant}_mlp_proj.npy"), proj.mean(0), atol=1e-5, rtol=1e-4)
+    # the check can tell an off-by-one window (last prompt token in, last generated token out) apart
+    assert np.abs(shifted.mean(0) - act.mean(0)).max() > 1e-2
+
+
+@pytest.mark.parametrize("variant", record.VARIANTS)
+def test_greedy_continuations_equal_transformers_generate(stage, variant):
+    out, paths, _, _, _ = stage
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(paths[variant])
+    hf = GPT2LMHeadModel.from_pretrained(paths[variant], attn_implementation="eager").eval()
+    hf.generation_config.eos_token_id = None  # exactly T tokens, EOS included
+    tokens = np.load(out / f"{variant}_tokens.npy")
+    assert tokens.shape == (len(PROMPTS), T)
+    eos = tokens == tok.eos_token_id
+    assert eos.any() and not eos.all(), "the tiny models should emit EOS at some steps, so that not stopping is tested"
+    gens = [json.loads(line) for line in open(out / "generations.jsonl")]
+    gens = sorted((g for g in gens if g["variant"] == variant), key=lambda g: g["prompt_id"])
+    for i, (prompt, g) in enumerate(zip(PROMPTS, gens, strict=True)):
+        ids = torch.tensor([[tok.bos_token_id] + tok(prompt)["input_ids"]])  # one prompt, unpadded
+        # explicit mask: the BOS here is also the pad id, and transformers would mask it out otherwise
+        ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=T, do_sample=False)[0, ids.shape[1]:]
+        assert ref.tolist() == tokens[i].tolist(), f"prompt {i}"
+        assert g["prompt"] == prompt and g["continuation"] == tok.decode(ref, skip_special_tokens=True)
+        assert 0.0 <= g["toxicity"] <= 1.0 and g["scorer"].startswith("profanity-check==")
+
+
+def test_shapes_follow_the_model_and_tables_match_the_schema(stage):
+    out, _, _, shape, summary = stage
+    n_layers, d_mlp = shape["n_layer"], shape["n_inner"] or 4 * shape["n_embd"]
+    for variant in record.VARIANTS:
+        assert np.load(out / f"{variant}_act.npy").shape == (n_layers, d_mlp)
+        assert np.load(out / f"{variant}_act_prompt.npy").shape == (len(PROMPTS), n_layers, d_mlp)
+        assert np.load(out / f"{variant}_act_prompt.npy").dtype == np.float16
+        assert np.load(out / f"{variant}_mlp_proj.npy").shape == (n_layers,)
+    # the two variants are different models, so their recordings differ
+    assert not np.allclose(np.load(out / "base_act.npy"), np.load(out / "dpo_act.npy"))
+
+    t = record.tables(out)
+    assert t["generations"].columns == ["variant", "prompt_id", "prompt", "continuation", "toxicity", "scorer"]
+    assert t["generations"].height == 2 * len(PROMPTS)
+    assert t["layers"].columns == ["variant", "layer", "mlp_proj"]
+    assert sorted(t["layers"].rows()) == sorted((v, l, float(np.load(out / f"{v}_mlp_proj.npy")[l]))
+                                                for v in record.VARIANTS for l in range(n_layers))
+    assert summary["n_prompts"] == len(PROMPTS) and summary["new_tokens"] == T
+    tox = t["generations"].filter(variant="base")["toxicity"].to_numpy()
+    assert summary["toxicity_base"] == pytest.approx(tox.mean(), abs=1e-4)
+    assert summary["toxic_share_base"] == pytest.approx((tox > 0.5).mean(), abs=1e-4)
+
+
+def test_hook_post_is_the_input_of_w_out(stage):
+    """The recorded hook is the neuron activation a_i of method.md: what the MLP's output projection
+    (GPT-2's c_proj, W_out) receives, read here from a plain transformers model."""
+    out, paths, _, shape, _ = stage
+    ids = full_rows(paths["base"], np.load(out / "base_tokens.npy"))[0]
+    hf = GPT2LMHeadModel.from_pretrained(paths["base"], attn_implementation="eager").eval()
+    seen = {}
+    for l, block in enumerate(hf.transformer.h):
+        block.mlp.c_proj.register_forward_pre_hook(lambda mod, args, l=l: seen.__setitem__(l, args[0][0]))
+    with torch.no_grad():
+        hf(torch.tensor([ids]))
+    act, _, _ = direct_measurement(paths["base"], [ids], np.ones(shape["n_embd"], np.float32))
+    w_out_input = torch.stack([seen[l][-T:].mean(0) for l in range(shape["n_layer"])]).numpy()  # (n_layers, d_mlp)
+    np.testing.assert_allclose(act[0], w_out_input, atol=1e-5)
+
+
+def test_prompt_longer_than_the_context_allows_is_refused(stage):
+    out, paths, _, _, _ = stage
+    bridge = models.load_bridge(str(paths["base"]), "cpu")
+    with pytest.raises(record.datasets.DataError, match="new_tokens"):
+        record.prompt_tokens(bridge, ["I think " * 40], new_tokens=T)
