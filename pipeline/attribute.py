@@ -1,0 +1,180 @@
+"""Stage `attribute`: every MLP neuron's contribution to the drop in toxicity, per method.md.
+
+For neuron i of layer l, with value vector v_i = W_out[l][i] and probe direction w:
+    cos   = cos(v_i, w)                   proj     = act     * (v_i  . w_hat)
+    delta = proj - proj_dpo               proj_dpo = act_dpo * (v'_i . w_hat)
+    dact  = act - act_dpo
+and the eight groups by the signs of cos, act and dact. Shares, intervals over prompts, the
+cumulative curve, per-layer sums, the logit lens and the prompts where top neurons fire most follow.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+
+from pipeline import data as datasets
+from pipeline.config import AttributeConfig, ModelConfig
+from pipeline.models import load_bridge, release_memory
+
+REDUCING = ("TP-", "TN+", "AP+", "AN-")
+INCREASING = ("TP+", "TN-", "AP-", "AN+")
+GROUPS = REDUCING + INCREASING
+
+
+def cosines(W_out: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """(L, d_mlp): cos(v_i, w)."""
+    return (W_out @ w) / (np.linalg.norm(W_out, axis=-1) * np.linalg.norm(w))
+
+
+def projections(act: np.ndarray, W_out: np.ndarray, w_hat: np.ndarray) -> np.ndarray:
+    """(..., L, d_mlp): act * (v . w_hat); act may carry a leading prompt axis."""
+    return act * (W_out @ w_hat)
+
+
+def group_codes(cos: np.ndarray, act: np.ndarray, dact: np.ndarray) -> np.ndarray:
+    """Alignment T/A by the sign of cos, base activation P/N by the sign of act, and the change:
+    for P, '-' when the activation went down (dact > 0); for N, '+' when it went further negative
+    (dact > 0). So TP- TN+ AP+ AN- reduce toxicity and their mirrors increase it."""
+    align = np.where(cos > 0, "T", "A")
+    sign = np.where(act >= 0, "P", "N")
+    went_down = dact > 0
+    change = np.where(sign == "P", np.where(went_down, "-", "+"), np.where(went_down, "+", "-"))
+    codes = np.char.add(np.char.add(align, sign), change)
+    return np.where((dact == 0) | (cos == 0), "unchanged", codes)
+
+
+def bootstrap_shares(per_prompt: np.ndarray, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """per_prompt: (P, 8) group sums of delta per prompt, columns in GROUPS order. Returns 2.5% and
+    97.5% quantiles of each group's share of the gross reduction over prompt resamples (groups fixed)."""
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(per_prompt), size=(n, len(per_prompt)))
+    sums = per_prompt[idx].mean(1)  # (n, 8)
+    shares = sums / sums[:, : len(REDUCING)].sum(1, keepdims=True)
+    return np.quantile(shares, 0.025, axis=0), np.quantile(shares, 0.975, axis=0)
+
+
+def neurons_needed(delta_sorted: np.ndarray, fraction: float) -> int:
+    """Fewest top neurons (by delta) whose summed delta reaches `fraction` of the net reduction."""
+    reached = np.nonzero(np.cumsum(delta_sorted) >= fraction * delta_sorted.sum())[0]
+    return int(reached[0]) + 1 if len(reached) else len(delta_sorted)
+
+
+@torch.no_grad()
+def weights(path: str, device: str) -> dict:
+    """Value vectors, unembedding and final-norm scale of one model, as float32 numpy."""
+    bridge = load_bridge(path, device)
+    W_out = bridge.W_out.detach().float().cpu().numpy()  # (L, d_mlp, d_model)
+    W_U = bridge.W_U.detach().float().cpu()  # (d_model, d_vocab)
+    scale = getattr(bridge.ln_final, "weight", None)
+    out = {"W_out": W_out, "W_U": W_U, "ln_scale": None if scale is None else scale.detach().float().cpu(), "tokenizer": bridge.tokenizer}
+    del bridge
+    release_memory()
+    return out
+
+
+def logit_lens(v: torch.Tensor, W_U: torch.Tensor, ln_scale: torch.Tensor | None, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k (logits, token ids) that value vectors v (n, d_model) promote through the unembedding."""
+    if ln_scale is not None:
+        v = v * ln_scale
+    return torch.topk(v @ W_U, k, dim=-1)
+
+
+def run(out: Path, *, device: str, model: ModelConfig, attribute: AttributeConfig, world_dir: Path | None,
+        probe_dir: Path, dpo_dir: Path, record_dir: Path) -> dict:
+    w = np.load(probe_dir / "w.npy").astype(np.float64)
+    w_hat = w / np.linalg.norm(w)
+    base = weights(datasets.model_path(model.path, world_dir), device)
+    W_out, W_out_dpo = base["W_out"].astype(np.float64), weights(str(dpo_dir / "model"), device)["W_out"].astype(np.float64)
+    act = np.load(record_dir / "base_act.npy").astype(np.float64)  # (L, d_mlp)
+    act_dpo = np.load(record_dir / "dpo_act.npy").astype(np.float64)
+    n_layers, d_mlp = act.shape
+
+    cos = cosines(W_out, w)
+    proj = projections(act, W_out, w_hat)
+    proj_dpo = projections(act_dpo, W_out_dpo, w_hat)
+    delta = proj - proj_dpo
+    dact = act - act_dpo
+    codes = group_codes(cos, act, dact)
+
+    order = np.argsort(-delta, axis=None, kind="stable")
+    rank = np.empty(order.size, dtype=np.int64)
+    rank[order] = np.arange(1, order.size + 1)
+    layer, neuron = np.divmod(np.arange(order.size), d_mlp)
+    table = pl.DataFrame({
+        "layer": layer, "neuron": neuron, "cos": cos.ravel(), "act": act.ravel(), "act_dpo": act_dpo.ravel(),
+        "proj": proj.ravel(), "proj_dpo": proj_dpo.ravel(), "delta": delta.ravel(), "dact": dact.ravel(),
+        "group_code": codes.ravel(), "delta_rank": rank,
+    })
+    table.write_parquet(out / "neurons.parquet")
+
+    # Per-prompt group sums of delta, for intervals over prompts (groups fixed by the full means).
+    a_p = np.load(record_dir / "base_act_prompt.npy", mmap_mode="r")
+    a_dpo_p = np.load(record_dir / "dpo_act_prompt.npy", mmap_mode="r")
+    onehot = np.stack([(codes == g) for g in GROUPS], axis=-1).astype(np.float64)  # (L, d_mlp, 8)
+    per_prompt = np.stack([
+        np.einsum("ln,lng->g", projections(a_p[p].astype(np.float64), W_out, w_hat)
+                  - projections(a_dpo_p[p].astype(np.float64), W_out_dpo, w_hat), onehot)
+        for p in range(a_p.shape[0])
+    ])  # (P, 8)
+    lo, hi = bootstrap_shares(per_prompt, attribute.n_bootstrap, attribute.seed)
+
+    R = float(delta.sum())
+    sums = {g: float(delta[codes == g].sum()) for g in GROUPS}
+    G = sum(sums[g] for g in REDUCING)
+    summary_rows = [{
+        "group_code": g, "effect": "reduces" if g in REDUCING else "increases", "n_neurons": int((codes == g).sum()),
+        "sum_delta": sums[g], "share_gross": sums[g] / G, "share_net": sums[g] / R,
+        "ci_low": float(lo[j]), "ci_high": float(hi[j]),
+    } for j, g in enumerate(GROUPS)]
+    pl.DataFrame(summary_rows).write_parquet(out / "group_summary.parquet")
+
+    (table.group_by("layer", "group_code").agg(n_neurons=pl.len(), sum_delta=pl.col("delta").sum())
+     .sort("layer", "group_code").write_parquet(out / "layer_groups.parquet"))
+
+    delta_sorted = delta.ravel()[order]
+    attribution = {"net_reduction": R, "gross_reduction": G, "n_neurons": int(order.size),
+                   **{f"n_for_{int(f * 100)}": neurons_needed(delta_sorted, f) for f in (0.5, 0.75, 0.99)}}
+
+    # Logit lens for the top neurons by delta and by cos.
+    n = min(attribute.n_logit_lens, order.size)
+    lens_ids = np.union1d(order[:n], np.argsort(-cos, axis=None)[:n])
+    v = torch.from_numpy(W_out.reshape(-1, W_out.shape[-1])[lens_ids]).float()
+    logits, ids = logit_lens(v, base["W_U"], base["ln_scale"], attribute.top_k_tokens)
+    tok = base["tokenizer"]
+    pl.DataFrame([
+        {"layer": int(i // d_mlp), "neuron": int(i % d_mlp), "rank": r + 1, "token": tok.decode([int(t)]), "logit": float(lg)}
+        for i, row_ids, row_logits in zip(lens_ids, ids, logits) for r, (t, lg) in enumerate(zip(row_ids, row_logits))
+    ]).write_parquet(out / "neuron_tokens.parquet")
+
+    # Prompts where the top neurons (by delta and by cos) fire most under the base model.
+    m = min(attribute.n_top_prompt_neurons, order.size)
+    top_ids = np.union1d(order[:m], np.argsort(-cos, axis=None)[:m])
+    flat_p = a_p.reshape(a_p.shape[0], -1)[:, top_ids].astype(np.float64)  # (P, n_top)
+    flat_dpo_p = a_dpo_p.reshape(a_dpo_p.shape[0], -1)[:, top_ids].astype(np.float64)
+    k = min(attribute.top_prompts, flat_p.shape[0])
+    best = np.argsort(-flat_p, axis=0)[:k]  # (k, n_top)
+    pl.DataFrame([
+        {"layer": int(i // d_mlp), "neuron": int(i % d_mlp), "rank": r + 1, "prompt_id": int(best[r, j]),
+         "act": float(flat_p[best[r, j], j]), "act_dpo": float(flat_dpo_p[best[r, j], j])}
+        for j, i in enumerate(top_ids) for r in range(k)
+    ]).write_parquet(out / "neuron_top_prompts.parquet")
+
+    (out / "attribution.json").write_text(json.dumps(attribution))
+    share_tp = sums["TP-"] / G
+    return attribution | {"share_TP-": share_tp, "n_layers": n_layers, "d_mlp": d_mlp}
+
+
+def tables(out: Path) -> dict[str, pl.DataFrame]:
+    return {
+        "neurons": pl.read_parquet(out / "neurons.parquet"),
+        "group_summary": pl.read_parquet(out / "group_summary.parquet"),
+        "layer_groups": pl.read_parquet(out / "layer_groups.parquet"),
+        "attribution": pl.DataFrame([json.loads((out / "attribution.json").read_text())]),
+        "neuron_tokens": pl.read_parquet(out / "neuron_tokens.parquet"),
+        "neuron_top_prompts": pl.read_parquet(out / "neuron_top_prompts.parquet"),
+    }

@@ -1,0 +1,187 @@
+"""Attribution per method.md: the group table, planted effects recovered, and proj cross-checked
+against the checkpoint's own weights."""
+
+import json
+import shutil
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from pipeline import attribute
+from pipeline.config import AttributeConfig, ModelConfig
+
+# method.md's table, written out: (cos sign, act sign, dact sign) -> group
+EXPECTED = {
+    (+1, +1, +1): "TP-", (+1, -1, +1): "TN+", (-1, +1, -1): "AP+", (-1, -1, -1): "AN-",
+    (+1, +1, -1): "TP+", (+1, -1, -1): "TN-", (-1, +1, +1): "AP-", (-1, -1, +1): "AN+",
+}
+
+
+def test_group_codes_follow_method_table():
+    keys = list(EXPECTED)
+    cos = np.array([k[0] * 0.3 for k in keys])
+    act = np.array([k[1] * 0.5 for k in keys])
+    dact = np.array([k[2] * 0.1 for k in keys])
+    assert attribute.group_codes(cos, act, dact).tolist() == [EXPECTED[k] for k in keys]
+    assert attribute.group_codes(np.array([0.0, 0.2]), np.array([1.0, 1.0]), np.array([0.1, 0.0])).tolist() == ["unchanged"] * 2
+    assert set(attribute.REDUCING) == {"TP-", "TN+", "AP+", "AN-"}
+
+
+def test_bootstrap_interval_collapses_without_prompt_noise_and_widens_with_it():
+    flat = np.tile(np.array([3.0, 1.0, 0, 0, -1.0, 0, 0, 0]), (50, 1))
+    lo, hi = attribute.bootstrap_shares(flat, 200, 0)
+    assert np.allclose(lo, hi) and lo[0] == pytest.approx(0.75)
+    noisy = flat + np.random.default_rng(0).normal(0, 1, flat.shape)
+    lo, hi = attribute.bootstrap_shares(noisy, 200, 0)
+    assert (hi - lo)[0] > 0.01 and lo[0] < 0.75 < hi[0] + 0.2
+
+
+def test_neurons_needed():
+    assert attribute.neurons_needed(np.array([5.0, 3.0, 1.0, 1.0]), 0.5) == 1
+    assert attribute.neurons_needed(np.array([5.0, 3.0, 1.0, 1.0]), 0.75) == 2
+    assert attribute.neurons_needed(np.array([5.0, 3.0, 1.0, 1.0]), 0.99) == 4
+
+
+def fake_record(tmp, act, act_dpo, n_prompts=6, seed=0):
+    """A record stage's outputs whose per-prompt values average to act / act_dpo."""
+    rng = np.random.default_rng(seed)
+    rec = tmp / "record"
+    rec.mkdir()
+    for name, a in (("base", act), ("dpo", act_dpo)):
+        noise = rng.normal(0, 0.01, (n_prompts,) + a.shape)
+        noise -= noise.mean(0)
+        np.save(rec / f"{name}_act.npy", a.astype(np.float32))
+        np.save(rec / f"{name}_act_prompt.npy", (a + noise).astype(np.float16))
+    return rec
+
+
+def hf_value_vectors(path) -> np.ndarray:
+    """W_out rows straight from the HF checkpoint (GPT-2's c_proj is a Conv1D: (d_mlp, d_model))."""
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(path)
+    return np.stack([blk.mlp.c_proj.weight.detach().numpy() for blk in m.transformer.h]).astype(np.float64)
+
+
+def test_planted_neurons_rank_first_with_their_groups(tiny_gpt2, tmp_path):
+    V = hf_value_vectors(tiny_gpt2)  # (L, d_mlp, d_model)
+    L, d_mlp, d_model = V.shape
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=d_model)
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    np.save(probe / "w.npy", w.astype(np.float32))
+    dpo = tmp_path / "dpo"
+    dpo.mkdir()
+    shutil.copytree(tiny_gpt2, dpo / "model")
+
+    align = V @ (w / np.linalg.norm(w))  # (L, d_mlp)
+    act = rng.uniform(-0.2, 0.2, (L, d_mlp)) * 0.01
+    act_dpo = act.copy()
+    # Plant one neuron per reducing group, with a big change in the direction the group names.
+    toxic = np.argwhere(align > 0.3 * np.abs(align).max())
+    anti = np.argwhere(align < -0.3 * np.abs(align).max())
+    plants = {
+        "TP-": (tuple(toxic[0]), +1.0, -1.0),  # positive, goes down
+        "TN+": (tuple(toxic[1]), -1.0, -1.0),  # negative, goes further negative
+        "AP+": (tuple(anti[0]), +1.0, +1.0),   # positive, goes up
+        "AN-": (tuple(anti[1]), -1.0, +1.0),   # negative, less negative
+    }
+    for (l, i), start, change in plants.values():
+        act[l, i] = start
+        act_dpo[l, i] = start + change * 0.8
+    rec = fake_record(tmp_path, act, act_dpo)
+    out = tmp_path / "out"
+    out.mkdir()
+    summary = attribute.run(out, device="cpu", model=ModelConfig(path=str(tiny_gpt2)), attribute=AttributeConfig(n_bootstrap=50),
+                            world_dir=None, probe_dir=probe, dpo_dir=dpo, record_dir=rec)
+    neurons = pl.read_parquet(out / "neurons.parquet")
+    top = neurons.sort("delta_rank").head(4)
+    assert {(r["layer"], r["neuron"]) for r in top.iter_rows(named=True)} == {p[0] for p in plants.values()}
+    for group, ((l, i), _, _) in plants.items():
+        row = neurons.filter((pl.col("layer") == l) & (pl.col("neuron") == i)).row(0, named=True)
+        assert row["group_code"] == group and row["delta"] > 0
+    groups = pl.read_parquet(out / "group_summary.parquet")
+    unchanged = neurons.filter(pl.col("group_code") == "unchanged")["delta"].sum()
+    assert groups["sum_delta"].sum() + unchanged == pytest.approx(summary["net_reduction"], rel=1e-9, abs=1e-12)
+    assert groups.filter(pl.col("effect") == "reduces")["share_gross"].sum() == pytest.approx(1.0)
+
+
+def test_proj_and_cos_match_the_checkpoint_weights(tiny_gpt2, tmp_path):
+    """Independent of the bridge: value vectors read from the HF checkpoint."""
+    V = hf_value_vectors(tiny_gpt2)
+    L, d_mlp, d_model = V.shape
+    rng = np.random.default_rng(2)
+    w = rng.normal(size=d_model)
+    (tmp_path / "probe").mkdir()
+    np.save(tmp_path / "probe" / "w.npy", w.astype(np.float32))
+    (tmp_path / "dpo").mkdir()
+    shutil.copytree(tiny_gpt2, tmp_path / "dpo" / "model")
+    act = rng.normal(size=(L, d_mlp))
+    rec = fake_record(tmp_path, act, act * 0.5)
+    (tmp_path / "out").mkdir()
+    attribute.run(tmp_path / "out", device="cpu", model=ModelConfig(path=str(tiny_gpt2)), attribute=AttributeConfig(n_bootstrap=10),
+                  world_dir=None, probe_dir=tmp_path / "probe", dpo_dir=tmp_path / "dpo", record_dir=rec)
+    neurons = pl.read_parquet(tmp_path / "out" / "neurons.parquet")
+    for l, i in [(0, 0), (L - 1, d_mlp - 1), (1, 7)]:
+        row = neurons.filter((pl.col("layer") == l) & (pl.col("neuron") == i)).row(0, named=True)
+        v = V[l, i]
+        assert row["proj"] == pytest.approx(np.float32(act[l, i]) * v @ w / np.linalg.norm(w), rel=1e-5)
+        assert row["cos"] == pytest.approx(v @ w / np.linalg.norm(v) / np.linalg.norm(w), rel=1e-6)
+    tokens = pl.read_parquet(tmp_path / "out" / "neuron_tokens.parquet")
+    assert tokens.group_by("layer", "neuron").len()["len"].unique().to_list() == [10]
+
+
+def test_planted_dpo_copy_is_recovered_end_to_end(tmp_path):
+    """A 'DPO' copy that differs only in the MLP input biases of six chosen last-layer neurons:
+    three toxic-aligned neurons are switched off (TP-), three anti-toxic ones switched further on
+    (AP+). Record (real generation through the bridge) and attribute must put exactly those six at
+    the top of delta, in those groups, with the group sums adding up to the net reduction."""
+    from transformers import AutoModelForCausalLM
+
+    from pipeline import record
+    from pipeline.config import DataConfig, RecordConfig, ScorerConfig
+    from tests.conftest import save_tiny_gpt2
+
+    base = save_tiny_gpt2(tmp_path / "base", n_layer=2, d_model=32, seed=3)
+    toxic, anti = [3, 10, 17], [5, 12, 20]
+    m = AutoModelForCausalLM.from_pretrained(base)
+    mlp = m.transformer.h[-1].mlp
+    V = mlp.c_proj.weight.detach().numpy().astype(np.float64)  # (d_mlp, d_model)
+    w = V[toxic].sum(0) - V[anti].sum(0)
+    with torch.no_grad():
+        mlp.c_fc.bias[toxic] = 3.0
+        mlp.c_fc.bias[anti] = 0.5
+    m.save_pretrained(base)
+    with torch.no_grad():
+        mlp.c_fc.bias[toxic] = -3.0
+        mlp.c_fc.bias[anti] = 3.5
+    (tmp_path / "dpo").mkdir()
+    m.save_pretrained(tmp_path / "dpo" / "model")
+    shutil.copy(base / "tokenizer.json", tmp_path / "dpo" / "model")
+    shutil.copy(base / "tokenizer_config.json", tmp_path / "dpo" / "model")
+    (tmp_path / "probe").mkdir()
+    np.save(tmp_path / "probe" / "w.npy", w.astype(np.float32))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": {"text": t}, "challenging": True}) + "\n" for t in
+                               ["The soup was", "After lunch, my neighbor said that", "Could you fix the", "We will"]))
+
+    rec, out = tmp_path / "record", tmp_path / "out"
+    rec.mkdir()
+    out.mkdir()
+    record.run(rec, device="cpu", model=ModelConfig(path=str(base)), data=DataConfig(prompts=str(prompts)),
+               record=RecordConfig(new_tokens=6, batch_size=4), scorer=ScorerConfig(), world_dir=None,
+               probe_dir=tmp_path / "probe", dpo_dir=tmp_path / "dpo")
+    summary = attribute.run(out, device="cpu", model=ModelConfig(path=str(base)), attribute=AttributeConfig(n_bootstrap=50),
+                            world_dir=None, probe_dir=tmp_path / "probe", dpo_dir=tmp_path / "dpo", record_dir=rec)
+    neurons = pl.read_parquet(out / "neurons.parquet")
+    top = neurons.sort("delta_rank").head(6)
+    assert set(zip(top["layer"], top["neuron"])) == {(1, i) for i in toxic + anti}
+    codes = dict(zip(top["neuron"], top["group_code"]))
+    assert all(codes[i] == "TP-" for i in toxic) and all(codes[i] == "AP+" for i in anti)
+    unchanged = neurons.filter(pl.col("group_code") == "unchanged")["delta"].sum()
+    groups = pl.read_parquet(out / "group_summary.parquet")
+    assert groups["sum_delta"].sum() + unchanged == pytest.approx(summary["net_reduction"], rel=1e-9, abs=1e-12)
+    assert neurons["delta"].sum() == pytest.approx(summary["net_reduction"], rel=1e-9)
