@@ -19,7 +19,7 @@ from types import ModuleType
 
 import store
 from pipeline import config as config_mod
-from pipeline import corpus, scoring, world
+from pipeline import attribute, corpus, data, dpo, models, pairs, probe, record, scoring, world
 
 PACKAGES = ("torch", "transformers", "transformer-lens", "trl", "tokenizers", "datasets", "duckdb",
             "polars", "scikit-learn", "alt-profanity-check", "better-profanity")
@@ -27,8 +27,13 @@ PACKAGES = ("torch", "transformers", "transformer-lens", "trl", "tokenizers", "d
 
 @dataclass(frozen=True)
 class Stage:
+    """module.run(out, *, device, <section>=..., <dep>_dir=...) -> summary; module.tables(out) -> {table: frame}.
+    `sections` names what the result depends on: a whole section ("dpo") or one field ("data.pairs");
+    the stage receives the whole section either way. A dep that this config does not run (the world,
+    for a real model) is passed as None."""
+
     name: str
-    module: ModuleType  # run(out, *, device, <sections>, <upstream dirs>) -> summary; tables(out) -> {table: frame}
+    module: ModuleType
     sections: tuple[str, ...]
     deps: tuple[str, ...] = ()
     code: tuple[ModuleType, ...] = ()  # helper modules whose source also decides the result
@@ -36,12 +41,32 @@ class Stage:
 
 STAGES = (
     Stage("world", world, sections=("world", "scorer"), code=(corpus, scoring)),
+    Stage("probe", probe, sections=("model", "data.probe", "probe"), deps=("world",), code=(data, models)),
+    Stage("pairs", pairs, sections=("model", "data.prompts", "data.challenging_only", "data.max_prompts",
+                                    "data.pairs", "pairs", "scorer"), deps=("world",), code=(data, models, scoring)),
+    Stage("dpo", dpo, sections=("model", "dpo"), deps=("world", "pairs"), code=(data, models)),
+    Stage("record", record, sections=("model", "data.prompts", "data.challenging_only", "data.max_prompts",
+                                      "record", "scorer"), deps=("world", "probe", "dpo"), code=(data, models, scoring)),
+    Stage("attribute", attribute, sections=("model", "attribute"), deps=("world", "probe", "dpo", "record"),
+          code=(data, models)),
 )
 
 
+def _section_names(s: Stage) -> list[str]:
+    return list(dict.fromkeys(sec.split(".")[0] for sec in s.sections))
+
+
+def _hashed_config(cfg: config_mod.Config, s: Stage) -> dict:
+    out = {}
+    for sec in s.sections:
+        name, _, key = sec.partition(".")
+        out[sec] = cfg.section(name)[key] if key else cfg.section(name)
+    return out
+
+
 def active_stages(cfg: config_mod.Config) -> list[Stage]:
-    """The stages this config asks for, in run order."""
-    return [s for s in STAGES if all(getattr(cfg, sec) is not None for sec in s.sections)]
+    """The stages this config asks for, in run order: all of them, and the world only with [world]."""
+    return [s for s in STAGES if all(getattr(cfg, sec) is not None for sec in _section_names(s))]
 
 
 def _digest(obj) -> str:
@@ -55,8 +80,8 @@ def cache_keys(cfg: config_mod.Config) -> dict[str, str]:
         keys[s.name] = _digest({
             "stage": s.name,
             "code": hashlib.sha256(source).hexdigest(),
-            "config": {sec: cfg.section(sec) for sec in s.sections},
-            "upstream": {d: keys[d] for d in s.deps},
+            "config": _hashed_config(cfg, s),
+            "upstream": {d: keys[d] for d in s.deps if d in keys},
         })
     return keys
 
@@ -82,7 +107,7 @@ def ancestors(stages: list[Stage], name: str) -> set[str]:
     out, todo = set(), list(deps[name])
     while todo:
         d = todo.pop()
-        if d not in out:
+        if d in deps and d not in out:
             out.add(d)
             todo.extend(deps[d])
     return out
@@ -111,7 +136,7 @@ def run(cfg: config_mod.Config, force: set[str] = frozenset(), only: str | None 
             log(f"[{s.name}] cached ({keys[s.name]}), nothing to do")
             continue
         log(f"[{s.name}] running ({keys[s.name]})")
-        _run_stage(s, cfg, out, {d: dirs[d] for d in s.deps})
+        _run_stage(s, cfg, out, {f"{d}_dir": dirs.get(d) for d in s.deps})
         ran_any = True
         log(f"[{s.name}] done in {json.loads((out / 'summary.json').read_text())['seconds']:.1f}s")
     if only:
@@ -125,7 +150,7 @@ def _run_stage(s: Stage, cfg: config_mod.Config, out: Path, upstream: dict[str, 
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     t0 = time.perf_counter()
-    sections = {sec: getattr(cfg, sec) for sec in s.sections}
+    sections = {name: getattr(cfg, name) for name in _section_names(s)}
     summary = s.module.run(tmp, device=resolve_device(cfg.run.device), **sections, **upstream)
     record = {"stage": s.name, "seconds": time.perf_counter() - t0, "summary": summary}
     (tmp / "summary.json").write_text(json.dumps(record, indent=2))
@@ -143,7 +168,9 @@ def _publish(cfg, stages, keys, dirs, ran_any, log) -> str:
     records = []
     for s in stages:
         for name, frame in s.module.tables(dirs[s.name]).items():
-            tables[name] = frame
+            if name in tables:
+                raise RuntimeError(f"stages {tables[name][0]} and {s.name} both write table {name}")
+            tables[name] = (s.name, frame)
         rec = json.loads((dirs[s.name] / "summary.json").read_text())
         records.append({"stage": s.name, "cache_key": keys[s.name], "seconds": rec["seconds"], "summary": rec["summary"]})
     run_id = store.write_run(cfg.run.store, run={
@@ -152,7 +179,7 @@ def _publish(cfg, stages, keys, dirs, ran_any, log) -> str:
         "config": cfg.to_dict(),
         "config_hash": config_hash,
         "packages": package_versions(),
-    }, stages=records, tables=tables)
+    }, stages=records, tables={name: frame for name, (_, frame) in tables.items()})
     log(f"wrote run {run_id} to {cfg.run.store}")
     return run_id
 

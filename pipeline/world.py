@@ -222,5 +222,6 @@ def run(out: Path, *, world: WorldConfig, scorer: ScorerConfig, device: str = "c
 
 
 def tables(out: Path) -> dict[str, pl.DataFrame]:
-    samples = pl.read_ndjson(out / "samples.jsonl").with_columns(pl.lit("base").alias("variant"))
-    return {"generations": samples}
+    """Nothing: the world's own samples are a sanity check (summary and samples.jsonl); the store's
+    generations come from stage record, for both models on all challenge prompts."""
+    return {}

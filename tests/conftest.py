@@ -25,6 +25,10 @@ def tiny_config(tmp: Path, **world) -> config.Config:
         "run": {"name": "tiny", "cache_dir": str(tmp / "cache"), "store": str(tmp / "store.duckdb"), "device": "cpu"},
         "model": {"path": "world"},
         "world": TINY_WORLD | world,
+        "probe": {"max_examples": 200},
+        "dpo": {"epochs": 2.0},
+        "record": {"batch_size": 20},
+        "attribute": {"n_bootstrap": 100, "n_logit_lens": 50, "n_top_prompt_neurons": 20},
     }, source="tiny.toml")
 
 
@@ -42,3 +46,27 @@ def tiny_world_dir(tiny_run) -> Path:
     cfg, _ = tiny_run
     key = runner.cache_keys(cfg)["world"]
     return runner.stage_dir(cfg, "world", key)
+
+
+def save_tiny_gpt2(path: Path, n_layer: int = 2, d_model: int = 32, seed: int = 0) -> Path:
+    """A random-init GPT-2 with a small BPE tokenizer, saved like any HF checkpoint."""
+    import random
+
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from pipeline import corpus, world
+
+    r = random.Random(seed)
+    tok = world.train_tokenizer([corpus.neutral_sentence(r) for _ in range(300)], 400)
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=d_model, n_layer=n_layer, n_head=2,
+                                       bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id))
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory) -> Path:
+    return save_tiny_gpt2(tmp_path_factory.mktemp("gpt2") / "model")

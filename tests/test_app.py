@@ -10,6 +10,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 import store
+from tests.conftest import TINY_WORLD
 
 ROOT = Path(__file__).resolve().parents[1]
 HOME = str(ROOT / "app" / "Home.py")
@@ -46,7 +47,7 @@ def test_picking_a_run_shows_its_model_and_samples(two_run_store):
     assert not at.exception
     assert any("demo world" in m.value for m in at.markdown)
     assert [m.label for m in at.metric][:2] == ["Held-out perplexity", "Unigram perplexity"]
-    assert at.dataframe[-1].value.shape[0] == 24
+    assert at.dataframe[-1].value.shape[0] == TINY_WORLD["n_prompts"]
 
 
 def test_toxicity_filter_changes_the_table(two_run_store):

@@ -115,7 +115,7 @@ def test_stage_receives_upstream_result_dirs(fake_pipeline):
     runner.run(cfg, log=lambda *_: None)
     keys = runner.cache_keys(cfg)
     got = json.loads((runner.stage_dir(cfg, "b", keys["b"]) / "value.txt").read_text())
-    assert got["a"] == str(runner.stage_dir(cfg, "a", keys["a"]))
+    assert got["a_dir"] == str(runner.stage_dir(cfg, "a", keys["a"]))
     assert got["scorer"] == repr(cfg.scorer)
 
 
