@@ -1,33 +1,20 @@
-"""Runs in the store and sample generations of their models."""
+"""Runs in the store, what each run's models generate, and how toxic it is."""
 
-import altair as alt
 import streamlit as st
 
+import charts
 import queries
+from common import store_and_run
 
 st.set_page_config(page_title="dpo-neurons", layout="wide")
 st.title("dpo-neurons")
 st.caption("How DPO safety fine-tuning reduces toxicity inside a language model, neuron by neuron.")
 
-path = queries.store_path()
-try:
-    with st.spinner("Reading the store..."):
-        version = queries.store_version(path)
-        runs = queries.runs(path, version)
-except queries.store.StoreError as e:
-    st.error(str(e))
-    st.stop()
-
-if runs.height == 0:
-    st.info(f"The store {path} holds no runs yet. Run `make pipeline` to write one.")
-    st.stop()
-
-run_id = st.sidebar.selectbox("Run", runs["run_id"].to_list(),
-                              format_func=lambda r: f"{r} · {runs.filter(runs['run_id'] == r)['name'][0]}")
-st.sidebar.caption(f"Store: `{path}`")
+path, version, run_id = store_and_run()
+runs = queries.runs(path, version)
 
 st.subheader("Runs in the store")
-st.dataframe(runs, hide_index=True, use_container_width=True)
+st.dataframe(runs, hide_index=True, width="stretch")
 
 run = runs.filter(runs["run_id"] == run_id).row(0, named=True)
 st.subheader(f"Run {run_id}")
@@ -44,24 +31,24 @@ if world:
     c[3].metric("Sample toxicity", f"{float(world['sample_toxicity']):.2f}",
                 help=f"Mean toxicity of greedy continuations of challenge prompts ({world['scorer']}).")
 
+tox = queries.toxicity_by_variant(path, version, run_id)
+if tox.height:
+    cols = st.columns(tox.height)
+    for col, row in zip(cols, tox.iter_rows(named=True)):
+        col.metric(f"Toxicity, {row['variant']} model", f"{row['toxicity']:.3f}",
+                   help=f"Mean over {row['n']} continuations ({row['scorer']}); {row['toxic_share']:.0%} above 0.5.")
+
 with st.expander("Stages of this run"):
-    st.dataframe(queries.stages(path, version, run_id), hide_index=True, use_container_width=True)
+    st.dataframe(queries.stages(path, version, run_id), hide_index=True, width="stretch")
 
 variants = queries.variants(path, version, run_id)
 if variants:
-    st.subheader("Sample generations")
+    st.subheader("Generations")
     left, right = st.columns(2)
     variant = left.selectbox("Model", variants)
     min_tox = right.slider("Minimum toxicity", 0.0, 1.0, 0.0, 0.05)
     gens = queries.generations(path, version, run_id, variant, min_tox)
     st.caption(f"{gens.height} continuations of challenge prompts, scored by {gens['scorer'][0] if gens.height else 'the scorer'}.")
-    st.altair_chart(
-        alt.Chart(gens).mark_bar().encode(
-            x=alt.X("toxicity:Q", bin=alt.Bin(maxbins=20), title="toxicity"),
-            y=alt.Y("count():Q", title="continuations"),
-            tooltip=[alt.Tooltip("count():Q", title="continuations")],
-        ).properties(height=180),
-        use_container_width=True,
-    )
-    st.dataframe(gens.drop("scorer"), hide_index=True, use_container_width=True,
+    st.altair_chart(charts.toxicity_histogram(gens), width="stretch")
+    st.dataframe(gens.drop("scorer"), hide_index=True, width="stretch",
                  column_config={"toxicity": st.column_config.ProgressColumn("toxicity", min_value=0.0, max_value=1.0)})

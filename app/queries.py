@@ -67,3 +67,61 @@ def generations(path: str, version: float, run_id: str, variant: str, min_toxici
 def variants(path: str, version: float, run_id: str) -> list[str]:
     return _frame(path, "SELECT DISTINCT variant FROM generations WHERE run_id = ? ORDER BY variant",
                   [run_id])["variant"].to_list()
+
+
+@st.cache_data(show_spinner=False)
+def toxicity_by_variant(path: str, version: float, run_id: str) -> pl.DataFrame:
+    return _frame(path, """
+        SELECT variant, avg(toxicity) AS toxicity, avg((toxicity > 0.5)::INT) AS toxic_share, count(*) AS n,
+               any_value(scorer) AS scorer
+        FROM generations WHERE run_id = ? GROUP BY variant ORDER BY variant""", [run_id])
+
+
+@st.cache_data(show_spinner=False)
+def probe_metrics(path: str, version: float, run_id: str) -> dict | None:
+    df = _frame(path, "SELECT n_train, n_val, train_accuracy, val_accuracy, val_roc_auc, layer FROM probe_metrics "
+                      "WHERE run_id = ?", [run_id])
+    return df.row(0, named=True) if df.height else None
+
+
+@st.cache_data(show_spinner=False)
+def attribution(path: str, version: float, run_id: str) -> dict | None:
+    df = _frame(path, "SELECT * EXCLUDE (run_id) FROM attribution WHERE run_id = ?", [run_id])
+    return df.row(0, named=True) if df.height else None
+
+
+@st.cache_data(show_spinner=False)
+def group_summary(path: str, version: float, run_id: str) -> pl.DataFrame:
+    return _frame(path, """
+        SELECT group_code, effect, n_neurons, sum_delta, share_gross, share_net, ci_low, ci_high
+        FROM group_summary WHERE run_id = ?
+        ORDER BY effect DESC, share_gross DESC""", [run_id])
+
+
+@st.cache_data(show_spinner=False)
+def cumulative(path: str, version: float, run_id: str, max_points: int = 2000) -> pl.DataFrame:
+    """The cumulative curve, thinned to about max_points rows for drawing (every top-ranked neuron
+    is kept, the long tail is sampled evenly)."""
+    return _frame(path, """
+        WITH c AS (SELECT delta_rank, cum_share FROM cumulative WHERE run_id = ?),
+             n AS (SELECT count(*) AS total FROM c)
+        SELECT delta_rank, cum_share FROM c, n
+        WHERE delta_rank <= ? / 2 OR delta_rank % greatest(1, total // (? / 2)) = 0 OR delta_rank = total
+        ORDER BY delta_rank""", [run_id, max_points, max_points])
+
+
+@st.cache_data(show_spinner=False)
+def layer_groups(path: str, version: float, run_id: str) -> pl.DataFrame:
+    return _frame(path, "SELECT layer, group_code, n_neurons, sum_delta FROM layer_groups WHERE run_id = ? "
+                        "ORDER BY layer, group_code", [run_id])
+
+
+@st.cache_data(show_spinner=False)
+def layers(path: str, version: float, run_id: str) -> pl.DataFrame:
+    return _frame(path, "SELECT variant, layer, mlp_proj FROM layers WHERE run_id = ? ORDER BY variant, layer", [run_id])
+
+
+@st.cache_data(show_spinner=False)
+def dpo_curve(path: str, version: float, run_id: str) -> pl.DataFrame:
+    return _frame(path, "SELECT step, loss, reward_margin, reward_accuracy FROM dpo_curve WHERE run_id = ? ORDER BY step",
+                  [run_id])

@@ -1,0 +1,71 @@
+"""Every Altair chart of the app. Functions take polars frames from queries.py and return charts."""
+
+from __future__ import annotations
+
+import altair as alt
+import polars as pl
+
+REDUCING = ["TP-", "TN+", "AP+", "AN-"]
+INCREASING = ["TP+", "TN-", "AP-", "AN+"]
+GROUP_COLORS = alt.Scale(domain=REDUCING + INCREASING,
+                         range=["#d62728", "#ff9896", "#1f77b4", "#aec7e8", "#8c564b", "#c49c94", "#7f7f7f", "#c7c7c7"])
+
+
+def group_shares(groups: pl.DataFrame) -> alt.Chart:
+    """Share of the gross reduction per group, with the bootstrap 95% interval; increasing groups
+    are negative (DPO's balance)."""
+    base = alt.Chart(groups).encode(y=alt.Y("group_code:N", sort=REDUCING + INCREASING, title="group"))
+    bars = base.mark_bar().encode(
+        x=alt.X("share_gross:Q", axis=alt.Axis(format="%"), title="share of gross reduction"),
+        color=alt.Color("group_code:N", scale=GROUP_COLORS, legend=None),
+        tooltip=["group_code", "effect", "n_neurons", alt.Tooltip("sum_delta:Q", format=".4f"),
+                 alt.Tooltip("share_gross:Q", format=".1%"), alt.Tooltip("share_net:Q", format=".1%"),
+                 alt.Tooltip("ci_low:Q", format=".1%"), alt.Tooltip("ci_high:Q", format=".1%")],
+    )
+    whiskers = base.mark_rule(color="black").encode(x="ci_low:Q", x2="ci_high:Q")
+    return (bars + whiskers).properties(height=260)
+
+
+def cumulative(curve: pl.DataFrame, marks: dict[str, int]) -> alt.Chart:
+    """Running share of the net reduction over neurons sorted by delta, with the 50/75/99% counts."""
+    line = alt.Chart(curve).mark_line().encode(
+        x=alt.X("delta_rank:Q", scale=alt.Scale(type="log"), title="neurons, sorted by delta (log)"),
+        y=alt.Y("cum_share:Q", axis=alt.Axis(format="%"), title="share of net reduction"),
+        tooltip=["delta_rank", alt.Tooltip("cum_share:Q", format=".1%")],
+    )
+    rules = alt.Chart(pl.DataFrame({"label": list(marks), "n": list(marks.values())})).mark_rule(strokeDash=[4, 4]).encode(
+        x="n:Q", tooltip=["label", "n"])
+    return (line + rules).properties(height=260)
+
+
+def layer_groups(frame: pl.DataFrame) -> alt.Chart:
+    """Per-layer contributions stacked by group (paper Fig. 3)."""
+    return alt.Chart(frame).mark_bar().encode(
+        x=alt.X("layer:O"), y=alt.Y("sum_delta:Q", title="sum of delta"),
+        color=alt.Color("group_code:N", scale=GROUP_COLORS, title="group"),
+        tooltip=["layer", "group_code", "n_neurons", alt.Tooltip("sum_delta:Q", format=".4f")],
+    ).properties(height=260)
+
+
+def layer_projections(frame: pl.DataFrame) -> alt.Chart:
+    """Per-layer MLP output projected onto the probe, per model (paper Fig. 1a)."""
+    return alt.Chart(frame).mark_line(point=True).encode(
+        x=alt.X("layer:O"), y=alt.Y("mlp_proj:Q", title="MLP output . w_hat"), color=alt.Color("variant:N", title="model"),
+        tooltip=["variant", "layer", alt.Tooltip("mlp_proj:Q", format=".4f")],
+    ).properties(height=260)
+
+
+def dpo_curve(frame: pl.DataFrame) -> alt.Chart:
+    long = frame.unpivot(index="step", on=["loss", "reward_margin"], variable_name="metric")
+    return alt.Chart(long).mark_line().encode(
+        x="step:Q", y=alt.Y("value:Q", title=None), color=alt.Color("metric:N", title=None),
+        tooltip=["step", "metric", alt.Tooltip("value:Q", format=".4f")],
+    ).properties(height=200)
+
+
+def toxicity_histogram(gens: pl.DataFrame) -> alt.Chart:
+    return alt.Chart(gens).mark_bar().encode(
+        x=alt.X("toxicity:Q", bin=alt.Bin(maxbins=20), title="toxicity"),
+        y=alt.Y("count():Q", title="continuations"),
+        tooltip=[alt.Tooltip("count():Q", title="continuations")],
+    ).properties(height=180)

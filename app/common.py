@@ -1,0 +1,29 @@
+"""What every page starts with: the store, its version, and the run chosen in the sidebar."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+import queries
+
+
+def store_and_run() -> tuple[str, float, str]:
+    """Render the sidebar run picker; stop the page with a clear message when there is nothing to show."""
+    path = queries.store_path()
+    try:
+        with st.spinner("Reading the store..."):
+            version = queries.store_version(path)
+            runs = queries.runs(path, version)
+    except queries.store.StoreError as e:
+        st.error(str(e))
+        st.stop()
+    if runs.height == 0:
+        st.info(f"The store {path} holds no runs yet. Run `make pipeline` to write one.")
+        st.stop()
+    ids = runs["run_id"].to_list()
+    names = dict(zip(ids, runs["name"].to_list()))
+    if st.session_state.get("run_id") not in ids:
+        st.session_state["run_id"] = ids[0]
+    run_id = st.sidebar.selectbox("Run", ids, key="run_id", format_func=lambda r: f"{r} · {names[r]}")
+    st.sidebar.caption(f"Store: `{path}`")
+    return path, version, run_id
