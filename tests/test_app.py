@@ -1,5 +1,6 @@
 """The app's first page, driven through Streamlit's AppTest on a real store."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -73,3 +74,37 @@ def test_app_never_imports_torch(two_run_store):
             f"at = AppTest.from_file({HOME!r}, default_timeout=60).run(); assert not at.exception; "
             "bad = [m for m in ('torch', 'transformers', 'pipeline') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+ATTRIBUTION = str(ROOT / "app" / "pages" / "1_Attribution.py")
+
+
+@pytest.fixture
+def app_on_path(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "app"))  # as `streamlit run app/Home.py` does for its pages
+
+
+def test_attribution_page_shows_groups_with_intervals(two_run_store, app_on_path):
+    first, _ = two_run_store
+    at = AppTest.from_file(ATTRIBUTION, default_timeout=60)
+    at.session_state["run_id"] = first
+    at.run()
+    assert not at.exception
+    headline = at.markdown[0].value
+    assert "of the reduction comes from dampened toxic neurons (TP-)" in headline
+    groups = at.dataframe[0].value
+    assert set(groups["group_code"]) == {"TP-", "TN+", "AP+", "AN-", "TP+", "TN-", "AP-", "AN+"}
+    assert (groups["ci_low"] <= groups["ci_high"]).all()
+    con = store.connect(os.environ["STORE"])
+    tp = con.execute("SELECT share_gross FROM group_summary WHERE run_id = ? AND group_code = 'TP-'", [first]).fetchall()[0][0]
+    assert f"{tp:.1%}" in headline
+    assert len(at.get("vega_lite_chart")) >= 4
+
+
+def test_attribution_page_without_attribution_says_so(two_run_store, app_on_path):
+    _, second = two_run_store
+    at = AppTest.from_file(ATTRIBUTION, default_timeout=60)
+    at.session_state["run_id"] = second
+    at.run()
+    assert not at.exception
+    assert "no attribution" in at.info[0].value
