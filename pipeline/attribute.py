@@ -116,12 +116,19 @@ def run(out: Path, *, device: str, model: ModelConfig, attribute: AttributeConfi
     a_p = np.load(record_dir / "base_act_prompt.npy", mmap_mode="r")
     a_dpo_p = np.load(record_dir / "dpo_act_prompt.npy", mmap_mode="r")
     onehot = np.stack([(codes == g) for g in GROUPS], axis=-1).astype(np.float64)  # (L, d_mlp, 8)
-    per_prompt = np.stack([
-        np.einsum("ln,lng->g", projections(a_p[p].astype(np.float64), W_out, w_hat)
+    per_prompt_layer = np.stack([
+        np.einsum("ln,lng->lg", projections(a_p[p].astype(np.float64), W_out, w_hat)
                   - projections(a_dpo_p[p].astype(np.float64), W_out_dpo, w_hat), onehot)
         for p in range(a_p.shape[0])
-    ])  # (P, 8)
-    lo, hi = bootstrap_shares(per_prompt, attribute.n_bootstrap, attribute.seed)
+    ])  # (P, L, 8)
+    lo, hi = bootstrap_shares(per_prompt_layer.sum(1), attribute.n_bootstrap, attribute.seed)
+    P = per_prompt_layer.shape[0]
+    pl.DataFrame({
+        "prompt_id": np.repeat(np.arange(P), n_layers * len(GROUPS)),
+        "layer": np.tile(np.repeat(np.arange(n_layers), len(GROUPS)), P),
+        "group_code": np.tile(np.array(GROUPS), P * n_layers),
+        "sum_delta": per_prompt_layer.ravel(),
+    }).write_parquet(out / "prompt_groups.parquet")
 
     R = float(delta.sum())
     sums = {g: float(delta[codes == g].sum()) for g in GROUPS}
@@ -177,4 +184,5 @@ def tables(out: Path) -> dict[str, pl.DataFrame]:
         "attribution": pl.DataFrame([json.loads((out / "attribution.json").read_text())]),
         "neuron_tokens": pl.read_parquet(out / "neuron_tokens.parquet"),
         "neuron_top_prompts": pl.read_parquet(out / "neuron_top_prompts.parquet"),
+        "prompt_groups": pl.read_parquet(out / "prompt_groups.parquet"),
     }

@@ -148,6 +148,15 @@ CREATE TABLE IF NOT EXISTS neuron_top_prompts (
     PRIMARY KEY (run_id, layer, neuron, rank)
 );
 
+CREATE TABLE IF NOT EXISTS prompt_groups (
+    run_id     VARCHAR NOT NULL,
+    prompt_id  INTEGER NOT NULL,
+    layer      INTEGER NOT NULL,
+    group_code VARCHAR NOT NULL,
+    sum_delta  DOUBLE NOT NULL,
+    PRIMARY KEY (run_id, prompt_id, layer, group_code)
+);
+
 -- The cumulative contribution curve: neurons by delta_rank, running share of the net reduction.
 CREATE VIEW IF NOT EXISTS cumulative AS
 SELECT run_id, delta_rank, layer, neuron, delta,

@@ -185,3 +185,28 @@ def test_planted_dpo_copy_is_recovered_end_to_end(tmp_path):
     groups = pl.read_parquet(out / "group_summary.parquet")
     assert groups["sum_delta"].sum() + unchanged == pytest.approx(summary["net_reduction"], rel=1e-9, abs=1e-12)
     assert neurons["delta"].sum() == pytest.approx(summary["net_reduction"], rel=1e-9)
+
+
+def test_stored_numbers_match_checkpoint_and_direction(tiny_run):
+    """Cross-check on a real run: proj in the store equals act x (W_out row . w_hat) recomputed from
+    the checkpoint on disk and the stored probe direction; prompt-level sums average to the groups."""
+    import store
+    from pipeline import runner
+    from tests.conftest import TINY_WORLD
+
+    cfg, run_id = tiny_run
+    world_dir = runner.stage_dir(cfg, "world", runner.cache_keys(cfg)["world"])
+    V = hf_value_vectors(world_dir / "model")
+    con = store.connect(cfg.run.store)
+    w_hat = np.array(con.execute("SELECT direction FROM probe_metrics WHERE run_id = ?", [run_id]).fetchall()[0][0])
+    rows = con.execute("SELECT layer, neuron, act, proj, cos FROM neurons WHERE run_id = ? USING SAMPLE 25 ROWS (reservoir, 7)",
+                       [run_id]).fetchall()
+    for layer, neuron, act, proj, cos in rows:
+        v = V[layer, neuron]
+        assert proj == pytest.approx(act * v @ w_hat, rel=1e-4, abs=1e-9)
+        assert cos == pytest.approx(v @ w_hat / np.linalg.norm(v), rel=1e-4, abs=1e-9)
+    by_group = dict(con.execute("""
+        SELECT group_code, sum(sum_delta) / ? FROM prompt_groups WHERE run_id = ? GROUP BY group_code""",
+                                [TINY_WORLD["n_prompts"], run_id]).fetchall())
+    for group, total in con.execute("SELECT group_code, sum_delta FROM group_summary WHERE run_id = ?", [run_id]).fetchall():
+        assert by_group[group] == pytest.approx(total, rel=2e-2, abs=1e-4)
