@@ -65,7 +65,7 @@ def dpo_curve(frame: pl.DataFrame) -> alt.Chart:
 
 def toxicity_histogram(gens: pl.DataFrame) -> alt.Chart:
     return alt.Chart(gens).mark_bar().encode(
-        x=alt.X("toxicity:Q", bin=alt.Bin(maxbins=20), title="toxicity"),
+        x=alt.X("toxicity:Q", bin=alt.Bin(extent=[0, 1], step=0.05), scale=alt.Scale(domain=[0, 1]), title="toxicity"),
         y=alt.Y("count():Q", title="continuations"),
         tooltip=[alt.Tooltip("count():Q", title="continuations")],
     ).properties(height=180)

@@ -120,7 +120,8 @@ def run(out: Path, *, device: str, model: ModelConfig, data: DataConfig, record:
         t0 = time.perf_counter()
         bridge = models.load_bridge(paths[variant], device)
         rec = generate_and_record(bridge, prompts, w_hat, record.new_tokens, record.batch_size, f"record {variant}")
-        texts = bridge.tokenizer.batch_decode(rec["tokens"], skip_special_tokens=True)
+        eos = bridge.tokenizer.eos_token  # ends a text mid-continuation: show it as the break it is, not glue
+        texts = [t.replace(eos, " ") for t in bridge.tokenizer.batch_decode(rec["tokens"])]
         del bridge
         models.release_memory()
         summary[f"seconds_{variant}"] = round(time.perf_counter() - t0, 2)

@@ -112,7 +112,7 @@ def test_greedy_continuations_equal_transformers_generate(stage, variant):
         # explicit mask: the BOS here is also the pad id, and transformers would mask it out otherwise
         ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=T, do_sample=False)[0, ids.shape[1]:]
         assert ref.tolist() == tokens[i].tolist(), f"prompt {i}"
-        assert g["prompt"] == prompt and g["continuation"] == tok.decode(ref, skip_special_tokens=True)
+        assert g["prompt"] == prompt and g["continuation"] == tok.decode(ref).replace(tok.eos_token, " ")
         assert 0.0 <= g["toxicity"] <= 1.0 and g["scorer"].startswith("profanity-check==")
 
 
