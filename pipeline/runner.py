@@ -1,7 +1,7 @@
 """The small runner: runs stages in order, caches each under a hash of what determines it.
 
-A stage's cache key hashes its name, its module's source, the config sections it reads and its
-upstream stages' keys, so changing one setting reruns that stage and exactly what depends on it.
+A stage's cache key hashes its name, its modules' source, the config sections (or fields) its
+result depends on and its upstream stages' keys, so changing one setting reruns that stage and exactly what depends on it.
 A stage writes into a temporary folder that is renamed into place when it finishes: an interrupted
 stage leaves nothing that looks done, and a rerun resumes after the last finished stage.
 """
@@ -152,8 +152,8 @@ def _run_stage(s: Stage, cfg: config_mod.Config, out: Path, upstream: dict[str, 
     t0 = time.perf_counter()
     sections = {name: getattr(cfg, name) for name in _section_names(s)}
     summary = s.module.run(tmp, device=resolve_device(cfg.run.device), **sections, **upstream)
-    record = {"stage": s.name, "seconds": time.perf_counter() - t0, "summary": summary}
-    (tmp / "summary.json").write_text(json.dumps(record, indent=2))
+    result = {"stage": s.name, "seconds": time.perf_counter() - t0, "summary": summary}
+    (tmp / "summary.json").write_text(json.dumps(result, indent=2))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
 
