@@ -174,6 +174,31 @@ class AttributeConfig:
     seed: int = _f(0, "Bootstrap seed.")
 
 
+GROUP_CODES = ("TP-", "TN+", "AP+", "AN-", "TP+", "TN-", "AP-", "AN+")
+
+
+@dataclass
+class InterveneConfig:
+    """Interventions on the base model (paper Table 1), each scored like the base and DPO models."""
+
+    ablate_top: list[int] = _f([100, 200, 1000], "Ablate the top-N toxic neurons (largest cos), activation set to 0.")
+    ablate_top_positive: list[int] = _f([100, 200, 1000, 2000], "Ablate the top-N toxic neurons among those with act > 0.")
+    patch_groups: list[str] = _f(["TP-", "TN+", "AP+", "AN-", "TP+", "TN-", "AP-", "AN+", "TP- TN+ AP+ AN-"],
+                                 "Patch a group, or a space-separated union of groups, to post-DPO activations (act_dpo).")
+    patch_top: list[int] = _f([10, 30, 100, 300, 1000], "Patching sweep: the top-N neurons by delta patched to act_dpo.")
+    n_heldout: int = _f(200, "Held-out passages for perplexity and for F1 of continuations against gold ones.")
+    f1_tokens: int = _f(20, "Tokens generated (and gold tokens compared) per F1 sample.")
+    batch_size: int = _f(32, "Prompts or passages per batch.")
+
+    def __post_init__(self):
+        for union in self.patch_groups:
+            unknown = [g for g in union.split() if g not in GROUP_CODES]
+            if unknown or not union.split():
+                raise ValueError(f"patch_groups entry {union!r}: groups must be among {' '.join(GROUP_CODES)}")
+        if any(n < 1 for n in self.ablate_top + self.ablate_top_positive + self.patch_top):
+            raise ValueError("neuron counts must be at least 1")
+
+
 @dataclass
 class Config:
     """A whole pipeline config. Sections left out of the file take their defaults, except
@@ -189,6 +214,7 @@ class Config:
     dpo: DPOStageConfig = field(default_factory=DPOStageConfig, metadata={"help": "DPO training."})
     record: RecordConfig = field(default_factory=RecordConfig, metadata={"help": "Activation recording."})
     attribute: AttributeConfig = field(default_factory=AttributeConfig, metadata={"help": "Attribution."})
+    intervene: InterveneConfig = field(default_factory=InterveneConfig, metadata={"help": "Interventions."})
     source: str = field(default="<dict>", metadata={"help": "File the config was read from."})
 
     def __post_init__(self):
@@ -218,6 +244,11 @@ def _section_class(name: str) -> type:
 
 def _check_type(value, hint, where: str):
     expected = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+    if typing.get_origin(hint) is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} must be a list of {expected[item].split(' ', 1)[1]}s, got {value!r}")
+        return [_check_type(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint is int and isinstance(value, bool) or not isinstance(value, hint):

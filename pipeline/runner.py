@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
+import polars as pl
+
 import store
 from pipeline import config as config_mod
 from pipeline import attribute, corpus, data, dpo, models, pairs, probe, record, scoring, world
@@ -164,13 +166,11 @@ def _publish(cfg, stages, keys, dirs, ran_any, log) -> str:
     if existing and not ran_any:
         log(f"nothing changed: run {existing} in {cfg.run.store} already holds these results")
         return existing
-    tables: dict = {}
+    tables: dict[str, list] = {}
     records = []
     for s in stages:
         for name, frame in s.module.tables(dirs[s.name]).items():
-            if name in tables:
-                raise RuntimeError(f"stages {tables[name][0]} and {s.name} both write table {name}")
-            tables[name] = (s.name, frame)
+            tables.setdefault(name, []).append(frame)  # e.g. layers: record's base and dpo, then interventions
         rec = json.loads((dirs[s.name] / "summary.json").read_text())
         records.append({"stage": s.name, "cache_key": keys[s.name], "seconds": rec["seconds"], "summary": rec["summary"]})
     run_id = store.write_run(cfg.run.store, run={
@@ -179,7 +179,7 @@ def _publish(cfg, stages, keys, dirs, ran_any, log) -> str:
         "config": cfg.to_dict(),
         "config_hash": config_hash,
         "packages": package_versions(),
-    }, stages=records, tables={name: frame for name, (_, frame) in tables.items()})
+    }, stages=records, tables={name: pl.concat(frames, how="diagonal_relaxed") for name, frames in tables.items()})
     log(f"wrote run {run_id} to {cfg.run.store}")
     return run_id
 

@@ -157,6 +157,20 @@ CREATE TABLE IF NOT EXISTS prompt_groups (
     PRIMARY KEY (run_id, prompt_id, layer, group_code)
 );
 
+CREATE TABLE IF NOT EXISTS interventions (
+    run_id          VARCHAR NOT NULL,
+    intervention_id VARCHAR NOT NULL,
+    kind            VARCHAR NOT NULL,
+    params          JSON NOT NULL,
+    n_neurons       INTEGER NOT NULL,
+    toxicity        DOUBLE NOT NULL,
+    toxic_share     DOUBLE NOT NULL,
+    perplexity      DOUBLE NOT NULL,
+    f1              DOUBLE NOT NULL,
+    recovered       DOUBLE,
+    PRIMARY KEY (run_id, intervention_id)
+);
+
 -- The cumulative contribution curve: neurons by delta_rank, running share of the net reduction.
 CREATE VIEW IF NOT EXISTS cumulative AS
 SELECT run_id, delta_rank, layer, neuron, delta,

@@ -77,3 +77,14 @@ def test_help_lists_every_config_key(capsys):
     for name in config.SECTIONS:
         for f in dataclasses.fields(config._section_class(name)):
             assert f"[{name}] {f.name}" in out
+
+
+def test_list_keys_are_checked_item_by_item(tmp_path):
+    cfg = config.load(write(tmp_path, "[world]\n[intervene]\nablate_top = [5, 10]\npatch_groups = ['TP-', 'TP- AN-']\n"))
+    assert cfg.intervene.ablate_top == [5, 10] and cfg.intervene.patch_groups == ["TP-", "TP- AN-"]
+    for text, piece in [("ablate_top = 5", "must be a list of integers"),
+                        ("ablate_top = [5, 'x']", "[intervene] ablate_top[1] must be an integer"),
+                        ("patch_groups = ['TP-', 'XY']", "patch_groups entry 'XY'")]:
+        with pytest.raises(config.ConfigError) as e:
+            config.load(write(tmp_path, f"[world]\n[intervene]\n{text}\n"))
+        assert piece in str(e.value)

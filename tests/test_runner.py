@@ -14,7 +14,7 @@ from tests.conftest import tiny_config
 CALLS: list[str] = []
 
 
-def fake_stage(name: str, fail: bool = False):
+def fake_stage(name: str, fail: bool = False, layers: bool = False):
     def run(out, *, device, **inputs):
         CALLS.append(name)
         if fail:
@@ -23,7 +23,9 @@ def fake_stage(name: str, fail: bool = False):
         return {"name": name}
 
     def tables(out):
-        return {}
+        if not layers:
+            return {}
+        return {"layers": pl.DataFrame({"variant": [name], "layer": [0], "mlp_proj": [1.0]})}
 
     mod = types.ModuleType(f"fake_{name}")
     mod.run, mod.tables, mod.__file__ = run, tables, __file__
@@ -136,3 +138,14 @@ def test_world_key_depends_on_world_settings_not_run_name(tmp_path):
     renamed = tiny_config(tmp_path)
     renamed.run.name = "other"
     assert runner.cache_keys(renamed)["world"] == base
+
+
+def test_two_stages_may_write_rows_of_one_table(fake_pipeline, monkeypatch):
+    monkeypatch.setattr(runner, "STAGES", (
+        runner.Stage("a", fake_stage("a", layers=True), sections=("world",)),
+        runner.Stage("b", fake_stage("b", layers=True), sections=("scorer",), deps=("a",)),
+    ))
+    run_id = runner.run(cfg_with(fake_pipeline), log=lambda *_: None)
+    rows = store.connect(fake_pipeline / "s.duckdb").execute(
+        "SELECT variant FROM layers WHERE run_id = ? ORDER BY variant", [run_id]).fetchall()
+    assert rows == [("a",), ("b",)]
