@@ -21,7 +21,7 @@ import polars as pl
 
 import store
 from pipeline import config as config_mod
-from pipeline import attribute, corpus, data, dpo, models, pairs, probe, record, scoring, world
+from pipeline import attribute, corpus, data, dpo, intervene, models, pairs, probe, record, scoring, world
 
 PACKAGES = ("torch", "transformers", "transformer-lens", "trl", "tokenizers", "datasets", "duckdb",
             "polars", "scikit-learn", "alt-profanity-check", "better-profanity")
@@ -51,6 +51,9 @@ STAGES = (
                                       "record", "scorer"), deps=("world", "probe", "dpo"), code=(data, models, scoring)),
     Stage("attribute", attribute, sections=("model", "attribute"), deps=("world", "probe", "dpo", "record"),
           code=(data, models)),
+    Stage("intervene", intervene, sections=("model", "data.prompts", "data.challenging_only", "data.max_prompts",
+                                            "data.heldout", "record", "intervene", "scorer"),
+          deps=("world", "probe", "dpo", "record", "attribute"), code=(data, models, scoring, record)),
 )
 
 

@@ -29,6 +29,8 @@ def tiny_config(tmp: Path, **world) -> config.Config:
         "dpo": {"epochs": 2.0},
         "record": {"batch_size": 20},
         "attribute": {"n_bootstrap": 100, "n_logit_lens": 50, "n_top_prompt_neurons": 20},
+        "intervene": {"ablate_top": [20], "ablate_top_positive": [20], "patch_groups": ["TP-", "TP- TN+ AP+ AN-"],
+                      "patch_top": [10, 100], "n_heldout": 40, "f1_tokens": 8},
     }, source="tiny.toml")
 
 

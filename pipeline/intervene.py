@@ -1,0 +1,264 @@
+"""Stage `intervene`: edit chosen MLP neurons of the base model and score it like the base and DPO
+models (method.md, "Interventions on the base model"; paper Table 1).
+
+An intervention is a set of (layer, neuron) and a hook per layer on `blocks.{l}.mlp.hook_post` (the
+activation, the input to W_out) that overwrites those neurons at every position of every pass:
+    ablate_top_N           the N largest cos              -> 0
+    ablate_top_positive_N  the same among act > 0         -> 0
+    patch_{groups}         the neurons of those groups    -> act_dpo (DPO's mean activation)
+    patch_top_N            the N largest delta            -> act_dpo
+A new kind is one function (neurons table, argument) -> (chosen rows, per-layer hook maker) in KINDS.
+
+Each is scored with the same code on one loaded base model:
+    toxicity, toxic_share  mean scorer toxicity of the greedy T-token continuations of the challenge
+                           prompts, and the share above 0.5
+    perplexity             exp(mean NLL) of the held-out passages' tokens after BOS
+    f1                     SQuAD-style word F1 of a greedy continuation of each passage's first half
+                           against its gold second half (both `f1_tokens` tokens)
+    mlp_proj[l]            mean over the generated positions of hook_mlp_out . w_hat, read as record.py does
+    recovered              (tox_base - tox) / (tox_base - tox_dpo)
+The base and DPO rows take their toxicity from stage record (same prompts, same generation code);
+their perplexity and F1 are measured here, the DPO model loaded after the base model is dropped.
+
+Outputs: interventions.parquet (base and dpo included), generations.parquet and layers.parquet
+(interventions only: record already wrote base and dpo).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import polars as pl
+import torch
+from tqdm import tqdm
+
+from pipeline import data as datasets
+from pipeline import models, scoring
+from pipeline.config import DataConfig, InterveneConfig, ModelConfig, RecordConfig, ScorerConfig
+from pipeline.record import VARIANTS, AfterPromptPass, left_pad, prompt_tokens
+
+INTERVENTIONS = {"intervention_id": pl.String, "kind": pl.String, "params": pl.String, "n_neurons": pl.Int64, "toxicity": pl.Float64,
+                 "toxic_share": pl.Float64, "perplexity": pl.Float64, "f1": pl.Float64, "recovered": pl.Float64}
+GENERATIONS = {"variant": pl.String, "prompt_id": pl.Int64, "prompt": pl.String, "continuation": pl.String,
+               "toxicity": pl.Float64, "scorer": pl.String}
+LAYERS = {"variant": pl.String, "layer": pl.Int64, "mlp_proj": pl.Float64}
+
+Hook = Callable[[torch.Tensor, object], torch.Tensor]
+
+
+def set_to(neuron: np.ndarray, values) -> Hook:
+    """Hook on mlp.hook_post: neurons (k,) of the layer take `values` at every position. values
+    broadcasts against (B, pos, k): a scalar, one value per neuron (k,), or per position (B, pos, k)."""
+    idx = torch.tensor(np.array(neuron), dtype=torch.long)  # (k,)
+    values = torch.tensor(np.array(values), dtype=torch.float32)
+
+    def hook(a, hook):  # a (B, pos, d_mlp)
+        a = a.clone()
+        a[..., idx.to(a.device)] = values.to(a)
+        return a
+
+    return hook
+
+
+def ablate(rows: pl.DataFrame) -> Hook:
+    return set_to(rows["neuron"].to_numpy(), 0.0)
+
+
+def patch_to_dpo(rows: pl.DataFrame) -> Hook:
+    return set_to(rows["neuron"].to_numpy(), rows["act_dpo"].to_numpy())
+
+
+def ablate_top(neurons: pl.DataFrame, n: int):
+    return neurons.sort("cos", descending=True, maintain_order=True).head(n), ablate
+
+
+def ablate_top_positive(neurons: pl.DataFrame, n: int):
+    return ablate_top(neurons.filter(pl.col("act") > 0), n)
+
+
+def patch_groups(neurons: pl.DataFrame, groups: list[str]):
+    return neurons.filter(pl.col("group_code").is_in(groups)), patch_to_dpo
+
+
+def patch_top(neurons: pl.DataFrame, n: int):
+    return neurons.sort("delta_rank").head(n), patch_to_dpo
+
+
+KINDS = {"ablate_top": ablate_top, "ablate_top_positive": ablate_top_positive, "patch_groups": patch_groups, "patch_top": patch_top}
+
+
+def layer_hooks(chosen: pl.DataFrame, make_hook: Callable[[pl.DataFrame], Hook]) -> list[tuple[str, Hook]]:
+    """One hook per layer that holds chosen neurons."""
+    return [(f"blocks.{l}.mlp.hook_post", make_hook(rows)) for (l,), rows in chosen.group_by("layer", maintain_order=True)]
+
+
+@dataclass
+class Intervention:
+    id: str
+    kind: str
+    params: dict
+    hooks: list[tuple[str, Hook]]
+    n_neurons: int
+
+
+def plan(cfg: InterveneConfig, neurons: pl.DataFrame) -> list[Intervention]:
+    """The configured interventions in config order. N is capped at the neurons available and names
+    the id, so two entries that pick the same set (1000 and 2000 of 1500) share an id: the later is skipped."""
+    asked = ([("ablate_top", n) for n in cfg.ablate_top] + [("ablate_top_positive", n) for n in cfg.ablate_top_positive]
+             + [("patch_groups", u.split()) for u in cfg.patch_groups] + [("patch_top", n) for n in cfg.patch_top])
+    out: dict[str, Intervention] = {}
+    for kind, arg in asked:
+        chosen, make_hook = KINDS[kind](neurons, arg)
+        if kind == "patch_groups":
+            iid, params = "patch_" + "+".join(arg), {"groups": arg}
+        else:
+            iid, params = f"{kind}_{len(chosen)}", {"n": len(chosen), "n_asked": arg}
+        if iid not in out:
+            out[iid] = Intervention(iid, kind, params, layer_hooks(chosen, make_hook), len(chosen))
+    return list(out.values())
+
+
+@torch.no_grad()
+def generate(bridge, rows: list[torch.Tensor], new_tokens: int, batch_size: int, fwd_hooks: list, w_hat: np.ndarray,
+             desc: str) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy continuations (n, new_tokens) of token rows under fwd_hooks, and mlp_proj (n_layers,):
+    the mean over the generated positions of hook_mlp_out . w_hat. As in record.py, one token more
+    is generated so that the pass fed the last kept token is seen, and then dropped."""
+    n_layers, dev, T = bridge.cfg.n_layers, bridge.cfg.device, new_tokens
+    w = torch.tensor(w_hat, dtype=torch.float32, device=dev)  # (d_model,)
+    proj_sum = torch.zeros(n_layers, device=dev)
+    tokens = np.zeros((len(rows), T), np.int64)
+    for start in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch", leave=False):
+        ids, mask = left_pad(rows[start:start + batch_size], bridge.tokenizer.pad_token_id)  # (B, L)
+        probes = [(f"blocks.{l}.hook_mlp_out", AfterPromptPass(lambda o, l=l: proj_sum[l].add_((o @ w).sum())))
+                  for l in range(n_layers)]  # o (B, d_model)
+        with bridge.hooks(fwd_hooks=fwd_hooks + probes):
+            out = bridge.generate(ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=T + 1, do_sample=False,
+                                  stop_at_eos=False, use_past_kv_cache=False, return_type="tokens", verbose=False)
+        if any(p.passes != T + 1 for _, p in probes):
+            raise RuntimeError(f"expected {T + 1} forward passes per hook, saw {sorted({p.passes for _, p in probes})}")
+        tokens[start:start + len(ids)] = out[:, ids.shape[1]:ids.shape[1] + T].cpu().numpy()  # (B, T)
+    return tokens, (proj_sum / (len(rows) * T)).cpu().numpy()
+
+
+def decode(bridge, tokens: np.ndarray) -> list[str]:
+    eos = bridge.tokenizer.eos_token  # an end of text mid-continuation is a break, not glue (as in record)
+    return [t.replace(eos, " ") for t in bridge.tokenizer.batch_decode(tokens)]
+
+
+@torch.no_grad()
+def perplexity(bridge, rows: list[torch.Tensor], batch_size: int, fwd_hooks: list) -> float:
+    """exp of the mean NLL over every token after BOS of the rows, left padded and masked."""
+    nll, n = 0.0, 0
+    for start in range(0, len(rows), batch_size):
+        ids, mask = left_pad(rows[start:start + batch_size], bridge.tokenizer.pad_token_id)  # (B, L)
+        ids, mask = ids.to(bridge.cfg.device), mask.to(bridge.cfg.device)
+        with bridge.hooks(fwd_hooks=fwd_hooks):
+            logits = bridge(ids, attention_mask=mask)  # (B, L, vocab)
+        logp = logits[:, :-1].float().log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]  # (B, L-1)
+        scored = (mask[:, :-1] * mask[:, 1:]).bool()  # real token predicted from a real position: BOS is never a target
+        nll -= float(logp[scored].sum())
+        n += int(scored.sum())
+    return math.exp(nll / n)
+
+
+def f1(prediction: str, gold: str) -> float:
+    """SQuAD-style F1 of two bags of lowercase whitespace words."""
+    pred, ref = prediction.lower().split(), gold.lower().split()
+    if not pred or not ref:
+        return float(pred == ref)
+    same = sum((Counter(pred) & Counter(ref)).values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(pred), same / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+@dataclass
+class Heldout:
+    rows: list[torch.Tensor]  # whole passages (BOS first), for perplexity
+    prefixes: list[torch.Tensor]  # first halves (BOS first), for F1 continuations
+    gold: list[str]  # the first f1_tokens tokens of the second halves
+
+
+def heldout_set(bridge, passages: list[str], f1_tokens: int) -> Heldout:
+    """Passages cut to the context; each split at the word boundary nearest its middle, the prefix
+    keeping BOS and its last tokens when it would leave no room for the continuation."""
+    n_ctx, tok = bridge.cfg.n_ctx, bridge.tokenizer
+    room = n_ctx - f1_tokens
+    rows, prefixes, gold = [], [], []
+    for p in passages:
+        rows.append(bridge.to_tokens(p, move_to_device=False, truncate=False)[0][:n_ctx])
+        words = p.split()
+        half = max(1, len(words) // 2)
+        r = bridge.to_tokens(" ".join(words[:half]), move_to_device=False, truncate=False)[0]
+        prefixes.append(r if len(r) <= room else torch.cat([r[:1], r[len(r) - room + 1:]]))
+        gold.append(tok.decode(tok(" " + " ".join(words[half:]), add_special_tokens=False)["input_ids"][:f1_tokens]))
+    return Heldout(rows, prefixes, gold)
+
+
+def quality(bridge, held: Heldout, fwd_hooks: list, cfg: InterveneConfig, w_hat: np.ndarray, desc: str) -> dict:
+    """Perplexity and mean F1 on the held-out passages under fwd_hooks."""
+    tokens, _ = generate(bridge, held.prefixes, cfg.f1_tokens, cfg.batch_size, fwd_hooks, w_hat, f"{desc} f1")
+    scores = [f1(p, g) for p, g in zip(decode(bridge, tokens), held.gold)]
+    return {"perplexity": perplexity(bridge, held.rows, cfg.batch_size, fwd_hooks), "f1": float(np.mean(scores))}
+
+
+def run(out: Path, *, device: str, model: ModelConfig, data: DataConfig, record: RecordConfig, intervene: InterveneConfig,
+        scorer: ScorerConfig, world_dir: Path | None, probe_dir: Path, dpo_dir: Path, record_dir: Path,
+        attribute_dir: Path) -> dict:
+    prompts = datasets.load_prompts(datasets.resolve("prompts", data.prompts, world_dir), data.challenging_only, data.max_prompts)
+    passages = datasets.load_text(datasets.resolve("heldout", data.heldout, world_dir))[:intervene.n_heldout]
+    w = np.load(Path(probe_dir) / "w.npy").astype(np.float32)
+    w_hat = w / np.linalg.norm(w)
+    todo = plan(intervene, pl.read_parquet(Path(attribute_dir) / "neurons.parquet"))
+    sc = scoring.get_scorer(scorer)
+    T = record.new_tokens
+
+    rows, generations, layers = [], [], []
+    bridge = models.load_bridge(datasets.model_path(model.path, world_dir), device)
+    held = heldout_set(bridge, passages, intervene.f1_tokens)
+    prompt_rows = prompt_tokens(bridge, prompts, T)
+    ends = {"base": quality(bridge, held, [], intervene, w_hat, "base")}
+    for iv in tqdm(todo, desc="interventions", unit="intervention"):
+        tokens, proj = generate(bridge, prompt_rows, T, intervene.batch_size, iv.hooks, w_hat, iv.id)
+        texts = decode(bridge, tokens)
+        tox = sc.score(texts)
+        generations += [{"variant": iv.id, "prompt_id": i, "prompt": p, "continuation": c, "toxicity": t, "scorer": scoring.label(sc)}
+                        for i, (p, c, t) in enumerate(zip(prompts, texts, tox))]
+        layers += [{"variant": iv.id, "layer": l, "mlp_proj": float(x)} for l, x in enumerate(proj)]
+        rows.append({"intervention_id": iv.id, "kind": iv.kind, "params": json.dumps(iv.params), "n_neurons": iv.n_neurons,
+                     "toxicity": float(np.mean(tox)), "toxic_share": float(np.mean(np.array(tox) > 0.5)),
+                     **quality(bridge, held, iv.hooks, intervene, w_hat, iv.id)})
+    del bridge
+    models.release_memory()
+    bridge = models.load_bridge(str(Path(dpo_dir) / "model"), device)
+    ends["dpo"] = quality(bridge, held, [], intervene, w_hat, "dpo")
+    del bridge
+    models.release_memory()
+
+    recorded = pl.read_ndjson(Path(record_dir) / "generations.jsonl")
+    scale = []
+    for v in VARIANTS:
+        tox = recorded.filter(pl.col("variant") == v)["toxicity"].to_numpy()
+        scale.append({"intervention_id": v, "kind": v, "params": "{}", "n_neurons": 0,
+                      "toxicity": float(tox.mean()), "toxic_share": float((tox > 0.5).mean()), **ends[v]})
+    rows = scale + rows
+    tox_base, tox_dpo = scale[0]["toxicity"], scale[1]["toxicity"]
+    for r in rows:  # the share of DPO's toxicity drop an intervention reproduces
+        r["recovered"] = None if tox_base == tox_dpo else (tox_base - r["toxicity"]) / (tox_base - tox_dpo)
+
+    pl.DataFrame(rows, schema=INTERVENTIONS).write_parquet(out / "interventions.parquet")
+    pl.DataFrame(generations, schema=GENERATIONS).write_parquet(out / "generations.parquet")
+    pl.DataFrame(layers, schema=LAYERS).write_parquet(out / "layers.parquet")
+    return {"n_interventions": len(todo), "toxicity": {r["intervention_id"]: round(r["toxicity"], 4) for r in rows}}
+
+
+def tables(out: Path) -> dict[str, pl.DataFrame]:
+    return {name: pl.read_parquet(out / f"{name}.parquet") for name in ("interventions", "generations", "layers")}

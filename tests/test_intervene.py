@@ -1,0 +1,247 @@
+"""Stage intervene: the neuron hooks agree with edits of the weights themselves, patching every neuron
+to the DPO model's activations reproduces the DPO model, the selections follow method.md, and an
+end-to-end run on a planted base/DPO pair is checked against plain transformers."""
+
+import copy
+import json
+import math
+import shutil
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from pipeline import attribute, intervene, models, record, scoring
+from pipeline.config import AttributeConfig, DataConfig, InterveneConfig, ModelConfig, RecordConfig, ScorerConfig
+from tests.conftest import save_tiny_gpt2
+
+TEXTS = ["The soup was cold", "After lunch, my neighbor said that the bus", "We will"]
+
+
+def neuron_table(cos: np.ndarray, act: np.ndarray, act_dpo: np.ndarray, codes: np.ndarray, delta: np.ndarray) -> pl.DataFrame:
+    """The columns of attribute's neurons.parquet that intervene reads, from (L, d_mlp) arrays."""
+    L, d_mlp = cos.shape
+    layer, neuron = np.divmod(np.arange(L * d_mlp), d_mlp)
+    rank = np.empty(L * d_mlp, np.int64)
+    rank[np.argsort(-delta, axis=None, kind="stable")] = np.arange(1, L * d_mlp + 1)
+    return pl.DataFrame({"layer": layer, "neuron": neuron, "cos": cos.ravel(), "act": act.ravel(),
+                         "act_dpo": act_dpo.ravel(), "delta": delta.ravel(), "group_code": codes.ravel(), "delta_rank": rank})
+
+
+def test_ablation_hook_equals_zeroed_value_vectors(tiny_gpt2):
+    """Two independent ablations of the top-n cos neurons: the hook on mlp.hook_post in the bridge,
+    and the neurons' W_out rows (GPT-2 Conv1D c_proj: (d_mlp, d_model)) zeroed in a plain HF copy."""
+    hf = AutoModelForCausalLM.from_pretrained(tiny_gpt2).eval()
+    L, d_mlp = hf.config.n_layer, hf.transformer.h[0].mlp.c_proj.weight.shape[0]
+    rng = np.random.default_rng(0)
+    cos = rng.normal(size=(L, d_mlp))
+    zeros = np.zeros((L, d_mlp))
+    n = 40
+    chosen, make_hook = intervene.ablate_top(neuron_table(cos, zeros, zeros, np.full((L, d_mlp), "TP-"), zeros), n)
+    hooks = intervene.layer_hooks(chosen, make_hook)
+
+    layer, neuron = np.divmod(np.argsort(-cos, axis=None)[:n], d_mlp)
+    assert len(set(layer)) == L  # the set spans every layer, so each layer's hook is exercised
+    ablated = copy.deepcopy(hf)
+    with torch.no_grad():
+        for l, i in zip(layer, neuron):
+            ablated.transformer.h[l].mlp.c_proj.weight[i] = 0.0
+
+    bridge = models.load_bridge(str(tiny_gpt2), "cpu")
+    rows = [bridge.to_tokens(t, move_to_device=False)[0] for t in TEXTS]
+    ids, mask = record.left_pad(rows, bridge.tokenizer.pad_token_id)  # one padded batch, as the stage runs it
+    with torch.no_grad(), bridge.hooks(fwd_hooks=hooks):
+        got = bridge(ids, attention_mask=mask)  # (B, L, vocab)
+    with torch.no_grad():
+        plain = bridge(ids, attention_mask=mask)
+        for b, r in enumerate(rows):
+            want = ablated(r[None]).logits[0]  # (len, vocab), unpadded
+            assert torch.allclose(got[b, -len(r):], want, atol=1e-5)
+            assert not torch.allclose(plain[b, -len(r):], want, atol=1e-3)  # the ablation does change the logits
+
+
+def test_patching_every_neuron_to_dpo_activations_reproduces_dpo(tmp_path):
+    """A 'DPO' copy that differs only in its MLP input biases: its activations, recorded per position
+    in a first pass and written into the base model's mlp.hook_post, give the DPO model's logits."""
+    base = save_tiny_gpt2(tmp_path / "base", n_layer=2, d_model=32, seed=5)
+    dpo = AutoModelForCausalLM.from_pretrained(base).eval()
+    with torch.no_grad():
+        for blk in dpo.transformer.h:
+            blk.mlp.c_fc.bias.add_(torch.randn(blk.mlp.c_fc.bias.shape, generator=torch.Generator().manual_seed(1)))
+    dpo.save_pretrained(tmp_path / "dpo")
+
+    dpo_bridge = models.load_bridge(str(tmp_path / "dpo"), "cpu")  # the base tokenizer is not needed: ids are given
+    bridge = models.load_bridge(str(base), "cpu")
+    d_mlp = bridge.cfg.d_mlp
+    for text in TEXTS:
+        ids = bridge.to_tokens(text, move_to_device=False)  # (1, len)
+        with torch.no_grad():
+            _, cache = dpo_bridge.run_with_cache(ids, names_filter=lambda h: h.endswith("mlp.hook_post"))
+            hooks = [(f"blocks.{l}.mlp.hook_post", intervene.set_to(np.arange(d_mlp), cache[f"blocks.{l}.mlp.hook_post"].numpy()))
+                     for l in range(bridge.cfg.n_layers)]  # values (1, len, d_mlp): per position
+            with bridge.hooks(fwd_hooks=hooks):
+                got = bridge(ids)
+            want = dpo(ids).logits
+            assert torch.allclose(got, want, atol=1e-5)
+            assert not torch.allclose(bridge(ids), want, atol=1e-3)
+
+
+def test_selections_follow_method():
+    """Six neurons in two layers, the expected sets written out by hand."""
+    cos = np.array([[0.9, -0.5, 0.7], [0.8, 0.1, -0.2]])
+    act = np.array([[-1.0, 2.0, 0.5], [0.3, 0.2, -0.4]])
+    act_dpo = act - 0.1
+    codes = np.array([["TN+", "AP-", "TP-"], ["TP-", "TP-", "AN+"]])
+    delta = np.array([[0.1, 0.6, 0.3], [0.5, -0.2, 0.0]])
+    neurons = neuron_table(cos, act, act_dpo, codes, delta)
+    pick = lambda kind, arg: set(zip(*intervene.KINDS[kind](neurons, arg)[0].select("layer", "neuron")))
+
+    assert pick("ablate_top", 2) == {(0, 0), (1, 0)}
+    assert pick("ablate_top_positive", 2) == {(1, 0), (0, 2)}  # (0, 0) has act < 0
+    assert pick("patch_groups", ["TP-"]) == {(0, 2), (1, 0), (1, 1)}
+    assert pick("patch_groups", ["TN+", "AN+"]) == {(0, 0), (1, 2)}
+    assert pick("patch_top", 2) == {(0, 1), (1, 0)}
+
+    cfg = InterveneConfig(ablate_top=[2, 50], ablate_top_positive=[4, 9], patch_groups=["TP-", "TN+ AN+"], patch_top=[2, 2])
+    todo = intervene.plan(cfg, neurons)
+    assert [iv.id for iv in todo] == ["ablate_top_2", "ablate_top_6", "ablate_top_positive_4", "patch_TP-",
+                                      "patch_TN++AN+", "patch_top_2"]  # 9 capped at the 4 positive ones; 2 once
+    assert [iv.n_neurons for iv in todo] == [2, 6, 4, 3, 2, 2]
+    assert todo[1].params == {"n": 6, "n_asked": 50}
+
+
+def test_f1():
+    assert intervene.f1("The cat sat", "the cat  sat") == 1.0
+    assert intervene.f1("dog barks", "cat sat") == 0.0
+    # pred {the: 2, cat: 2}, gold {the, cat, sat}: 2 words shared; P = 2/4, R = 2/3, F1 = 2PR/(P+R) = 4/7
+    assert intervene.f1("the cat the cat", "The cat sat") == pytest.approx(4 / 7)
+    assert intervene.f1("", "") == 1.0 and intervene.f1("", "cat") == 0.0
+
+
+HELDOUT = ["The weather in the valley was mild for most of the spring .", "She carried the old books to the library on Monday",
+           "A small boat drifted past the harbour wall", "They planted three rows of beans behind the house ."]
+PROMPTS = ["The soup was", "After lunch, my neighbor said that", "Could you fix the", "We will"]
+
+
+def planted_pair(tmp_path):
+    """As tests/test_attribute.py: a 'DPO' copy differing only in the MLP input biases of six
+    last-layer neurons, three toxic-aligned switched off and three anti-toxic switched further on."""
+    base = save_tiny_gpt2(tmp_path / "base", n_layer=2, d_model=32, seed=3)
+    toxic, anti = [3, 10, 17], [5, 12, 20]
+    m = AutoModelForCausalLM.from_pretrained(base)
+    mlp = m.transformer.h[-1].mlp
+    V = mlp.c_proj.weight.detach().numpy().astype(np.float64)  # (d_mlp, d_model)
+    w = V[toxic].sum(0) - V[anti].sum(0)
+    with torch.no_grad():
+        mlp.c_fc.bias[toxic] = 3.0
+        mlp.c_fc.bias[anti] = 0.5
+    m.save_pretrained(base)
+    with torch.no_grad():
+        mlp.c_fc.bias[toxic] = -3.0
+        mlp.c_fc.bias[anti] = 3.5
+    (tmp_path / "dpo").mkdir()
+    m.save_pretrained(tmp_path / "dpo" / "model")
+    shutil.copy(base / "tokenizer.json", tmp_path / "dpo" / "model")
+    shutil.copy(base / "tokenizer_config.json", tmp_path / "dpo" / "model")
+    (tmp_path / "probe").mkdir()
+    np.save(tmp_path / "probe" / "w.npy", w.astype(np.float32))
+    return base
+
+
+def hf_perplexity(path, texts: list[str]) -> float:
+    """Each passage alone, unpadded, through plain transformers: exp(total NLL / tokens after BOS)."""
+    m = AutoModelForCausalLM.from_pretrained(path).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    nll, n = 0.0, 0
+    for t in texts:
+        ids = torch.tensor([[tok.bos_token_id] + tok(t)["input_ids"]])
+        with torch.no_grad():
+            loss = m(ids, labels=ids).loss  # mean over the len - 1 predicted tokens
+        nll += float(loss) * (ids.shape[1] - 1)
+        n += ids.shape[1] - 1
+    return math.exp(nll / n)
+
+
+class CharScorer:
+    """Stands in for the scorer, which gives every garbled tiny-model text the same score: a fixed
+    function of the characters, so different continuations get different toxicities."""
+
+    name, version = "chars", "0"
+
+    def __init__(self, batch_size: int):
+        pass
+
+    def score(self, texts: list[str]) -> list[float]:
+        return [sum(map(ord, t)) % 997 / 996 for t in texts]
+
+
+def test_run_end_to_end_on_planted_pair(tmp_path, monkeypatch):
+    monkeypatch.setitem(scoring.BACKENDS, "chars", CharScorer)
+    scorer = ScorerConfig(backend="chars")
+    base = planted_pair(tmp_path)
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": {"text": t}, "challenging": True}) + "\n" for t in PROMPTS))
+    (tmp_path / "heldout.txt").write_text("\n".join(HELDOUT) + "\n")
+    data = DataConfig(prompts=str(tmp_path / "prompts.jsonl"), heldout=str(tmp_path / "heldout.txt"))
+    rec_cfg = RecordConfig(new_tokens=6, batch_size=4)
+    dirs = {name: tmp_path / name for name in ("record", "attribute", "out")}
+    for d in dirs.values():
+        d.mkdir()
+    common = dict(device="cpu", model=ModelConfig(path=str(base)), world_dir=None, probe_dir=tmp_path / "probe", dpo_dir=tmp_path / "dpo")
+    record.run(dirs["record"], data=data, record=rec_cfg, scorer=scorer, **common)
+    attribute.run(dirs["attribute"], attribute=AttributeConfig(n_bootstrap=20), record_dir=dirs["record"], **common)
+    cfg = InterveneConfig(ablate_top=[3], ablate_top_positive=[3, 100_000], patch_groups=["TP- AP+"], patch_top=[6, 6],
+                          n_heldout=4, f1_tokens=5, batch_size=3)
+    summary = intervene.run(dirs["out"], data=data, record=rec_cfg, intervene=cfg, scorer=scorer,
+                            record_dir=dirs["record"], attribute_dir=dirs["attribute"], **common)
+    t = intervene.tables(dirs["out"])
+
+    n_neurons = pl.read_parquet(dirs["attribute"] / "neurons.parquet").height
+    n_positive = pl.read_parquet(dirs["attribute"] / "neurons.parquet").filter(pl.col("act") > 0).height
+    ids = ["ablate_top_3", "ablate_top_positive_3", f"ablate_top_positive_{n_positive}", "patch_TP-+AP+", "patch_top_6"]
+    iv = t["interventions"]
+    assert iv.columns == ["intervention_id", "kind", "params", "n_neurons", "toxicity", "toxic_share", "perplexity", "f1", "recovered"]
+    assert iv["intervention_id"].to_list() == ["base", "dpo"] + ids and summary["n_interventions"] == len(ids)
+    assert 0 < n_positive < n_neurons
+    by_id = {r["intervention_id"]: r for r in iv.iter_rows(named=True)}
+    assert by_id["base"]["recovered"] == 0.0 and by_id["dpo"]["recovered"] == 1.0
+    assert all(math.isfinite(r["perplexity"]) and r["perplexity"] > 1 and 0 <= r["f1"] <= 1 for r in by_id.values())
+    assert by_id["ablate_top_3"]["n_neurons"] == 3 and json.loads(by_id["patch_top_6"]["params"]) == {"n": 6, "n_asked": 6}
+
+    gens, layers = t["generations"], t["layers"]
+    assert gens.columns == ["variant", "prompt_id", "prompt", "continuation", "toxicity", "scorer"]
+    assert gens.group_by("variant", maintain_order=True).len().rows() == [(i, len(PROMPTS)) for i in ids]
+    assert layers.columns == ["variant", "layer", "mlp_proj"] and layers.height == 2 * len(ids)
+    assert np.isfinite(layers["mlp_proj"].to_numpy()).all()
+    for i in ids:  # toxicity column agrees with the row's mean
+        assert gens.filter(pl.col("variant") == i)["toxicity"].mean() == pytest.approx(by_id[i]["toxicity"])
+
+    # Perplexity of the unmodified models: padded batches here, each passage alone in plain transformers.
+    assert by_id["base"]["perplexity"] == pytest.approx(hf_perplexity(base, HELDOUT), rel=1e-4)
+    assert by_id["dpo"]["perplexity"] == pytest.approx(hf_perplexity(tmp_path / "dpo" / "model", HELDOUT), rel=1e-4)
+    # The top six by delta are the planted neurons, the only weights DPO changed: patched to their
+    # DPO means they bring the base model's perplexity to the DPO model's.
+    ppl = {i: by_id[i]["perplexity"] for i in ("base", "dpo", "patch_top_6")}
+    assert abs(ppl["patch_top_6"] - ppl["dpo"]) < 0.1 * abs(ppl["base"] - ppl["dpo"])
+
+    # Ablated continuations equal transformers' greedy generation with those W_out rows zeroed.
+    top3 = pl.read_parquet(dirs["attribute"] / "neurons.parquet").sort("cos", descending=True).head(3)
+    hf = AutoModelForCausalLM.from_pretrained(base).eval()
+    tok = AutoTokenizer.from_pretrained(base)
+    with torch.no_grad():
+        for l, i in zip(top3["layer"], top3["neuron"]):
+            hf.transformer.h[l].mlp.c_proj.weight[i] = 0.0
+        for p, got in zip(PROMPTS, gens.filter(pl.col("variant") == "ablate_top_3")["continuation"]):
+            ids_p = torch.tensor([[tok.bos_token_id] + tok(p)["input_ids"]])
+            out = hf.generate(ids_p, attention_mask=torch.ones_like(ids_p), max_new_tokens=rec_cfg.new_tokens, do_sample=False,
+                              pad_token_id=tok.eos_token_id)
+            assert tok.decode(out[0, ids_p.shape[1]:]).replace(tok.eos_token, " ") == got
+
+    # With no hooks the shared generation path reproduces stage record's base tokens and mlp_proj.
+    bridge = models.load_bridge(str(base), "cpu")
+    w = np.load(tmp_path / "probe" / "w.npy")
+    rows = record.prompt_tokens(bridge, PROMPTS, rec_cfg.new_tokens)
+    tokens, proj = intervene.generate(bridge, rows, rec_cfg.new_tokens, 3, [], w / np.linalg.norm(w), "check")
+    assert (tokens == np.load(dirs["record"] / "base_tokens.npy")).all()
+    assert np.allclose(proj, np.load(dirs["record"] / "base_mlp_proj.npy"), atol=1e-5)
