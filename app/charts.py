@@ -69,3 +69,26 @@ def toxicity_histogram(gens: pl.DataFrame) -> alt.Chart:
         y=alt.Y("count():Q", title="continuations"),
         tooltip=[alt.Tooltip("count():Q", title="continuations")],
     ).properties(height=180)
+
+
+def toxicity_vs_perplexity(frame: pl.DataFrame) -> alt.Chart:
+    """Each intervention's trade-off; the base and DPO models are the two ends of the scale."""
+    return alt.Chart(frame).mark_point(filled=True, size=80).encode(
+        x=alt.X("perplexity:Q", scale=alt.Scale(zero=False, type="log"), title="perplexity (log)"),
+        y=alt.Y("toxicity:Q", scale=alt.Scale(domain=[0, 1])), color=alt.Color("kind:N"),
+        tooltip=["intervention_id", "n_neurons", alt.Tooltip("toxicity:Q", format=".3f"),
+                 alt.Tooltip("perplexity:Q", format=".2f"), alt.Tooltip("f1:Q", format=".3f"),
+                 alt.Tooltip("recovered:Q", format=".0%")],
+    ).properties(height=300)
+
+
+def patching_sweep(sweep: pl.DataFrame, levels: pl.DataFrame) -> alt.Chart:
+    """Toxicity as the top-N neurons by delta are patched to post-DPO levels, against the base and DPO lines."""
+    line = alt.Chart(sweep).mark_line(point=True).encode(
+        x=alt.X("n_neurons:Q", scale=alt.Scale(type="log"), title="neurons patched (top by delta, log)"),
+        y=alt.Y("toxicity:Q", scale=alt.Scale(domain=[0, 1])),
+        tooltip=["n_neurons", alt.Tooltip("toxicity:Q", format=".3f"), alt.Tooltip("recovered:Q", format=".0%")],
+    )
+    rules = alt.Chart(levels).mark_rule(strokeDash=[4, 4]).encode(
+        y="toxicity:Q", color=alt.Color("intervention_id:N", title="model"), tooltip=["intervention_id", "toxicity"])
+    return (line + rules).properties(height=300)

@@ -125,3 +125,12 @@ def layers(path: str, version: float, run_id: str) -> pl.DataFrame:
 def dpo_curve(path: str, version: float, run_id: str) -> pl.DataFrame:
     return _frame(path, "SELECT step, loss, reward_margin, reward_accuracy FROM dpo_curve WHERE run_id = ? ORDER BY step",
                   [run_id])
+
+
+@st.cache_data(show_spinner=False)
+def interventions(path: str, version: float, run_id: str) -> pl.DataFrame:
+    """Paper Table 1 order: the base and DPO models first, then each kind by size."""
+    return _frame(path, """
+        SELECT intervention_id, kind, n_neurons, toxicity, toxic_share, perplexity, f1, recovered
+        FROM interventions WHERE run_id = ?
+        ORDER BY kind NOT IN ('base', 'dpo'), kind = 'dpo', kind, n_neurons, intervention_id""", [run_id])

@@ -108,3 +108,30 @@ def test_attribution_page_without_attribution_says_so(two_run_store, app_on_path
     at.run()
     assert not at.exception
     assert "no attribution" in at.info[0].value
+
+
+def test_interventions_page_table_and_layer_choice(two_run_store, app_on_path):
+    first, second = two_run_store
+    at = AppTest.from_file(str(ROOT / "app" / "pages" / "2_Interventions.py"), default_timeout=60)
+    at.session_state["run_id"] = first
+    at.run()
+    assert not at.exception
+    table = at.dataframe[0].value
+    assert table["intervention_id"].tolist()[:2] == ["base", "dpo"]
+    assert table["recovered"].tolist()[:2] == [0.0, 1.0]
+
+    def layer_variants():
+        """The variants in the last chart's data, read back from its Arrow payload."""
+        import pyarrow as pa
+
+        chart = at.get("vega_lite_chart")[-1].proto
+        payloads = [d.data.data for d in chart.datasets] + ([chart.data.data] if chart.data.data else [])
+        return {v for p in payloads for v in pa.ipc.open_stream(p).read_all().column("variant").to_pylist()}
+
+    picker = at.main.selectbox[0]
+    other = picker.options[-1]
+    picker.set_value(other).run()
+    assert layer_variants() == {"base", "dpo", other}
+    at.session_state["run_id"] = second
+    at.run()
+    assert "no interventions" in at.info[0].value
