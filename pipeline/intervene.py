@@ -41,7 +41,7 @@ from tqdm import tqdm
 from pipeline import data as datasets
 from pipeline import models, scoring
 from pipeline.config import DataConfig, InterveneConfig, ModelConfig, RecordConfig, ScorerConfig
-from pipeline.record import VARIANTS, AfterPromptPass, left_pad, prompt_tokens
+from pipeline.record import VARIANTS, AfterPromptPass, hooked_generate, left_pad, prompt_tokens
 
 INTERVENTIONS = {"intervention_id": pl.String, "kind": pl.String, "params": pl.String, "n_neurons": pl.Int64, "toxicity": pl.Float64,
                  "toxic_share": pl.Float64, "perplexity": pl.Float64, "f1": pl.Float64, "recovered": pl.Float64}
@@ -128,8 +128,7 @@ def plan(cfg: InterveneConfig, neurons: pl.DataFrame) -> list[Intervention]:
 def generate(bridge, rows: list[torch.Tensor], new_tokens: int, batch_size: int, fwd_hooks: list, w_hat: np.ndarray,
              desc: str) -> tuple[np.ndarray, np.ndarray]:
     """Greedy continuations (n, new_tokens) of token rows under fwd_hooks, and mlp_proj (n_layers,):
-    the mean over the generated positions of hook_mlp_out . w_hat. As in record.py, one token more
-    is generated so that the pass fed the last kept token is seen, and then dropped."""
+    the mean over the generated positions of hook_mlp_out . w_hat, read as record.py reads it."""
     n_layers, dev, T = bridge.cfg.n_layers, bridge.cfg.device, new_tokens
     w = torch.tensor(w_hat, dtype=torch.float32, device=dev)  # (d_model,)
     proj_sum = torch.zeros(n_layers, device=dev)
@@ -138,12 +137,7 @@ def generate(bridge, rows: list[torch.Tensor], new_tokens: int, batch_size: int,
         ids, mask = left_pad(rows[start:start + batch_size], bridge.tokenizer.pad_token_id)  # (B, L)
         probes = [(f"blocks.{l}.hook_mlp_out", AfterPromptPass(lambda o, l=l: proj_sum[l].add_((o @ w).sum())))
                   for l in range(n_layers)]  # o (B, d_model)
-        with bridge.hooks(fwd_hooks=fwd_hooks + probes):
-            out = bridge.generate(ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=T + 1, do_sample=False,
-                                  stop_at_eos=False, use_past_kv_cache=False, return_type="tokens", verbose=False)
-        if any(p.passes != T + 1 for _, p in probes):
-            raise RuntimeError(f"expected {T + 1} forward passes per hook, saw {sorted({p.passes for _, p in probes})}")
-        tokens[start:start + len(ids)] = out[:, ids.shape[1]:ids.shape[1] + T].cpu().numpy()  # (B, T)
+        tokens[start:start + len(ids)] = hooked_generate(bridge, ids, mask, T, fwd_hooks + probes).cpu().numpy()
     return tokens, (proj_sum / (len(rows) * T)).cpu().numpy()
 
 

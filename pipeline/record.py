@@ -75,6 +75,20 @@ class AfterPromptPass:
         self.passes += 1
 
 
+def hooked_generate(bridge, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int, fwd_hooks: list) -> torch.Tensor:
+    """(B, T) greedy tokens after the left-padded prompts ids (B, L), generated with fwd_hooks active.
+    T + 1 tokens are generated so that the pass fed token T is seen (module docstring); every
+    AfterPromptPass among the hooks must have seen all T + 1 passes, or its mean would be skewed."""
+    T, dev = new_tokens, bridge.cfg.device
+    with bridge.hooks(fwd_hooks=fwd_hooks):
+        out = bridge.generate(ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=T + 1, do_sample=False,
+                              stop_at_eos=False, use_past_kv_cache=False, return_type="tokens", verbose=False)
+    passes = {h.passes for _, h in fwd_hooks if isinstance(h, AfterPromptPass)}
+    if passes - {T + 1}:
+        raise RuntimeError(f"expected {T + 1} forward passes per hook, saw {sorted(passes)}")
+    return out[:, ids.shape[1]:ids.shape[1] + T]
+
+
 @torch.no_grad()
 def generate_and_record(bridge, prompts: list[str], w_hat: np.ndarray, new_tokens: int, batch_size: int, desc: str) -> dict:
     cfg = bridge.cfg
@@ -93,12 +107,7 @@ def generate_and_record(bridge, prompts: list[str], w_hat: np.ndarray, new_token
         for l in range(n_layers):
             hooks[f"blocks.{l}.mlp.hook_post"] = AfterPromptPass(lambda a, l=l: act[:, l].add_(a))  # a (B, d_mlp)
             hooks[f"blocks.{l}.hook_mlp_out"] = AfterPromptPass(lambda o, l=l: proj_sum[l].add_((o @ w).sum()))  # o (B, d_model)
-        with bridge.hooks(fwd_hooks=list(hooks.items())):
-            out = bridge.generate(ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=T + 1, do_sample=False,
-                                  stop_at_eos=False, use_past_kv_cache=False, return_type="tokens", verbose=False)
-        if any(h.passes != T + 1 for h in hooks.values()):  # a hook that missed a pass would skew every mean
-            raise RuntimeError(f"expected {T + 1} forward passes per hook, saw {sorted({h.passes for h in hooks.values()})}")
-        tokens[start:start + len(ids)] = out[:, ids.shape[1]:ids.shape[1] + T].cpu().numpy()  # (B, T)
+        tokens[start:start + len(ids)] = hooked_generate(bridge, ids, mask, T, list(hooks.items())).cpu().numpy()
         act_sum += act.sum(0)
         act_prompt[start:start + len(ids)] = (act / T).cpu().numpy()
     n = len(prompts) * T
