@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import polars as pl
-import torch
 
 from pipeline import data as datasets
 from pipeline import models

@@ -72,3 +72,38 @@ def save_tiny_gpt2(path: Path, n_layer: int = 2, d_model: int = 32, seed: int = 
 @pytest.fixture(scope="session")
 def tiny_gpt2(tmp_path_factory) -> Path:
     return save_tiny_gpt2(tmp_path_factory.mktemp("gpt2") / "model")
+
+
+PLANTED_TOXIC, PLANTED_ANTI = [3, 10, 17], [5, 12, 20]
+
+
+def save_planted_pair(tmp: Path) -> Path:
+    """A tiny base model and a 'DPO' copy (tmp/dpo/model) differing only in the MLP input biases of six
+    last-layer neurons: three toxic-aligned ones switched off (TP-), three anti-toxic ones switched
+    further on (AP+); the probe direction (tmp/probe/w.npy) is built from their value vectors.
+    Returns the base model's path."""
+    import shutil
+
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    base = save_tiny_gpt2(tmp / "base", n_layer=2, d_model=32, seed=3)
+    m = AutoModelForCausalLM.from_pretrained(base)
+    mlp = m.transformer.h[-1].mlp
+    V = mlp.c_proj.weight.detach().numpy().astype(np.float64)  # (d_mlp, d_model)
+    w = V[PLANTED_TOXIC].sum(0) - V[PLANTED_ANTI].sum(0)
+    with torch.no_grad():
+        mlp.c_fc.bias[PLANTED_TOXIC] = 3.0
+        mlp.c_fc.bias[PLANTED_ANTI] = 0.5
+    m.save_pretrained(base)
+    with torch.no_grad():
+        mlp.c_fc.bias[PLANTED_TOXIC] = -3.0
+        mlp.c_fc.bias[PLANTED_ANTI] = 3.5
+    (tmp / "dpo").mkdir()
+    m.save_pretrained(tmp / "dpo" / "model")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(base / name, tmp / "dpo" / "model")
+    (tmp / "probe").mkdir()
+    np.save(tmp / "probe" / "w.npy", w.astype(np.float32))
+    return base

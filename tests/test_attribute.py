@@ -7,7 +7,6 @@ import shutil
 import numpy as np
 import polars as pl
 import pytest
-import torch
 
 from pipeline import attribute
 from pipeline.config import AttributeConfig, ModelConfig
@@ -139,31 +138,13 @@ def test_planted_dpo_copy_is_recovered_end_to_end(tmp_path):
     three toxic-aligned neurons are switched off (TP-), three anti-toxic ones switched further on
     (AP+). Record (real generation through the bridge) and attribute must put exactly those six at
     the top of delta, in those groups, with the group sums adding up to the net reduction."""
-    from transformers import AutoModelForCausalLM
-
     from pipeline import record
     from pipeline.config import DataConfig, RecordConfig, ScorerConfig
-    from tests.conftest import save_tiny_gpt2
+    from tests.conftest import PLANTED_ANTI as anti
+    from tests.conftest import PLANTED_TOXIC as toxic
+    from tests.conftest import save_planted_pair
 
-    base = save_tiny_gpt2(tmp_path / "base", n_layer=2, d_model=32, seed=3)
-    toxic, anti = [3, 10, 17], [5, 12, 20]
-    m = AutoModelForCausalLM.from_pretrained(base)
-    mlp = m.transformer.h[-1].mlp
-    V = mlp.c_proj.weight.detach().numpy().astype(np.float64)  # (d_mlp, d_model)
-    w = V[toxic].sum(0) - V[anti].sum(0)
-    with torch.no_grad():
-        mlp.c_fc.bias[toxic] = 3.0
-        mlp.c_fc.bias[anti] = 0.5
-    m.save_pretrained(base)
-    with torch.no_grad():
-        mlp.c_fc.bias[toxic] = -3.0
-        mlp.c_fc.bias[anti] = 3.5
-    (tmp_path / "dpo").mkdir()
-    m.save_pretrained(tmp_path / "dpo" / "model")
-    shutil.copy(base / "tokenizer.json", tmp_path / "dpo" / "model")
-    shutil.copy(base / "tokenizer_config.json", tmp_path / "dpo" / "model")
-    (tmp_path / "probe").mkdir()
-    np.save(tmp_path / "probe" / "w.npy", w.astype(np.float32))
+    base = save_planted_pair(tmp_path)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": {"text": t}, "challenging": True}) + "\n" for t in
                                ["The soup was", "After lunch, my neighbor said that", "Could you fix the", "We will"]))

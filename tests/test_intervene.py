@@ -5,7 +5,6 @@ end-to-end run on a planted base/DPO pair is checked against plain transformers.
 import copy
 import json
 import math
-import shutil
 
 import numpy as np
 import polars as pl
@@ -15,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline import attribute, intervene, models, record, scoring
 from pipeline.config import AttributeConfig, DataConfig, InterveneConfig, ModelConfig, RecordConfig, ScorerConfig
-from tests.conftest import save_tiny_gpt2
+from tests.conftest import save_planted_pair, save_tiny_gpt2
 
 TEXTS = ["The soup was cold", "After lunch, my neighbor said that the bus", "We will"]
 
@@ -125,31 +124,6 @@ HELDOUT = ["The weather in the valley was mild for most of the spring .", "She c
 PROMPTS = ["The soup was", "After lunch, my neighbor said that", "Could you fix the", "We will"]
 
 
-def planted_pair(tmp_path):
-    """As tests/test_attribute.py: a 'DPO' copy differing only in the MLP input biases of six
-    last-layer neurons, three toxic-aligned switched off and three anti-toxic switched further on."""
-    base = save_tiny_gpt2(tmp_path / "base", n_layer=2, d_model=32, seed=3)
-    toxic, anti = [3, 10, 17], [5, 12, 20]
-    m = AutoModelForCausalLM.from_pretrained(base)
-    mlp = m.transformer.h[-1].mlp
-    V = mlp.c_proj.weight.detach().numpy().astype(np.float64)  # (d_mlp, d_model)
-    w = V[toxic].sum(0) - V[anti].sum(0)
-    with torch.no_grad():
-        mlp.c_fc.bias[toxic] = 3.0
-        mlp.c_fc.bias[anti] = 0.5
-    m.save_pretrained(base)
-    with torch.no_grad():
-        mlp.c_fc.bias[toxic] = -3.0
-        mlp.c_fc.bias[anti] = 3.5
-    (tmp_path / "dpo").mkdir()
-    m.save_pretrained(tmp_path / "dpo" / "model")
-    shutil.copy(base / "tokenizer.json", tmp_path / "dpo" / "model")
-    shutil.copy(base / "tokenizer_config.json", tmp_path / "dpo" / "model")
-    (tmp_path / "probe").mkdir()
-    np.save(tmp_path / "probe" / "w.npy", w.astype(np.float32))
-    return base
-
-
 def hf_perplexity(path, texts: list[str]) -> float:
     """Each passage alone, unpadded, through plain transformers: exp(total NLL / tokens after BOS)."""
     m = AutoModelForCausalLM.from_pretrained(path).eval()
@@ -180,7 +154,7 @@ class CharScorer:
 def test_run_end_to_end_on_planted_pair(tmp_path, monkeypatch):
     monkeypatch.setitem(scoring.BACKENDS, "chars", CharScorer)
     scorer = ScorerConfig(backend="chars")
-    base = planted_pair(tmp_path)
+    base = save_planted_pair(tmp_path)
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": {"text": t}, "challenging": True}) + "\n" for t in PROMPTS))
     (tmp_path / "heldout.txt").write_text("\n".join(HELDOUT) + "\n")
     data = DataConfig(prompts=str(tmp_path / "prompts.jsonl"), heldout=str(tmp_path / "heldout.txt"))

@@ -1,7 +1,6 @@
 """The toxicity probe: recovers a planted direction, reads the right residual, separates the world."""
 
 import numpy as np
-import pytest
 import torch
 
 from pipeline import probe

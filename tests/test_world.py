@@ -6,7 +6,6 @@ import json
 import re
 from importlib import resources
 
-import pytest
 import torch
 
 import store
