@@ -84,11 +84,16 @@ def app_on_path(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "app"))  # as `streamlit run app/Home.py` does for its pages
 
 
+def open_page(page: str, run_id: str) -> AppTest:
+    """A page as it renders with run_id picked in the sidebar."""
+    at = AppTest.from_file(page, default_timeout=60)
+    at.session_state["run_id"] = run_id
+    return at.run()
+
+
 def test_attribution_page_shows_groups_with_intervals(two_run_store, app_on_path):
     first, _ = two_run_store
-    at = AppTest.from_file(ATTRIBUTION, default_timeout=60)
-    at.session_state["run_id"] = first
-    at.run()
+    at = open_page(ATTRIBUTION, first)
     assert not at.exception
     headline = at.markdown[0].value
     assert "of the reduction comes from dampened toxic neurons (TP-)" in headline
@@ -103,18 +108,14 @@ def test_attribution_page_shows_groups_with_intervals(two_run_store, app_on_path
 
 def test_attribution_page_without_attribution_says_so(two_run_store, app_on_path):
     _, second = two_run_store
-    at = AppTest.from_file(ATTRIBUTION, default_timeout=60)
-    at.session_state["run_id"] = second
-    at.run()
+    at = open_page(ATTRIBUTION, second)
     assert not at.exception
     assert "no attribution" in at.info[0].value
 
 
 def test_interventions_page_table_and_layer_choice(two_run_store, app_on_path):
     first, second = two_run_store
-    at = AppTest.from_file(str(ROOT / "app" / "pages" / "2_Interventions.py"), default_timeout=60)
-    at.session_state["run_id"] = first
-    at.run()
+    at = open_page(str(ROOT / "app" / "pages" / "2_Interventions.py"), first)
     assert not at.exception
     table = at.dataframe[0].value
     assert table["intervention_id"].tolist()[:2] == ["base", "dpo"]

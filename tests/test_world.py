@@ -6,6 +6,7 @@ import json
 import re
 from importlib import resources
 
+import pytest
 import torch
 
 import store
@@ -61,8 +62,24 @@ def test_dataset_files_have_the_real_shapes(tiny_world_dir):
 
 
 def test_tiny_model_learned_the_corpus(tiny_world_dir):
+    """Perplexity recomputed with transformers' own loss, one sentence at a time, must match the
+    stored figure and sit far below the unigram model's."""
+    import math
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     summary = json.loads((tiny_world_dir / "summary.json").read_text())["summary"]
-    assert summary["ppl_model"] < summary["ppl_unigram"] / 4, summary
+    path = tiny_world_dir / "model"
+    model, tok = AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    nll = n = 0.0
+    for text in (tiny_world_dir / "heldout.txt").read_text().splitlines():
+        ids = torch.tensor([[tok.eos_token_id] + tok(text)["input_ids"] + [tok.eos_token_id]])
+        with torch.no_grad():
+            nll += model(input_ids=ids, labels=ids).loss.item() * (ids.shape[1] - 1)
+        n += ids.shape[1] - 1
+    ppl = math.exp(nll / n)
+    assert ppl == pytest.approx(summary["ppl_model"], rel=1e-3)
+    assert ppl < summary["ppl_unigram"] / 4, (ppl, summary)
 
 
 def test_challenge_prompts_draw_toxic_continuations_from_the_base_model(tiny_world_dir):
