@@ -115,7 +115,7 @@ def test_attribution_page_without_attribution_says_so(two_run_store, app_on_path
 
 def test_interventions_page_table_and_layer_choice(two_run_store, app_on_path):
     first, second = two_run_store
-    at = open_page(str(ROOT / "app" / "pages" / "2_Interventions.py"), first)
+    at = open_page(str(ROOT / "app" / "pages" / "4_Interventions.py"), first)
     assert not at.exception
     table = at.dataframe[0].value
     assert table["intervention_id"].tolist()[:2] == ["base", "dpo"]
