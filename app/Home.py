@@ -1,4 +1,6 @@
-"""Runs in the store, what each run's models generate, and how toxic it is."""
+"""Overview: the run's model and data, how much DPO lowers toxicity, and which neuron groups do it."""
+
+import json
 
 import streamlit as st
 
@@ -11,35 +13,66 @@ st.title("dpo-neurons")
 st.caption("How DPO safety fine-tuning reduces toxicity inside a language model, neuron by neuron.")
 
 path, version, run_id = store_and_run()
-runs = queries.runs(path, version)
+with st.spinner("Loading the run..."):
+    info = queries.run_info(path, version, run_id)
+    world = queries.world_summary(path, version, run_id)
+    probe = queries.probe_metrics(path, version, run_id)
+    tox = queries.toxicity_by_variant(path, version, run_id)
+    attr = queries.attribution(path, version, run_id)
+    groups = queries.group_summary(path, version, run_id)
 
-st.subheader("Runs in the store")
-st.dataframe(runs, hide_index=True, width="stretch")
+st.subheader(f"Run {run_id} · {info['name']}")
+data = json.loads(info["data"]) if info["data"] else {}
+st.markdown(f"**Model:** {info['model']}  \n**Data:** "
+            + (", ".join(f"{k} = `{data[k]}`" for k in ("probe", "prompts", "pairs", "heldout") if k in data) or "not recorded")
+            + f"  \n**Toxicity scorer:** {info['scorer'] or 'not recorded'}")
 
-run = runs.filter(runs["run_id"] == run_id).row(0, named=True)
-st.subheader(f"Run {run_id}")
-st.write(f"**Model:** {run['model']}")
+c = st.columns(4)
+if probe:
+    c[0].metric("Probe validation accuracy", f"{probe['val_accuracy']:.1%}", help=f"ROC-AUC {probe['val_roc_auc']:.3f}, "
+                f"{probe['n_train']} train / {probe['n_val']} validation texts, layer {probe['layer']} residual.")
+for col, row in zip(c[1:3], tox.filter(tox["variant"].is_in(["base", "dpo"])).iter_rows(named=True)):
+    col.metric(f"Toxicity, {row['variant']} model", f"{row['toxicity']:.3f}",
+               help=f"Mean over {row['n']} continuations ({row['scorer']}); {row['toxic_share']:.0%} above 0.5.")
+if attr:
+    c[3].metric("Neurons for 50% of the reduction", f"{attr['n_for_50']:,}", help=f"of {attr['n_neurons']:,} MLP neurons")
 
-world = queries.world_summary(path, version, run_id)
+if attr is None or groups.height == 0:
+    st.info("This run has no attribution yet: its pipeline stopped before the `attribute` stage.")
+else:
+    tp = groups.filter(groups["group_code"] == "TP-").row(0, named=True)
+    st.markdown(f"### {tp['share_gross']:.1%} of the reduction comes from dampened toxic neurons (TP-)")
+    st.caption(f"95% interval over prompts: {tp['ci_low']:.1%} to {tp['ci_high']:.1%}. Share of the gross reduction "
+               f"(sum of delta over the four reducing groups, {attr['gross_reduction']:.4f}); the net reduction over all "
+               f"{attr['n_neurons']:,} neurons is {attr['net_reduction']:.4f}. The paper finds 31.8% on gpt2-medium.")
+    left, right = st.columns(2)
+    with left:
+        st.subheader("Group shares")
+        st.altair_chart(charts.group_shares(groups), width="stretch")
+    with right:
+        st.subheader("Cumulative contribution")
+        marks = {"50%": attr["n_for_50"], "75%": attr["n_for_75"], "99%": attr["n_for_99"]}
+        st.altair_chart(charts.cumulative(queries.cumulative(path, version, run_id), marks), width="stretch")
+        st.caption(" · ".join(f"{k} of the net reduction: {v:,} neurons" for k, v in marks.items()))
+    st.dataframe(groups, hide_index=True, width="stretch",
+                 column_config={c: st.column_config.NumberColumn(format="percent")
+                                for c in ("share_gross", "share_net", "ci_low", "ci_high")})
+
 if world:
-    c = st.columns(4)
-    c[0].metric("Held-out perplexity", f"{float(world['ppl_model']):.1f}",
-                help="The demo model's perplexity on held-out neutral sentences.")
-    c[1].metric("Unigram perplexity", f"{float(world['ppl_unigram']):.1f}",
-                help="Add-one smoothed token frequencies on the same tokens: the floor a model must beat.")
-    c[2].metric("Toxic share of corpus", f"{float(world['toxic_fraction']):.0%}")
-    c[3].metric("Sample toxicity", f"{float(world['sample_toxicity']):.2f}",
-                help=f"Mean toxicity of greedy continuations of challenge prompts ({world['scorer']}).")
+    with st.expander("The demo world's model"):
+        c = st.columns(4)
+        c[0].metric("Held-out perplexity", f"{float(world['ppl_model']):.1f}",
+                    help="The demo model's perplexity on held-out neutral sentences.")
+        c[1].metric("Unigram perplexity", f"{float(world['ppl_unigram']):.1f}",
+                    help="Add-one smoothed token frequencies on the same tokens: the floor a model must beat.")
+        c[2].metric("Toxic share of corpus", f"{float(world['toxic_fraction']):.0%}")
+        c[3].metric("Sample toxicity", f"{float(world['sample_toxicity']):.2f}",
+                    help=f"Mean toxicity of greedy continuations of challenge prompts ({world['scorer']}).")
 
-tox = queries.toxicity_by_variant(path, version, run_id)
-if tox.height:
-    cols = st.columns(tox.height)
-    for col, row in zip(cols, tox.iter_rows(named=True)):
-        col.metric(f"Toxicity, {row['variant']} model", f"{row['toxicity']:.3f}",
-                   help=f"Mean over {row['n']} continuations ({row['scorer']}); {row['toxic_share']:.0%} above 0.5.")
-
-with st.expander("Stages of this run"):
-    st.dataframe(queries.stages(path, version, run_id), hide_index=True, width="stretch")
+curve = queries.dpo_curve(path, version, run_id)
+if curve.height:
+    with st.expander("DPO training"):
+        st.altair_chart(charts.dpo_curve(curve), width="stretch")
 
 variants = queries.variants(path, version, run_id)
 if variants:
@@ -52,3 +85,8 @@ if variants:
     st.altair_chart(charts.toxicity_histogram(gens), width="stretch")
     st.dataframe(gens.drop("scorer"), hide_index=True, width="stretch",
                  column_config={"toxicity": st.column_config.ProgressColumn("toxicity", min_value=0.0, max_value=1.0)})
+
+st.subheader("Runs in the store")
+st.dataframe(queries.runs(path, version), hide_index=True, width="stretch")
+with st.expander("Stages of this run"):
+    st.dataframe(queries.stages(path, version, run_id), hide_index=True, width="stretch")

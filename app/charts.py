@@ -92,3 +92,68 @@ def patching_sweep(sweep: pl.DataFrame, levels: pl.DataFrame) -> alt.Chart:
     rules = alt.Chart(levels).mark_rule(strokeDash=[4, 4]).encode(
         y="toxicity:Q", color=alt.Color("intervention_id:N", title="model"), tooltip=["intervention_id", "toxicity"])
     return (line + rules).properties(height=300)
+
+
+NEURON_TOOLTIP = ["layer", "neuron", "group_code", alt.Tooltip("cos:Q", format=".3f"), alt.Tooltip("act:Q", format=".4f"),
+                  alt.Tooltip("act_dpo:Q", format=".4f"), alt.Tooltip("delta:Q", format=".5f"), "delta_rank"]
+
+
+def cos_vs_delta(rows: pl.DataFrame) -> alt.Chart:
+    """Each neuron's alignment against its contribution to the reduction; clicking selects one (layer, neuron)."""
+    pick = alt.selection_point(name="neuron", fields=["layer", "neuron"], on="click")
+    return alt.Chart(rows).mark_circle(size=30, opacity=0.7).encode(
+        x=alt.X("cos:Q", title="cos(v, w)"), y=alt.Y("delta:Q", title="delta = proj - proj_dpo"),
+        color=alt.Color("group_code:N", scale=GROUP_COLORS, title="group"), tooltip=NEURON_TOOLTIP,
+    ).add_params(pick).properties(height=320)
+
+
+def proj_segments(rows: pl.DataFrame) -> alt.Chart:
+    """How DPO moved each neuron's projection (paper Fig. 2c): proj -> proj_dpo, neurons ordered by |delta|."""
+    ranked = rows.with_row_index("rank", offset=1)
+    base = alt.Chart(ranked).encode(x=alt.X("rank:Q", title="neurons, by |delta|"),
+                                    color=alt.Color("group_code:N", scale=GROUP_COLORS, title="group"),
+                                    tooltip=NEURON_TOOLTIP + [alt.Tooltip("proj:Q", format=".5f"),
+                                                              alt.Tooltip("proj_dpo:Q", format=".5f")])
+    segments = base.mark_rule().encode(y=alt.Y("proj:Q", title="proj (base) -> proj_dpo"), y2="proj_dpo:Q")
+    ends = base.mark_circle(size=12).encode(y="proj_dpo:Q")
+    return (segments + ends).properties(height=320)
+
+
+def activations(row: dict) -> alt.Chart:
+    """One neuron's mean activation and projection before and after DPO."""
+    frame = pl.DataFrame({"model": ["base", "dpo", "base", "dpo"], "quantity": ["act", "act", "proj", "proj"],
+                          "value": [row["act"], row["act_dpo"], row["proj"], row["proj_dpo"]]})
+    return alt.Chart(frame).mark_bar().encode(
+        x=alt.X("model:N", title=None), y=alt.Y("value:Q", title=None), color=alt.Color("model:N", legend=None),
+        column=alt.Column("quantity:N", title=None), tooltip=["model", "quantity", alt.Tooltip("value:Q", format=".5f")],
+    ).properties(width=120, height=200).resolve_scale(y="independent")
+
+
+def top_prompt_activations(frame: pl.DataFrame) -> alt.Chart:
+    """The neuron's activation on its top prompts, base against DPO."""
+    long = frame.select("rank", "prompt_id", "act", "act_dpo").unpivot(index=["rank", "prompt_id"], variable_name="model")
+    return alt.Chart(long).mark_bar().encode(
+        x=alt.X("rank:O", title="prompt (by base activation)"), xOffset="model:N", y=alt.Y("value:Q", title="mean activation"),
+        color=alt.Color("model:N"), tooltip=["prompt_id", "model", alt.Tooltip("value:Q", format=".4f")],
+    ).properties(height=220)
+
+
+def compare_shares(frame: pl.DataFrame) -> alt.Chart:
+    """Group shares of two runs side by side."""
+    return alt.Chart(frame).mark_bar().encode(
+        y=alt.Y("group_code:N", sort=REDUCING + INCREASING, title="group"), yOffset="label:N",
+        x=alt.X("share_gross:Q", axis=alt.Axis(format="%"), title="share of gross reduction"),
+        color=alt.Color("label:N", title="run"),
+        tooltip=["label", "group_code", "n_neurons", alt.Tooltip("share_gross:Q", format=".1%"),
+                 alt.Tooltip("ci_low:Q", format=".1%"), alt.Tooltip("ci_high:Q", format=".1%")],
+    ).properties(height=320)
+
+
+def delta_agreement(frame: pl.DataFrame) -> alt.Chart:
+    """delta of the same neuron in two runs, for the union of their top neurons."""
+    return alt.Chart(frame).mark_circle(size=30, opacity=0.7).encode(
+        x=alt.X("delta_a:Q", title="delta, run A"), y=alt.Y("delta_b:Q", title="delta, run B"),
+        color=alt.Color("in_top:N", title="in the top k of"),
+        tooltip=["layer", "neuron", "rank_a", "rank_b", "group_a", "group_b",
+                 alt.Tooltip("delta_a:Q", format=".5f"), alt.Tooltip("delta_b:Q", format=".5f")],
+    ).properties(height=320)

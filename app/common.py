@@ -1,10 +1,13 @@
-"""What every page starts with: the store, its version, and the run chosen in the sidebar."""
+"""What every page starts with: the store, its version, and the run chosen in the sidebar; and the
+hand-over of a clicked neuron to the detail page."""
 
 from __future__ import annotations
 
 import streamlit as st
 
 import queries
+
+NEURON_PAGE = "pages/3_Neuron.py"
 
 
 def store_and_run() -> tuple[str, float, str]:
@@ -27,3 +30,9 @@ def store_and_run() -> tuple[str, float, str]:
     run_id = st.sidebar.selectbox("Run", ids, key="run_id", format_func=lambda r: f"{r} · {names[r]}")
     st.sidebar.caption(f"Store: `{path}`")
     return path, version, run_id
+
+
+def open_neuron(layer: int, neuron: int) -> None:
+    """Show one neuron on the detail page (called when a table row or chart point is clicked)."""
+    st.session_state["neuron_pick"] = (int(layer), int(neuron))
+    st.switch_page(NEURON_PAGE)

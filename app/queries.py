@@ -134,3 +134,91 @@ def interventions(path: str, version: float, run_id: str) -> pl.DataFrame:
         SELECT intervention_id, kind, n_neurons, toxicity, toxic_share, perplexity, f1, recovered
         FROM interventions WHERE run_id = ?
         ORDER BY kind NOT IN ('base', 'dpo'), kind = 'dpo', kind, n_neurons, intervention_id""", [run_id])
+
+
+@st.cache_data(show_spinner=False)
+def run_info(path: str, version: float, run_id: str) -> dict:
+    """The run's model and data sources, read from the config it was made from."""
+    return _frame(path, """
+        SELECT name, model, created_at, config->'data' AS data, config->'scorer'->>'backend' AS scorer,
+               config->'dpo' AS dpo
+        FROM runs WHERE run_id = ?""", [run_id]).row(0, named=True)
+
+
+@st.cache_data(show_spinner=False)
+def neuron_bounds(path: str, version: float, run_id: str) -> dict | None:
+    """Ranges the neuron filters start from."""
+    df = _frame(path, """
+        SELECT min(layer) AS layer_min, max(layer) AS layer_max, min(cos) AS cos_min, max(cos) AS cos_max,
+               count(*) AS n_neurons
+        FROM neurons WHERE run_id = ?""", [run_id])
+    row = df.row(0, named=True)
+    return row if row["n_neurons"] else None
+
+
+NEURON_COLUMNS = "layer, neuron, group_code, cos, act, act_dpo, dact, proj, proj_dpo, delta, delta_rank"
+
+
+@st.cache_data(show_spinner=False)
+def neurons(path: str, version: float, run_id: str, groups: tuple[str, ...], layers: tuple[int, int],
+            cos: tuple[float, float], min_abs_act: float, top_n: int) -> pl.DataFrame:
+    """The top_n neurons by |delta| among those passing the filters; n_match counts all that pass."""
+    return _frame(path, f"""
+        SELECT {NEURON_COLUMNS}, count(*) OVER () AS n_match FROM neurons
+        WHERE run_id = ? AND list_contains(?, group_code) AND layer BETWEEN ? AND ? AND cos BETWEEN ? AND ?
+              AND abs(act) >= ?
+        ORDER BY abs(delta) DESC, layer, neuron LIMIT ?""",
+                  [run_id, list(groups), *layers, *cos, min_abs_act, top_n])
+
+
+@st.cache_data(show_spinner=False)
+def neuron(path: str, version: float, run_id: str, layer: int, neuron: int) -> dict | None:
+    df = _frame(path, f"""
+        SELECT {NEURON_COLUMNS}, (SELECT count(*) FROM neurons WHERE run_id = ?) AS n_neurons,
+               (SELECT count(*) + 1 FROM neurons WHERE run_id = ? AND cos > n.cos) AS cos_rank
+        FROM neurons n WHERE run_id = ? AND layer = ? AND neuron = ?""", [run_id, run_id, run_id, layer, neuron])
+    return df.row(0, named=True) if df.height else None
+
+
+@st.cache_data(show_spinner=False)
+def neuron_tokens(path: str, version: float, run_id: str, layer: int, neuron: int) -> pl.DataFrame:
+    return _frame(path, "SELECT rank, token, logit FROM neuron_tokens WHERE run_id = ? AND layer = ? AND neuron = ? "
+                        "ORDER BY rank", [run_id, layer, neuron])
+
+
+@st.cache_data(show_spinner=False)
+def neuron_top_prompts(path: str, version: float, run_id: str, layer: int, neuron: int) -> pl.DataFrame:
+    """The prompts where the neuron fires most under the base model, with both models' continuations."""
+    return _frame(path, """
+        SELECT t.rank, t.prompt_id, t.act, t.act_dpo, b.prompt, b.continuation AS base_continuation,
+               d.continuation AS dpo_continuation, b.toxicity AS base_toxicity, d.toxicity AS dpo_toxicity
+        FROM neuron_top_prompts t
+        LEFT JOIN generations b ON b.run_id = t.run_id AND b.variant = 'base' AND b.prompt_id = t.prompt_id
+        LEFT JOIN generations d ON d.run_id = t.run_id AND d.variant = 'dpo' AND d.prompt_id = t.prompt_id
+        WHERE t.run_id = ? AND t.layer = ? AND t.neuron = ? ORDER BY t.rank""", [run_id, layer, neuron])
+
+
+@st.cache_data(show_spinner=False)
+def group_shares_of(path: str, version: float, run_ids: tuple[str, ...]) -> pl.DataFrame:
+    """Group shares of several runs, one row per run and group, for side-by-side bars."""
+    return _frame(path, """
+        SELECT g.run_id, r.name, g.group_code, g.effect, g.n_neurons, g.share_gross, g.share_net, g.ci_low, g.ci_high
+        FROM group_summary g JOIN runs r USING (run_id)
+        WHERE list_contains(?, g.run_id) ORDER BY g.run_id, g.effect DESC, g.group_code""", [list(run_ids)])
+
+
+@st.cache_data(show_spinner=False)
+def top_overlap(path: str, version: float, run_a: str, run_b: str, k: int) -> pl.DataFrame:
+    """Each neuron in either run's top k by delta, with its rank, delta and group in both runs (null where
+    the other run has no such neuron, e.g. a model of another shape)."""
+    return _frame(path, """
+        WITH ids AS (SELECT layer, neuron FROM neurons WHERE run_id = ? AND delta_rank <= ?
+                     UNION SELECT layer, neuron FROM neurons WHERE run_id = ? AND delta_rank <= ?)
+        SELECT ids.layer, ids.neuron, a.delta_rank AS rank_a, b.delta_rank AS rank_b, a.delta AS delta_a,
+               b.delta AS delta_b, a.group_code AS group_a, b.group_code AS group_b,
+               coalesce(a.delta_rank <= ?, false) AS top_a, coalesce(b.delta_rank <= ?, false) AS top_b
+        FROM ids
+        LEFT JOIN neurons a ON a.run_id = ? AND a.layer = ids.layer AND a.neuron = ids.neuron
+        LEFT JOIN neurons b ON b.run_id = ? AND b.layer = ids.layer AND b.neuron = ids.neuron
+        ORDER BY least(coalesce(rank_a, 2147483647), coalesce(rank_b, 2147483647)), ids.layer, ids.neuron""",
+                  [run_a, k, run_b, k, k, k, run_a, run_b])

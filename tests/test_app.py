@@ -31,14 +31,18 @@ def two_run_store(tiny_run, tmp_path, monkeypatch):
     return run_id, other
 
 
+def table_with(at: AppTest, column: str):
+    """The first table on the page that has this column."""
+    return next(d.value for d in at.dataframe if column in d.value.columns)
+
+
 def test_home_lists_runs_and_samples(two_run_store):
     first, second = two_run_store
     at = AppTest.from_file(HOME, default_timeout=60).run()
     assert not at.exception
-    shown_runs = at.dataframe[0].value["run_id"].tolist()
-    assert set(shown_runs) == {first, second}
+    assert set(table_with(at, "created_at")["run_id"]) == {first, second}
     assert at.sidebar.selectbox[0].value == second  # newest first
-    assert at.dataframe[-1].value.shape[0] == 3
+    assert table_with(at, "continuation").shape[0] == 3
 
 
 def test_picking_a_run_shows_its_model_and_samples(two_run_store):
@@ -47,17 +51,17 @@ def test_picking_a_run_shows_its_model_and_samples(two_run_store):
     at.sidebar.selectbox[0].set_value(first).run()
     assert not at.exception
     assert any("demo world" in m.value for m in at.markdown)
-    assert [m.label for m in at.metric][:2] == ["Held-out perplexity", "Unigram perplexity"]
-    assert at.dataframe[-1].value.shape[0] == TINY_WORLD["n_prompts"]
+    assert [m.label for m in at.metric][-4:-2] == ["Held-out perplexity", "Unigram perplexity"]
+    assert table_with(at, "continuation").shape[0] == TINY_WORLD["n_prompts"]
 
 
 def test_toxicity_filter_changes_the_table(two_run_store):
     first, _ = two_run_store
     at = AppTest.from_file(HOME, default_timeout=60).run()
     at.sidebar.selectbox[0].set_value(first).run()
-    n_all = at.dataframe[-1].value.shape[0]
+    n_all = table_with(at, "continuation").shape[0]
     at.slider[0].set_value(0.5).run()
-    shown = at.dataframe[-1].value
+    shown = table_with(at, "continuation")
     assert shown.shape[0] < n_all and (shown["toxicity"] >= 0.5).all()
 
 
@@ -76,7 +80,7 @@ def test_app_never_imports_torch(two_run_store):
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 
-ATTRIBUTION = str(ROOT / "app" / "pages" / "1_Attribution.py")
+PAGES = ROOT / "app" / "pages"
 
 
 @pytest.fixture
@@ -84,33 +88,173 @@ def app_on_path(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "app"))  # as `streamlit run app/Home.py` does for its pages
 
 
-def open_page(page: str, run_id: str) -> AppTest:
-    """A page as it renders with run_id picked in the sidebar."""
+def open_page(page: str, run_id: str, **state) -> AppTest:
+    """A page as it renders with run_id picked in the sidebar (and any other session state given)."""
     at = AppTest.from_file(page, default_timeout=60)
     at.session_state["run_id"] = run_id
+    for k, v in state.items():
+        at.session_state[k] = v
     return at.run()
 
 
-def test_attribution_page_shows_groups_with_intervals(two_run_store, app_on_path):
+def sql(query: str, params: list) -> list[tuple]:
+    con = store.connect(os.environ["STORE"])
+    try:
+        return con.execute(query, params).fetchall()
+    finally:
+        con.close()
+
+
+def chart_rows(at: AppTest, index: int, column: str) -> list:
+    """The values of one column in a chart's data, read back from its Arrow payloads."""
+    import pyarrow as pa
+
+    chart = at.get("vega_lite_chart")[index].proto
+    payloads = [d.data.data for d in chart.datasets] + ([chart.data.data] if chart.data.data else [])
+    tables = [pa.ipc.open_stream(p).read_all() for p in payloads]
+    return [v for t in tables if column in t.column_names for v in t.column(column).to_pylist()]
+
+
+def test_overview_headline_is_the_stored_tp_share(two_run_store):
     first, _ = two_run_store
-    at = open_page(ATTRIBUTION, first)
+    at = AppTest.from_file(HOME, default_timeout=60)
+    at.session_state["run_id"] = first
+    at.run()
     assert not at.exception
-    headline = at.markdown[0].value
-    assert "of the reduction comes from dampened toxic neurons (TP-)" in headline
+    headline = next(m.value for m in at.markdown if "dampened toxic neurons (TP-)" in m.value)
+    (tp,), = sql("SELECT share_gross FROM group_summary WHERE run_id = ? AND group_code = 'TP-'", [first])
+    assert headline.startswith(f"### {tp:.1%}")
     groups = at.dataframe[0].value
     assert set(groups["group_code"]) == {"TP-", "TN+", "AP+", "AN-", "TP+", "TN-", "AP-", "AN+"}
     assert (groups["ci_low"] <= groups["ci_high"]).all()
-    con = store.connect(os.environ["STORE"])
-    tp = con.execute("SELECT share_gross FROM group_summary WHERE run_id = ? AND group_code = 'TP-'", [first]).fetchall()[0][0]
-    assert f"{tp:.1%}" in headline
-    assert len(at.get("vega_lite_chart")) >= 4
+    assert len(at.get("vega_lite_chart")) >= 3
 
 
-def test_attribution_page_without_attribution_says_so(two_run_store, app_on_path):
+def test_overview_without_attribution_says_so(two_run_store):
     _, second = two_run_store
-    at = open_page(ATTRIBUTION, second)
+    at = AppTest.from_file(HOME, default_timeout=60)
+    at.session_state["run_id"] = second
+    at.run()
     assert not at.exception
     assert "no attribution" in at.info[0].value
+
+
+GROUPS_PAGE = str(PAGES / "1_Neuron_groups.py")
+
+
+def test_neuron_groups_presets_and_filters_change_the_table(two_run_store, app_on_path):
+    first, _ = two_run_store
+    at = open_page(GROUPS_PAGE, first)
+    assert not at.exception
+    everything = at.dataframe[0].value
+    assert len(set(everything["group_code"])) > 2
+
+    at.sidebar.selectbox(key="preset").set_value("toxic dampened (TP-)").run()
+    tp = at.dataframe[0].value
+    (n_tp,), = sql("SELECT count(*) FROM neurons WHERE run_id = ? AND group_code = 'TP-'", [first])
+    assert set(tp["group_code"]) == {"TP-"} and len(tp) == min(n_tp, 1000)
+    assert any(f"**{n_tp:,}**" in m.value for m in at.markdown)
+    assert (tp["delta"].abs().diff().dropna() <= 1e-12).all()  # sorted by |delta|, largest first
+
+    at.sidebar.selectbox(key="preset").set_value("toxicity-increasing (TP+, TN-, AP-, AN+)").run()
+    assert set(at.dataframe[0].value["group_code"]) <= {"TP+", "TN-", "AP-", "AN+"}
+    # delta uses the DPO value vectors, so a neuron whose activation barely moved can carry either sign;
+    # the groups taken together must still increase toxicity.
+    assert at.dataframe[0].value["delta"].sum() < 0
+
+    at.sidebar.selectbox(key="preset").set_value("all groups").run()
+    at.sidebar.slider[0].set_value((1, 1)).run()
+    assert set(at.dataframe[0].value["layer"]) == {1}
+    at.sidebar.number_input[1].set_value(7).run()
+    top7 = at.dataframe[0].value
+    expected = sql("SELECT neuron FROM neurons WHERE run_id = ? AND layer = 1 ORDER BY abs(delta) DESC LIMIT 7", [first])
+    assert top7["neuron"].tolist() == [n for n, in expected]
+    assert [b.label for b in at.get("download_button")] == ["Download CSV", "Download Parquet"]
+
+
+def test_neuron_groups_min_activation_and_cos_filters(two_run_store, app_on_path):
+    first, _ = two_run_store
+    at = open_page(GROUPS_PAGE, first)
+    at.sidebar.slider[1].set_value((0.0, 1.0)).run()
+    assert (at.dataframe[0].value["cos"] >= 0).all()
+    at.sidebar.number_input[0].set_value(0.05).run()
+    shown = at.dataframe[0].value
+    (n,), = sql("SELECT count(*) FROM neurons WHERE run_id = ? AND cos >= 0 AND abs(act) >= 0.05", [first])
+    assert (shown["act"].abs() >= 0.05).all() and len(shown) == min(n, 1000)
+
+
+def test_layers_page_interventions_and_groups(two_run_store, app_on_path):
+    first, _ = two_run_store
+    at = open_page(str(PAGES / "2_Layers.py"), first)
+    assert not at.exception
+    picker = at.multiselect[0]
+    picker.set_value(picker.options[-2:]).run()
+    assert set(chart_rows(at, 0, "variant")) == {"base", "dpo", *picker.options[-2:]}
+    at.multiselect[1].set_value(["TP-"]).run()
+    assert set(chart_rows(at, 1, "group_code")) == {"TP-"}
+    assert at.dataframe[0].value.columns.tolist() == ["layer", "TP-"]
+
+
+NEURON_PAGE = str(PAGES / "3_Neuron.py")
+
+
+def test_neuron_page_shows_the_picked_neuron(two_run_store, app_on_path):
+    first, _ = two_run_store
+    (layer, neuron, group, rank), = sql("SELECT layer, neuron, group_code, delta_rank FROM neurons "
+                                         "WHERE run_id = ? AND delta_rank = 2", [first])
+    at = open_page(NEURON_PAGE, first, neuron_pick=(layer, neuron))
+    assert not at.exception
+    assert at.number_input(key="layer").value == layer and at.number_input(key="neuron").value == neuron
+    title = next(m.value for m in at.markdown if m.value.startswith("### L"))
+    assert f"L{layer}.N{neuron}" in title and group in title and f"rank {rank:,}" in title
+    tokens = sql("SELECT token FROM neuron_tokens WHERE run_id = ? AND layer = ? AND neuron = ? ORDER BY rank",
+                 [first, layer, neuron])
+    assert at.dataframe[0].value["token"].tolist() == [t for t, in tokens]
+    assert at.dataframe[1].value["prompt"].notna().all()
+
+    (other,), = sql("SELECT neuron FROM neurons WHERE run_id = ? AND layer = ? AND delta_rank > 1000 LIMIT 1", [first, layer])
+    at.number_input(key="neuron").set_value(other).run()
+    (cos,), = sql("SELECT cos FROM neurons WHERE run_id = ? AND layer = ? AND neuron = ?", [first, layer, other])
+    assert at.metric[0].value == f"{cos:.3f}"
+    assert any("Not stored for this neuron" in c.value for c in at.caption)
+
+
+def test_neuron_page_refuses_a_neuron_that_does_not_exist(two_run_store, app_on_path):
+    first, _ = two_run_store
+    at = open_page(NEURON_PAGE, first, neuron_pick=(0, 10**6))
+    assert not at.exception
+    assert "No neuron 1000000 in layer 0" in at.error[0].value
+
+
+@pytest.fixture
+def compare_store(tiny_run, tmp_path, monkeypatch):
+    """The tiny run plus a planted second run: the same neurons with the top 3 by delta moved to the end of
+    the ranking, so its top k shares exactly k - 3 neurons with the first run's top k."""
+    cfg, run_id = tiny_run
+    path = tmp_path / "c.duckdb"
+    shutil.copyfile(cfg.run.store, path)
+    con = store.connect(path)
+    neurons = con.sql("SELECT * EXCLUDE (run_id) FROM neurons WHERE run_id = ?", params=[run_id]).pl()
+    groups = con.sql("SELECT * EXCLUDE (run_id) FROM group_summary WHERE run_id = ?", params=[run_id]).pl()
+    con.close()
+    n = neurons.height
+    neurons = neurons.with_columns(((pl.col("delta_rank") - 4) % n + 1).alias("delta_rank"))
+    other = store.write_run(path, run={"name": "shifted", "model": "m", "config": {}, "config_hash": "h3",
+                                       "packages": {}}, stages=[], tables={"neurons": neurons, "group_summary": groups})
+    monkeypatch.setenv("STORE", str(path))
+    return run_id, other
+
+
+def test_compare_runs_overlap_of_top_neurons(compare_store, app_on_path):
+    first, second = compare_store
+    at = open_page(str(PAGES / "5_Compare_runs.py"), first)
+    assert not at.exception
+    at.selectbox[0].set_value(second).run()
+    assert set(chart_rows(at, 0, "label")) == {"A · tiny", "B · shifted"}
+    for k in (10, 50):
+        at.number_input[0].set_value(k).run()
+        assert any(m.value.startswith(f"**{k - 3:,}** neurons are in both top-{k:,} lists") for m in at.markdown)
+        assert len(at.dataframe[-1].value) == k + 3
 
 
 def test_interventions_page_table_and_layer_choice(two_run_store, app_on_path):
@@ -121,18 +265,10 @@ def test_interventions_page_table_and_layer_choice(two_run_store, app_on_path):
     assert table["intervention_id"].tolist()[:2] == ["base", "dpo"]
     assert table["recovered"].tolist()[:2] == [0.0, 1.0]
 
-    def layer_variants():
-        """The variants in the last chart's data, read back from its Arrow payload."""
-        import pyarrow as pa
-
-        chart = at.get("vega_lite_chart")[-1].proto
-        payloads = [d.data.data for d in chart.datasets] + ([chart.data.data] if chart.data.data else [])
-        return {v for p in payloads for v in pa.ipc.open_stream(p).read_all().column("variant").to_pylist()}
-
     picker = at.main.selectbox[0]
     other = picker.options[-1]
     picker.set_value(other).run()
-    assert layer_variants() == {"base", "dpo", other}
+    assert set(chart_rows(at, -1, "variant")) == {"base", "dpo", other}
     at.session_state["run_id"] = second
     at.run()
     assert "no interventions" in at.info[0].value

@@ -1,0 +1,49 @@
+"""Two runs side by side (two seeds, two betas, two models): do the same groups and neurons carry the reduction?"""
+
+import streamlit as st
+
+import charts
+import queries
+from common import store_and_run
+
+st.set_page_config(page_title="Compare runs · dpo-neurons", layout="wide")
+st.title("Compare runs")
+path, version, run_a = store_and_run()
+
+runs = queries.runs(path, version)
+ids = runs["run_id"].to_list()
+names = dict(zip(ids, runs["name"].to_list()))
+if len(ids) < 2:
+    st.info("The store holds one run; write a second (another seed, beta or model) to compare.")
+    st.stop()
+others = [r for r in ids if r != run_a]
+run_b = st.selectbox("Compare run A (the sidebar's run) with run B", others, format_func=lambda r: f"{r} · {names[r]}")
+
+with st.spinner("Comparing..."):
+    shares = queries.group_shares_of(path, version, (run_a, run_b))
+if shares.filter(shares["run_id"] == run_a).height == 0 or shares.filter(shares["run_id"] == run_b).height == 0:
+    st.info("Both runs need an attribution (the `attribute` stage) to be compared.")
+    st.stop()
+label = {run_a: f"A · {names[run_a]}", run_b: f"B · {names[run_b]}"}
+shares = shares.with_columns(shares["run_id"].replace_strict(label).alias("label"))
+
+st.subheader("Group shares")
+st.altair_chart(charts.compare_shares(shares), width="stretch")
+st.dataframe(shares.pivot(on="label", index="group_code", values="share_gross"), hide_index=True, width="stretch",
+             column_config={v: st.column_config.NumberColumn(format="percent") for v in label.values()})
+
+st.subheader("Top neurons in both runs")
+k = st.number_input("k: top neurons by delta in each run", 1, 100_000, 100, step=50)
+pairs = queries.top_overlap(path, version, run_a, run_b, int(k))
+both = pairs.filter(pairs["top_a"] & pairs["top_b"]).height
+n_a, n_b = pairs["top_a"].sum(), pairs["top_b"].sum()
+st.markdown(f"**{both:,}** neurons are in both top-{k:,} lists ({both / max(1, min(n_a, n_b)):.0%} overlap; "
+            f"Jaccard {both / max(1, pairs.height):.2f}).")
+if pairs["delta_b"].null_count() == pairs.height or pairs["delta_a"].null_count() == pairs.height:
+    st.caption("The runs share no neurons (different model shapes): only the group shares compare.")
+else:
+    pairs = pairs.with_columns(
+        (pairs["top_a"].cast(str) + pairs["top_b"].cast(str)).replace_strict(
+            {"truetrue": "both", "truefalse": "A only", "falsetrue": "B only"}).alias("in_top"))
+    st.altair_chart(charts.delta_agreement(pairs), width="stretch")
+st.dataframe(pairs, hide_index=True, width="stretch")
