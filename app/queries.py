@@ -1,6 +1,7 @@
-"""Every read the app makes. Connections are read-only and opened per query, so the pipeline can
-swap in a new store file at any time; results are cached by store path, file version and arguments.
-No model code and no torch here: a hosted app needs only the store file."""
+"""Every read the app makes. One read-only connection per store file version, one cursor per query:
+when the pipeline swaps in a new file, its version changes and the next query opens the new file, while
+queries already running finish on the old one. Results are cached by store path, file version and
+arguments. No model code and no torch here: a hosted app needs only the store file."""
 
 from __future__ import annotations
 
@@ -27,12 +28,18 @@ def store_version(path: str) -> float:
     return os.stat(path).st_mtime_ns if os.path.exists(path) else 0.0
 
 
+@st.cache_resource(show_spinner=False, max_entries=4)
+def _database(path: str, version: float):
+    """Opening a file and checking its schema costs more than most queries (bench/app_queries.py)."""
+    return store.connect(path, read_only=True)
+
+
 def _frame(path: str, sql: str, params: list | None = None) -> pl.DataFrame:
-    con = store.connect(path, read_only=True)
+    cursor = _database(path, store_version(path)).cursor()  # a cursor per query: sessions run on threads
     try:
-        return con.sql(sql, params=params or []).pl()
+        return cursor.sql(sql, params=params or []).pl()
     finally:
-        con.close()
+        cursor.close()
 
 
 @st.cache_data(show_spinner=False)
@@ -103,11 +110,11 @@ def cumulative(path: str, version: float, run_id: str, max_points: int = 2000) -
     """The cumulative curve, thinned to about max_points rows for drawing (every top-ranked neuron
     is kept, the long tail is sampled evenly)."""
     return _frame(path, """
-        WITH c AS (SELECT delta_rank, cum_share FROM cumulative WHERE run_id = ?),
-             n AS (SELECT count(*) AS total FROM c)
-        SELECT delta_rank, cum_share FROM c, n
-        WHERE delta_rank <= ? / 2 OR delta_rank % greatest(1, total // (? / 2)) = 0 OR delta_rank = total
-        ORDER BY delta_rank""", [run_id, max_points, max_points])
+        WITH n AS (SELECT n_neurons AS total FROM attribution WHERE run_id = ?)
+        SELECT delta_rank, cum_share FROM neurons, n
+        WHERE run_id = ?
+              AND (delta_rank <= ? / 2 OR delta_rank % greatest(1, total // (? / 2)) = 0 OR delta_rank = total)
+        ORDER BY delta_rank""", [run_id, run_id, max_points, max_points])
 
 
 @st.cache_data(show_spinner=False)

@@ -105,10 +105,14 @@ def run(out: Path, *, device: str, model: ModelConfig, attribute: AttributeConfi
     rank = np.empty(order.size, dtype=np.int64)
     rank[order] = np.arange(1, order.size + 1)
     layer, neuron = np.divmod(np.arange(order.size), d_mlp)
+    # Stored per neuron so the app draws the curve without a window over every neuron of the run.
+    cum_share = np.empty(order.size)
+    cum_share[order] = np.cumsum(delta.ravel()[order]) / delta.sum()
     table = pl.DataFrame({
         "layer": layer, "neuron": neuron, "cos": cos.ravel(), "act": act.ravel(), "act_dpo": act_dpo.ravel(),
         "proj": proj.ravel(), "proj_dpo": proj_dpo.ravel(), "delta": delta.ravel(), "dact": dact.ravel(),
         "group_code": codes.ravel(), "delta_rank": rank,
+        "cum_share": cum_share,
     })
     table.write_parquet(out / "neurons.parquet")
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import duckdb
 import polars as pl
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: neurons.cum_share
 SCHEMA_SQL = (Path(__file__).parent / "schema.sql").read_text()
 
 

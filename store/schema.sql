@@ -92,6 +92,7 @@ CREATE TABLE IF NOT EXISTS neurons (
     dact       DOUBLE NOT NULL,
     group_code VARCHAR NOT NULL,
     delta_rank INTEGER NOT NULL,
+    cum_share  DOUBLE NOT NULL,
     PRIMARY KEY (run_id, layer, neuron)
 );
 
@@ -173,7 +174,4 @@ CREATE TABLE IF NOT EXISTS interventions (
 
 -- The cumulative contribution curve: neurons by delta_rank, running share of the net reduction.
 CREATE VIEW IF NOT EXISTS cumulative AS
-SELECT run_id, delta_rank, layer, neuron, delta,
-       sum(delta) OVER (PARTITION BY run_id ORDER BY delta_rank ROWS UNBOUNDED PRECEDING)
-         / sum(delta) OVER (PARTITION BY run_id) AS cum_share
-FROM neurons;
+SELECT run_id, delta_rank, layer, neuron, delta, cum_share FROM neurons;
