@@ -29,8 +29,15 @@ pipeline: $(VENV)/.pipeline
 app: $(VENV)/.pipeline
 	STORE=$(STORE) $(VENV)/bin/streamlit run app/Home.py --server.port $(PORT) --server.headless true
 
-test: $(VENV)/.dev
+# The browser test drives Debian's chromium through Playwright; no browser is downloaded.
+/usr/bin/chromium:
+	$(if $(filter 0,$(shell id -u)),,sudo) sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium'
+
+test: $(VENV)/.dev /usr/bin/chromium
 	$(PY) -m pytest -q tests
+
+bench: $(VENV)/.pipeline
+	$(PY) -m bench.app_queries
 
 clean:
 	rm -rf .cache .pytest_cache
