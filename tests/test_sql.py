@@ -80,6 +80,16 @@ def test_good_queries_return_the_planted_rows(small_store):
     assert "neurons" in run(path, "SELECT table_name FROM duckdb_columns() WHERE column_name = 'delta'")[0]["table_name"]
 
 
+def test_the_store_readmes_example_queries_run_in_the_console(small_store):
+    path, _ = small_store
+    text = (ROOT / "store" / "README.md").read_text().split("## Example queries", 1)[1]
+    block = text.split("```sql", 1)[1].split("```", 1)[0]
+    examples = [s.query for s in duckdb.extract_statements(block)]
+    assert len(examples) >= 5
+    for query in examples:
+        run(path, query)
+
+
 def test_truncation_is_reported_never_hidden(small_store):
     path, frames = small_store
     total = sum(f.height for f in frames.values())
