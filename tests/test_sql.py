@@ -235,6 +235,15 @@ def test_runaway_query_is_stopped_with_a_clear_message(small_store):
     assert run(path, "SELECT 1 AS x")[0]["x"].item() == 1
 
 
+def test_a_query_over_the_memory_limit_is_refused_not_spilled(small_store):
+    path, _ = small_store
+    store_dir = sorted(path.parent.iterdir())
+    # A 1.2 GB string: more than the sandbox's memory, and nothing may spill to a temporary folder.
+    with pytest.raises(store.SqlRefused, match=store.SANDBOX_MEMORY_LIMIT):
+        run(path, "SELECT length(string_agg(repeat('x', 1000000), '')) FROM range(1200)")
+    assert sorted(path.parent.iterdir()) == store_dir
+
+
 @pytest.mark.parametrize("query", ["SELEC * FROM neurons", "SELECT * FROM no_such_table", "SELECT nope FROM runs"])
 def test_bad_sql_gets_duckdbs_own_first_line(small_store, query):
     path, _ = small_store
