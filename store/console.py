@@ -36,9 +36,11 @@ _REFUSED_STATEMENTS = {
     _T.EXTENSION: "INSTALL and LOAD are refused: the console runs with the extensions it has",
     _T.SET: "SET, RESET and USE are refused: the console's settings are fixed",
     _T.VARIABLE_SET: "SET VARIABLE is refused: the console's settings are fixed",
-    _T.PRAGMA: "PRAGMA is refused: the console's settings are fixed; for table information query "
-               "duckdb_columns() or DESCRIBE a table",
+    _T.PRAGMA: "PRAGMA (and IMPORT DATABASE, which DuckDB runs as one) is refused: the console's settings "
+               "are fixed and it reads no files; for table information query duckdb_columns() or DESCRIBE a table",
     _T.CALL: "CALL and CHECKPOINT are refused; call a table function with SELECT * FROM f(...) instead",
+    _T.MULTI: "this runs as several statements (as PIVOT does without an IN list); the console runs one query: "
+              "name PIVOT's values, as in FROM t PIVOT (sum(x) FOR col IN ('a', 'b'))",
     # EXPLAIN ANALYZE executes the statement it explains, so EXPLAIN would be a way around this check.
     _T.EXPLAIN: f"EXPLAIN is refused (EXPLAIN ANALYZE runs its statement unchecked); {ELSEWHERE}",
 }
@@ -108,6 +110,7 @@ def check_sql(sql: str) -> str:
     try:
         try:
             statements = parser.extract_statements(sql)
+            kinds = [s.type for s in statements]
         except duckdb.Error as e:
             raise SqlRefused(f"DuckDB cannot parse the query: {_first_line(e)}") from None
         except ValueError:  # a statement type the Python client has no name for (e.g. UPDATE EXTENSIONS)
@@ -115,16 +118,16 @@ def check_sql(sql: str) -> str:
         if len(statements) != 1:
             raise SqlRefused(f"the console runs one statement at a time and this has {len(statements)}; "
                              "remove all but one")
-        statement = statements[0]
-        if statement.type in _REFUSED_STATEMENTS:
-            raise SqlRefused(_REFUSED_STATEMENTS[statement.type])
-        if statement.type in _WRITES:
-            raise SqlRefused(f"{statement.type.name} is refused: the store is read-only here; only a query "
-                             f"({QUERY_FORMS}) can run")
-        if statement.type != _T.SELECT:
-            raise SqlRefused(f"only a query ({QUERY_FORMS}) can run here, not a {statement.type.name} statement")
-        _check_tree(parser, statement.query)
-        return statement.query
+        kind = kinds[0]
+        if kind in _REFUSED_STATEMENTS:
+            raise SqlRefused(_REFUSED_STATEMENTS[kind])
+        if kind in _WRITES:
+            raise SqlRefused(f"{kind.name} is refused: the store is read-only here; only a query ({QUERY_FORMS}) "
+                             "can run")
+        if kind != _T.SELECT:
+            raise SqlRefused(f"only a query ({QUERY_FORMS}) can run here, not a statement of type {kind.name}")
+        _check_tree(parser, statements[0].query)
+        return statements[0].query
     finally:
         parser.close()
 

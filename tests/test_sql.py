@@ -77,6 +77,8 @@ def test_good_queries_return_the_planted_rows(small_store):
     assert run(path, "DESCRIBE neurons")[0]["column_name"].to_list() == ["run_id", *frame.columns]
     assert run(path, "SUMMARIZE neurons")[0].height == len(frame.columns) + 1
     assert run(path, "SELECT * FROM range(7)")[0].height == 7
+    pivot, _ = run(path, f"FROM neurons PIVOT (count(*) FOR group_code IN ('TP-', 'AP+')) WHERE run_id = '{run_id}'")
+    assert pivot["TP-"].sum() == frame.filter(pl.col("group_code") == "TP-").height
     assert "neurons" in run(path, "SELECT table_name FROM duckdb_columns() WHERE column_name = 'delta'")[0]["table_name"]
 
 
@@ -150,6 +152,10 @@ def refusals(tmp: Path) -> list[tuple[str, str]]:
         ("USE memory", "USE"),
         ("EXPLAIN ANALYZE SELECT 1", "EXPLAIN"),
         ("BEGIN TRANSACTION", "TRANSACTION"),
+        (f"IMPORT DATABASE '{tmp / 'exported'}'", "IMPORT DATABASE"),
+        ("UPDATE EXTENSIONS", "only a query"),
+        ("PREPARE p AS SELECT 1", "PREPARE"),
+        ("PIVOT neurons ON group_code", "PIVOT"),
         ("SELECT 1; DROP TABLE neurons", "one statement"),
         ("SELECT 1; SELECT 2", "one statement"),
         ("   ", "empty"),
