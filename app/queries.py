@@ -229,3 +229,33 @@ def top_overlap(path: str, version: float, run_a: str, run_b: str, k: int) -> pl
         LEFT JOIN neurons b ON b.run_id = ? AND b.layer = ids.layer AND b.neuron = ids.neuron
         ORDER BY least(coalesce(rank_a, 2147483647), coalesce(rank_b, 2147483647)), ids.layer, ids.neuron""",
                   [run_a, k, run_b, k, k, k, run_a, run_b])
+
+
+# The SQL console (pages/6_SQL.py). Its queries are the user's, so they run through store.run_user_sql:
+# a validator, a sandboxed connection, a row cap and a time limit.
+SQL_MAX_ROWS = 10_000
+SQL_TIMEOUT_S = 5
+
+
+def user_sql(path: str, sql: str) -> tuple[pl.DataFrame, bool]:
+    """Not cached: the console reruns a query on request, and a cache would hold every user's results."""
+    return store.run_user_sql(path, sql, max_rows=SQL_MAX_ROWS, timeout_s=SQL_TIMEOUT_S)
+
+
+@st.cache_data(show_spinner=False)
+def schema(path: str, version: float) -> pl.DataFrame:
+    """Every table and view of the store with its columns, in schema order."""
+    return _frame(path, """
+        SELECT table_name, column_name, data_type FROM duckdb_columns()
+        WHERE database_name = current_database() AND schema_name = 'main' AND NOT internal
+        ORDER BY table_name, column_index""")
+
+
+def example_sql(run_id: str) -> str:
+    run = run_id.replace("'", "''")
+    return f"""-- The 20 neurons whose change reduced toxicity most in this run
+SELECT layer, neuron, group_code, cos, act, act_dpo, delta
+FROM neurons
+WHERE run_id = '{run}'
+ORDER BY delta DESC
+LIMIT 20"""

@@ -47,13 +47,44 @@ def _check_version(con, path: Path) -> None:
                          "write new runs to a new store file, or use the dpo-neurons release that wrote it")
 
 
-def connect(path: str | Path, read_only: bool = True) -> duckdb.DuckDBPyConnection:
-    """Open an existing store, refusing files that are missing, corrupt or of another schema version."""
+# The sandbox of the SQL console (store/console.py): what one user query may use at most.
+SANDBOX_MEMORY_LIMIT = "1GB"
+SANDBOX_THREADS = 2
+
+
+def _sandboxed(path: Path) -> duckdb.DuckDBPyConnection:
+    # An in-memory database that attaches the store read-only, rather than duckdb.connect(path, config=...):
+    # DuckDB keeps one instance per file in a process and refuses to open it again with another configuration,
+    # so that way a sandboxed query would fail whenever a page's plain read of the same file is open.
+    con = duckdb.connect(":memory:", config={"autoload_known_extensions": False,
+                                             "autoinstall_known_extensions": False,
+                                             "allow_community_extensions": False})
+    try:
+        con.execute("ATTACH ? AS store (READ_ONLY)", [str(path)])
+        con.execute("USE store")
+        # Order matters: temp_directory cannot change once external access is off, and nothing can once the
+        # configuration is locked. An empty temp_directory means no spilling: a query that outgrows the memory
+        # limit fails instead of writing temporary files.
+        for setting in ("temp_directory = ''", f"memory_limit = '{SANDBOX_MEMORY_LIMIT}'",
+                        f"threads = {SANDBOX_THREADS}", "enable_progress_bar = false",
+                        "enable_external_access = false", "lock_configuration = true"):
+            con.execute(f"SET {setting}")
+    except BaseException:
+        con.close()
+        raise
+    return con
+
+
+def connect(path: str | Path, read_only: bool = True, sandbox: bool = False) -> duckdb.DuckDBPyConnection:
+    """Open an existing store, refusing files that are missing, corrupt or of another schema version.
+
+    sandbox=True (always read-only) is the connection for untrusted SQL: no file or network access, no
+    extension loading, capped memory and threads, and a locked configuration that SET/PRAGMA cannot undo."""
     path = Path(path)
     if not path.is_file():
         raise StoreError(f"store {path} not found; run the pipeline first (make pipeline) or set STORE to a store file")
     try:
-        con = duckdb.connect(str(path), read_only=read_only)
+        con = _sandboxed(path) if sandbox else duckdb.connect(str(path), read_only=read_only)
     except duckdb.Error as e:
         first = str(e).strip().splitlines()[0]
         raise StoreError(f"store {path} cannot be opened ({first}); it is corrupt or not a DuckDB file: "
@@ -156,3 +187,6 @@ def _insert(con, run_id: str, run: dict, stages: list[dict], tables: dict[str, p
         con.unregister("incoming")
     con.execute("COMMIT")
     con.execute("CHECKPOINT")
+
+
+from store.console import SqlRefused, check_sql, run_user_sql  # noqa: E402,F401  (console needs connect above)

@@ -22,7 +22,7 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SHOTS = ROOT / "test-artifacts" / "browser"
 PAGES = {  # URL path -> the page's title
     "": "dpo-neurons", "Neuron_groups": "Neuron groups", "Layers": "Layers", "Neuron": "Neuron detail",
-    "Interventions": "Interventions", "Compare_runs": "Compare runs",
+    "Interventions": "Interventions", "Compare_runs": "Compare runs", "SQL": "SQL",
 }
 
 if not Path(CHROMIUM).exists():
