@@ -1,15 +1,16 @@
-"""Command line: `python -m pipeline run|status --config FILE`."""
+"""Command line: `python -m pipeline run|status --config FILE`, `export --run ID --out FILE`."""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import re
 import sys
 from pathlib import Path
 
 import store
-from pipeline import config, runner
+from pipeline import config
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -28,6 +29,15 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="show each stage's cache key and whether it is cached",
                        description="Show, for each stage of a config, its cache key, whether it is cached, its time and summary.")
     s.add_argument("--config", required=True, help="TOML config file")
+    e = sub.add_parser("export", help="copy one run into a compact store file (or Parquet files) to share",
+                       description="Copy one run out of the store: --out writes a single-run store file that the app "
+                                   "and any DuckDB client open; --parquet writes one Parquet file per table.")
+    e.add_argument("--run", required=True, metavar="ID", help="run_id to export (the app's sidebar shows it)")
+    e.add_argument("--store", default=config.RunConfig.store, help="source store file (default: %(default)s)")
+    dest = e.add_mutually_exclusive_group(required=True)
+    dest.add_argument("--out", metavar="FILE", help="single-run store file to write, e.g. share.duckdb")
+    dest.add_argument("--parquet", metavar="DIR", help="folder to write <table>.parquet files into")
+    e.add_argument("--force", action="store_true", help="replace FILE or DIR if it exists")
     sub.add_parser("docs", help="rewrite the config table in README.md from the config dataclasses",
                    description="Rewrite the generated config table in README.md from the config dataclasses' help.")
     return p
@@ -44,6 +54,15 @@ def main(argv=None) -> int:
         if args.command == "docs":
             write_readme_table()
             return 0
+        if args.command == "export":
+            if args.out:
+                print(f"wrote run {args.run} to {store.export_run(args.store, args.run, args.out, force=args.force)}")
+            else:
+                files = store.export_parquet(args.store, args.run, args.parquet, force=args.force)
+                print(f"wrote run {args.run} to {len(files)} Parquet files in {args.parquet}")
+            return 0
+        from pipeline import runner  # imports torch: only the commands that train or record pay for it
+
         cfg = config.load(args.config)
         if args.command == "run":
             runner.run(cfg, force=set(args.force), only=args.only)
@@ -53,6 +72,12 @@ def main(argv=None) -> int:
                 print(f"{row['stage']:<12} {row['key']}  {row['state']:<7} {took:>8}  {json.dumps(row.get('summary', {}))}")
     except (config.ConfigError, store.StoreError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        print(f"error: the disk is full ({e.filename or 'writing'}); free space and rerun: finished stages are "
+              "cached and the store is unchanged", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: finished stages are cached and the store is unchanged; rerun to resume", file=sys.stderr)

@@ -125,6 +125,8 @@ def run(cfg: config_mod.Config, force: set[str] = frozenset(), only: str | None 
     for name in set(force) | ({only} if only else set()):
         if name not in names:
             raise config_mod.ConfigError(f"{cfg.source}: no stage {name!r} in this config; its stages are {', '.join(names)}")
+    if not only and Path(cfg.run.store).exists():
+        store.connect(cfg.run.store).close()  # a store that cannot take the run is refused before hours of work
     keys = cache_keys(cfg)
     forced = descendants(stages, set(force))
     needed = ancestors(stages, only) if only else set()

@@ -5,11 +5,16 @@ one transaction, and the copy atomically replaces the file. A reader therefore s
 the new one, never half a run, and a write that fails anywhere leaves the file byte-for-byte as it
 was. A lock file serialises writers so that two concurrent runs cannot drop each other's rows.
 
+New files are written in DuckDB's v1.5.0 storage format (STORAGE_VERSION), which the Python
+client of requirements.txt and the DuckDB CLI 1.5 (`duckdb-cli` on PyPI) both read; a file keeps the
+format it was created in. `export_run` and `export_parquet` copy one run out for sharing.
+
 Imports only duckdb and polars: the app and any hosted copy of it use this package without torch.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -23,6 +28,8 @@ import duckdb
 import polars as pl
 
 SCHEMA_VERSION = 2  # 2: neurons.cum_share
+# Oldest storage format that the DuckDB CLI from PyPI (duckdb-cli 1.5) reads; DuckDB 2.0's default is newer.
+STORAGE_VERSION = "v1.5.0"
 SCHEMA_SQL = (Path(__file__).parent / "schema.sql").read_text()
 
 
@@ -43,8 +50,13 @@ def _check_version(con, path: Path) -> None:
         raise StoreError(f"{path} is a DuckDB file but not a dpo-neurons store (no schema_version table); "
                          "point STORE or [run] store at a store file, or at a new path")
     if version not in (0, SCHEMA_VERSION):
-        raise StoreError(f"{path} has store schema version {version}, this code reads version {SCHEMA_VERSION}; "
-                         "write new runs to a new store file, or use the dpo-neurons release that wrote it")
+        # No migration: version 2 added neurons.cum_share, which only rerunning `attribute` fills in honestly.
+        if version < SCHEMA_VERSION:
+            raise StoreError(f"{path} was written by an older dpo-neurons (store schema version {version}, this code "
+                             f"reads {SCHEMA_VERSION}); rerun the pipeline into a new store file, or open it with "
+                             "the release that wrote it")
+        raise StoreError(f"{path} was written by a newer dpo-neurons (store schema version {version}, this code "
+                         f"reads {SCHEMA_VERSION}); update this checkout, or write new runs to a new store file")
 
 
 # The sandbox of the SQL console (store/console.py): what one user query may use at most.
@@ -135,19 +147,34 @@ def write_run(path: str | Path, *, run: dict, stages: list[dict], tables: dict[s
             if path.exists():
                 connect(path).close()
                 shutil.copyfile(path, tmp)
-            con = duckdb.connect(str(tmp))
+            con = _create(tmp)
             try:
                 _insert(con, run_id, run, stages, tables)
             finally:
                 con.close()
-            _fsync(tmp)
-            os.replace(tmp, path)
-            _fsync(path.parent)
-        except duckdb.Error as e:
-            raise StoreError(f"writing run to {path} failed ({str(e).splitlines()[0]}); the store is unchanged") from e
+            _swap_in(tmp, path)
+        except (duckdb.Error, OSError) as e:
+            raise _write_error(path, e) from e
         finally:
             tmp.unlink(missing_ok=True)
     return run_id
+
+
+def _create(path: Path) -> duckdb.DuckDBPyConnection:
+    """A writable connection; a new file gets STORAGE_VERSION, an existing one keeps its format."""
+    return duckdb.connect(str(path), config={"storage_compatibility_version": STORAGE_VERSION})
+
+
+def _swap_in(tmp: Path, path: Path) -> None:
+    _fsync(tmp)
+    os.replace(tmp, path)
+    _fsync(path.parent)
+
+
+def _write_error(path: Path, e: Exception) -> StoreError:
+    full = isinstance(e, OSError) and e.errno == errno.ENOSPC or "No space left" in str(e)
+    why = "the disk is full; free space and rerun" if full else (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return StoreError(f"writing {path} failed ({why}); the previous file is unchanged")
 
 
 def find_run(path: str | Path, config_hash: str) -> str | None:
@@ -190,3 +217,87 @@ def _insert(con, run_id: str, run: dict, stages: list[dict], tables: dict[str, p
 
 
 from store.console import SqlRefused, check_sql, run_user_sql  # noqa: E402,F401  (console needs connect above)
+def _tables(con) -> list[str]:
+    """The schema's tables in schema.sql order (views such as `cumulative` are derived, not copied)."""
+    return [r[0] for r in con.execute("SELECT table_name FROM duckdb_tables() WHERE database_name = current_database() "
+                                      "ORDER BY table_oid").fetchall()]
+
+
+def _check_run(src: Path, run_id: str) -> None:
+    con = connect(src)
+    try:
+        found = con.execute("SELECT count(*) FROM runs WHERE run_id = ?", [run_id]).fetchall()[0][0]
+        newest = con.execute("SELECT run_id FROM runs ORDER BY created_at DESC LIMIT 3").fetchall()
+    finally:
+        con.close()
+    if not found:
+        hint = ", ".join(r[0] for r in newest) or "none: run the pipeline first"
+        raise StoreError(f"no run {run_id!r} in {src}; its newest runs are {hint}")
+
+
+def _check_target(out: Path, force: bool) -> None:
+    if out.exists() and not force:
+        raise StoreError(f"{out} already exists; pass --force to replace it, or choose another path")
+
+
+def export_run(src: str | Path, run_id: str, out: str | Path, force: bool = False) -> Path:
+    """Write a new store file holding only `run_id`: every table filtered to the run, same schema version,
+    so the app and any DuckDB client open it like the full store. The file appears whole or not at all."""
+    src, out = Path(src), Path(out)
+    _check_run(src, run_id)
+    _check_target(out, force)
+    if out.resolve() == src.resolve():
+        raise StoreError(f"--out {out} is the source store itself; choose another path")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        con = _create(tmp)
+        try:
+            con.execute("BEGIN TRANSACTION")
+            con.execute(SCHEMA_SQL)
+            con.execute("INSERT INTO schema_version VALUES (?)", [SCHEMA_VERSION])
+            con.execute("ATTACH ? AS src (READ_ONLY)", [str(src)])
+            for table in _tables(con):
+                if table != "schema_version":
+                    con.execute(f'INSERT INTO "{table}" BY NAME SELECT * FROM src."{table}" WHERE run_id = ?', [run_id])
+            con.execute("COMMIT")
+            con.execute("DETACH src")
+            con.execute("CHECKPOINT")
+        finally:
+            con.close()
+        _swap_in(tmp, out)
+    except (duckdb.Error, OSError) as e:
+        raise _write_error(out, e) from e
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def export_parquet(src: str | Path, run_id: str, out_dir: str | Path, force: bool = False) -> list[Path]:
+    """One Parquet file per table (`<table>.parquet`), filtered to `run_id`, for tools without DuckDB.
+    The folder is written beside its final place and renamed into it whole."""
+    src, out_dir = Path(src), Path(out_dir)
+    _check_run(src, run_id)
+    _check_target(out_dir, force)
+    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        con = connect(src)
+        try:
+            for table in _tables(con):
+                rows = "SELECT * FROM schema_version" if table == "schema_version" else \
+                    f'SELECT * FROM "{table}" WHERE run_id = ?'
+                con.sql(rows, params=[] if table == "schema_version" else [run_id]).write_parquet(
+                    str(tmp / f"{table}.parquet"))
+        finally:
+            con.close()
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    except (duckdb.Error, OSError) as e:
+        raise _write_error(out_dir, e) from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return sorted(out_dir.glob("*.parquet"))

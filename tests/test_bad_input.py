@@ -1,0 +1,183 @@
+"""Bad input through the command line: each case exits non-zero with one line that names the problem
+and the fix, and the store that was there before is byte-for-byte the same afterwards. (Config typos:
+tests/test_config.py; loaders on their own: tests/test_data.py; prompts longer than the context:
+tests/test_record.py.)"""
+
+import errno
+import hashlib
+import json
+import types
+
+import duckdb
+import polars as pl
+import pytest
+
+import store
+from pipeline import runner
+from pipeline.__main__ import main
+
+
+def digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def gens(n):
+    return pl.DataFrame({"variant": ["base"] * n, "prompt_id": list(range(n)), "prompt": ["p"] * n,
+                         "continuation": ["c"] * n, "toxicity": [0.5] * n, "scorer": ["s==1"] * n})
+
+
+def a_store(path, n=20):
+    return store.write_run(path, run={"name": "prior", "model": "m", "config": {}, "config_hash": "h", "packages": {}},
+                           stages=[], tables={"generations": gens(n)})
+
+
+def toml(path, sections: dict) -> str:
+    lines = []
+    for name, body in sections.items():
+        lines.append(f"[{name}]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in body.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def cli(args, capsys) -> tuple[int, str]:
+    """Exit code and the error line, which must be one line and the last thing printed (progress bars
+    of stages that ran before may precede it)."""
+    code = main(args)
+    lines = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) <= 1 and (not errors or lines[-1] == errors[0]), lines
+    return code, lines[-1] if lines else ""
+
+
+def world_config(tmp_path, store_path):
+    return toml(tmp_path / "c.toml", {"run": {"store": str(store_path), "cache_dir": str(tmp_path / "cache")},
+                                      "world": {}})
+
+
+def truncated(path):
+    a_store(path, n=20_000)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 10])
+
+
+def older_schema(path, monkeypatch):
+    a_store(path)  # written as schema version 1; the code below reads version 2
+    monkeypatch.setattr(store, "SCHEMA_VERSION", 2)
+
+
+@pytest.mark.parametrize("case, pieces", [
+    ("corrupt", ["cannot be opened", "corrupt"]),
+    ("truncated", ["cannot be opened", "restore it"]),
+    ("older_schema", ["older dpo-neurons", "schema version 1", "new store file"]),
+])
+def test_unreadable_store_is_refused_before_any_stage_runs(tmp_path, capsys, monkeypatch, case, pieces):
+    path = tmp_path / "s.duckdb"
+    if case == "corrupt":
+        path.write_bytes(b"not a database" * 500)
+    elif case == "truncated":
+        truncated(path)
+    else:
+        older_schema(path, monkeypatch)
+    before = digest(path)
+    code, err = cli(["run", "--config", world_config(tmp_path, path)], capsys)
+    assert code == 2 and err.startswith("error: ") and str(path) in err
+    assert all(p in err for p in pieces), err
+    assert not (tmp_path / "cache").exists(), "a stage ran before the store was checked"
+    code, err = cli(["export", "--run", "x", "--store", str(path), "--out", str(tmp_path / "share.duckdb")], capsys)
+    assert code == 2 and all(p in err for p in pieces)
+    assert digest(path) == before and not (tmp_path / "share.duckdb").exists()
+
+
+def test_migrating_is_not_needed_for_the_current_version(tmp_path):
+    path = tmp_path / "s.duckdb"
+    a_store(path)
+    con = duckdb.connect(str(path), read_only=True)
+    assert con.execute("SELECT version FROM schema_version").fetchall() == [(store.SCHEMA_VERSION,)]
+
+
+def probe_csv(path, rows=40, header="comment_text,toxic", encoding="utf-8"):
+    body = "".join(f"sentence number {i} is {'awful' if i % 2 else 'fine'},{i % 2}\n" for i in range(rows))
+    path.write_bytes((header + "\n" + body).encode(encoding))
+    return str(path)
+
+
+def prompts_jsonl(path, challenging):
+    path.write_text("".join(json.dumps({"prompt": {"text": f"prompt {i}"}, "challenging": challenging}) + "\n"
+                            for i in range(5)))
+    return str(path)
+
+
+@pytest.mark.parametrize("case, pieces", [
+    ("missing_column", ["lacks column(s) toxic", "needs comment_text and toxic"]),
+    ("non_utf8", ["is not UTF-8", "re-encode it as UTF-8"]),
+    ("no_model", ["could not be loaded", "local HF checkpoint"]),
+    ("empty_prompts", ["no usable prompts", "challenging_only = false"]),
+])
+def test_bad_dataset_or_model_exits_with_one_line_and_store_intact(tmp_path, capsys, tiny_gpt2, case, pieces):
+    path = tmp_path / "s.duckdb"
+    a_store(path)
+    before = digest(path)
+    data = {"probe": probe_csv(tmp_path / "probe.csv"), "prompts": prompts_jsonl(tmp_path / "p.jsonl", True),
+            "pairs": "self", "heldout": str(tmp_path / "p.jsonl")}
+    model = str(tiny_gpt2)
+    if case == "missing_column":
+        data["probe"] = probe_csv(tmp_path / "bad.csv", header="comment_text,label")
+    elif case == "non_utf8":
+        (tmp_path / "latin.csv").write_bytes("comment_text,toxic\ncaf\u00e9 cr\u00e8me,1\n".encode("latin-1"))
+        data["probe"] = str(tmp_path / "latin.csv")
+    elif case == "no_model":
+        model = str(tmp_path / "no-such-model")
+    else:
+        data["prompts"] = prompts_jsonl(tmp_path / "p.jsonl", False)
+    cfg = toml(tmp_path / "c.toml", {"run": {"store": str(path), "cache_dir": str(tmp_path / "cache"), "device": "cpu"},
+                                     "model": {"path": model}, "data": data, "probe": {"max_examples": 40}})
+    code, err = cli(["run", "--config", cfg], capsys)
+    assert code == 2 and err.startswith("error: ")
+    assert all(p in err for p in pieces), err
+    assert digest(path) == before
+
+
+def enospc(*_args, **_kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("where", ["copy", "duckdb", "swap"])
+def test_disk_full_during_a_write_leaves_the_store_intact(tmp_path, monkeypatch, where):
+    path = tmp_path / "s.duckdb"
+    a_store(path)
+    before = digest(path)
+    if where == "copy":
+        monkeypatch.setattr(store.shutil, "copyfile", enospc)
+    elif where == "duckdb":  # DuckDB reports a full disk as an IO error of its own
+        def insert(con, *args):
+            raise duckdb.IOException('Could not write file "s.duckdb.tmp": No space left on device')
+        monkeypatch.setattr(store, "_insert", insert)
+    else:
+        monkeypatch.setattr(store.os, "replace", enospc)
+    with pytest.raises(store.StoreError) as e:
+        a_store(path)
+    assert "the disk is full; free space and rerun" in str(e.value) and "unchanged" in str(e.value)
+    assert "\n" not in str(e.value)
+    assert digest(path) == before
+    assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
+
+
+def test_disk_full_during_export_exits_two_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    path = tmp_path / "s.duckdb"
+    run_id = a_store(path)
+    monkeypatch.setattr(store.os, "replace", enospc)
+    code, err = cli(["export", "--run", run_id, "--store", str(path), "--out", str(tmp_path / "share.duckdb")], capsys)
+    assert code == 2 and "disk is full" in err
+    assert [p.name for p in tmp_path.iterdir() if "share" in p.name] == []
+
+
+def test_disk_full_inside_a_stage_exits_two_with_the_store_intact(tmp_path, capsys, monkeypatch):
+    path = tmp_path / "s.duckdb"
+    a_store(path)
+    before = digest(path)
+    fake = types.ModuleType("fake_world")
+    fake.run, fake.tables, fake.__file__ = enospc, lambda out: {}, __file__
+    monkeypatch.setattr(runner, "STAGES", (runner.Stage("world", fake, sections=("world",)),))
+    code, err = cli(["run", "--config", world_config(tmp_path, path)], capsys)
+    assert code == 2 and "disk is full" in err and "free space and rerun" in err
+    assert digest(path) == before
