@@ -31,11 +31,11 @@ def store_version(path: str) -> float:
 @st.cache_resource(show_spinner=False, max_entries=4)
 def _database(path: str, version: float):
     """Opening a file and checking its schema costs more than most queries (bench/app_queries.py)."""
-    return store.connect(path, read_only=True)
+    return store.connect(path, snapshot=True)
 
 
 def _frame(path: str, sql: str, params: list | None = None) -> pl.DataFrame:
-    cursor = _database(path, store_version(path)).cursor()  # a cursor per query: sessions run on threads
+    cursor = store.snapshot_cursor(_database(path, store_version(path)))  # sessions run on threads
     try:
         return cursor.sql(sql, params=params or []).pl()
     finally:

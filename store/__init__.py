@@ -64,16 +64,34 @@ SANDBOX_MEMORY_LIMIT = "1GB"
 SANDBOX_THREADS = 2
 
 
-def _sandboxed(path: Path) -> duckdb.DuckDBPyConnection:
-    # An in-memory database that attaches the store read-only, rather than duckdb.connect(path, config=...):
-    # DuckDB keeps one instance per file in a process and refuses to open it again with another configuration,
-    # so that way a sandboxed query would fail whenever a page's plain read of the same file is open.
-    con = duckdb.connect(":memory:", config={"autoload_known_extensions": False,
-                                             "autoinstall_known_extensions": False,
-                                             "allow_community_extensions": False})
+def _attached(path: Path, config: dict | None = None) -> duckdb.DuckDBPyConnection:
+    """An in-memory database of its own that attaches the store read-only. duckdb.connect(path) instead
+    shares one instance per path in a process: it refuses another configuration, and while any connection
+    to it is open, a new one keeps reading the file the path named when the first was opened.
+    Python variables never stand in for tables: a name the store lacks is an error, not a scan of
+    whatever the calling module happens to hold under that name."""
+    con = duckdb.connect(":memory:", config={"python_enable_replacements": False, **(config or {})})
     try:
         con.execute("ATTACH ? AS store (READ_ONLY)", [str(path)])
         con.execute("USE store")
+    except BaseException:
+        con.close()
+        raise
+    return con
+
+
+def snapshot_cursor(con: duckdb.DuckDBPyConnection) -> duckdb.DuckDBPyConnection:
+    """A cursor of a snapshot connection, for one query on one thread. A cursor starts in the in-memory
+    database, so it is pointed at the store again."""
+    cursor = con.cursor()
+    cursor.execute("USE store")
+    return cursor
+
+
+def _sandboxed(path: Path) -> duckdb.DuckDBPyConnection:
+    con = _attached(path, {"autoload_known_extensions": False, "autoinstall_known_extensions": False,
+                           "allow_community_extensions": False})
+    try:
         # Order matters: temp_directory cannot change once external access is off, and nothing can once the
         # configuration is locked. An empty temp_directory means no spilling: a query that outgrows the memory
         # limit fails instead of writing temporary files.
@@ -87,16 +105,25 @@ def _sandboxed(path: Path) -> duckdb.DuckDBPyConnection:
     return con
 
 
-def connect(path: str | Path, read_only: bool = True, sandbox: bool = False) -> duckdb.DuckDBPyConnection:
+def connect(path: str | Path, read_only: bool = True, sandbox: bool = False,
+            snapshot: bool = False) -> duckdb.DuckDBPyConnection:
     """Open an existing store, refusing files that are missing, corrupt or of another schema version.
 
-    sandbox=True (always read-only) is the connection for untrusted SQL: no file or network access, no
-    extension loading, capped memory and threads, and a locked configuration that SET/PRAGMA cannot undo."""
+    snapshot=True (read-only) is a connection that keeps reading the file as it was when opened, even after
+    the pipeline swaps in a new one, and that a later snapshot of the same path does not share: what the app
+    holds open across queries. sandbox=True (read-only) is the connection for untrusted SQL: no file or
+    network access, no extension loading, capped memory and threads, and a locked configuration that
+    SET/PRAGMA cannot undo."""
     path = Path(path)
     if not path.is_file():
         raise StoreError(f"store {path} not found; run the pipeline first (make pipeline) or set STORE to a store file")
     try:
-        con = _sandboxed(path) if sandbox else duckdb.connect(str(path), read_only=read_only)
+        if sandbox:
+            con = _sandboxed(path)
+        elif snapshot:
+            con = _attached(path)
+        else:
+            con = duckdb.connect(str(path), read_only=read_only)
     except duckdb.Error as e:
         first = str(e).strip().splitlines()[0]
         raise StoreError(f"store {path} cannot be opened ({first}); it is corrupt or not a DuckDB file: "
@@ -216,7 +243,6 @@ def _insert(con, run_id: str, run: dict, stages: list[dict], tables: dict[str, p
     con.execute("CHECKPOINT")
 
 
-from store.console import SqlRefused, check_sql, run_user_sql  # noqa: E402,F401  (console needs connect above)
 def _tables(con) -> list[str]:
     """The schema's tables in schema.sql order (views such as `cumulative` are derived, not copied)."""
     return [r[0] for r in con.execute("SELECT table_name FROM duckdb_tables() WHERE database_name = current_database() "
@@ -301,3 +327,6 @@ def export_parquet(src: str | Path, run_id: str, out_dir: str | Path, force: boo
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return sorted(out_dir.glob("*.parquet"))
+
+
+from store.console import SqlRefused, check_sql, run_user_sql  # noqa: E402,F401  (console needs connect above)

@@ -32,7 +32,8 @@ def planted_neurons(seed: int) -> pl.DataFrame:
         "cos": [r.uniform(-1, 1) for _ in range(N_NEURONS)], "act": [r.uniform(-1, 1) for _ in range(N_NEURONS)],
         "act_dpo": [r.uniform(-1, 1) for _ in range(N_NEURONS)], "proj": [0.0] * N_NEURONS,
         "proj_dpo": [0.0] * N_NEURONS, "delta": delta, "dact": [0.0] * N_NEURONS,
-        "group_code": [groups[i % len(groups)] for i in range(N_NEURONS)], "delta_rank": [rank[d] for d in delta]})
+        "group_code": [groups[i % len(groups)] for i in range(N_NEURONS)], "delta_rank": [rank[d] for d in delta],
+        "cum_share": [sum(e for e in delta if e >= d) / sum(delta) for d in delta]})
 
 
 @pytest.fixture
