@@ -22,7 +22,7 @@ Each row is scored as intervene.py scores its rows, with its functions:
     mlp_proj[l]            mean over the continuation positions of the base model's hook_mlp_out .
                            w_hat, from one forward over prompt + continuation (method.md's definition):
                            what the base model's MLPs write while reading the detoxified text
-    recovered              against the base and DPO rows of stage intervene
+    recovered              against the base and DPO toxicity of stage record, as intervene computes it
 The three models are plain transformers models (one forward each per step, no KV cache, positions
 from the attention mask); the base model's TransformerBridge tokenizes, exactly as record does, and
 reads mlp_proj.
@@ -182,14 +182,14 @@ def _f1(bridge, tokens: np.ndarray, held: Heldout) -> float:
 
 def run(out: Path, *, device: str, model: ModelConfig, data: DataConfig, record: RecordConfig, intervene: InterveneConfig,
         detox: DetoxConfig, scorer: ScorerConfig, world_dir: Path | None, probe_dir: Path, record_dir: Path,
-        intervene_dir: Path, experts_dir: Path) -> dict:
+        experts_dir: Path) -> dict:
     prompts = datasets.load_prompts(datasets.resolve("prompts", data.prompts, world_dir), data.challenging_only, data.max_prompts)
     passages = datasets.load_text(datasets.resolve("heldout", data.heldout, world_dir))[:intervene.n_heldout]
     w = np.load(Path(probe_dir) / "w.npy").astype(np.float32)
     w_hat = w / np.linalg.norm(w)
     base_tokens = np.load(Path(record_dir) / "base_tokens.npy")  # (n_prompts, T): the base model's greedy continuations
-    scale = pl.read_parquet(Path(intervene_dir) / "interventions.parquet").filter(pl.col("kind").is_in(["base", "dpo"]))
-    tox_end = dict(zip(scale["kind"], scale["toxicity"]))
+    recorded = pl.read_ndjson(Path(record_dir) / "generations.jsonl")  # intervene's base and dpo rows read the same
+    tox_end = {v: recorded.filter(pl.col("variant") == v)["toxicity"].mean() for v in ("base", "dpo")}
     sc = scoring.get_scorer(scorer)
     T, bs = record.new_tokens, detox.batch_size
 
@@ -238,7 +238,7 @@ def run(out: Path, *, device: str, model: ModelConfig, data: DataConfig, record:
     del bridge, poe, p, loaded
     models.release_memory()
 
-    for r in rows:  # the share of DPO's toxicity drop reproduced, on intervene's scale
+    for r in rows:  # the share of DPO's toxicity drop reproduced
         gap = tox_end["base"] - tox_end["dpo"]
         r["recovered"] = None if gap == 0 else (tox_end["base"] - r["toxicity"]) / gap
     pl.DataFrame(rows, schema=INTERVENTIONS).write_parquet(out / "interventions.parquet")

@@ -58,7 +58,7 @@ STAGES = (
     Stage("experts", experts, sections=("model", "data.probe", "experts"), deps=("world",), code=(data, models)),
     Stage("detox", detox, sections=("model", "data.prompts", "data.challenging_only", "data.max_prompts", "data.heldout",
                                     "record.new_tokens", "intervene.n_heldout", "intervene.f1_tokens", "detox", "scorer"),
-          deps=("world", "probe", "record", "intervene", "experts"), code=(data, models, scoring, record, intervene)),
+          deps=("world", "probe", "record", "experts"), code=(data, models, scoring, record, intervene)),
 )
 
 
