@@ -157,3 +157,16 @@ def delta_agreement(frame: pl.DataFrame) -> alt.Chart:
         tooltip=["layer", "neuron", "rank_a", "rank_b", "group_a", "group_b",
                  alt.Tooltip("delta_a:Q", format=".5f"), alt.Tooltip("delta_b:Q", format=".5f")],
     ).properties(height=320)
+
+
+def token_divergence(tokens: pl.DataFrame) -> alt.Chart:
+    """A continuation's tokens in reading order, each cell coloured by the expert/anti-expert JS
+    divergence at the position that predicts it; masked tokens are outlined."""
+    base = alt.Chart(tokens).encode(x=alt.X("position:O", title="token position", axis=alt.Axis(labelAngle=0)))
+    cells = base.mark_rect().encode(
+        color=alt.Color("jsd:Q", scale=alt.Scale(scheme="orangered", domain=[0, 1]), title="JSD (bits)"),
+        stroke=alt.condition("datum.masked", alt.value("black"), alt.value(None)), strokeWidth=alt.value(2),
+        tooltip=["position", "token", alt.Tooltip("jsd:Q", format=".3f"), "masked", "regenerated"],
+    )
+    text = base.mark_text(fontSize=12).encode(text="token:N")
+    return (cells + text).properties(height=70)

@@ -259,3 +259,25 @@ FROM neurons
 WHERE run_id = '{run}'
 ORDER BY delta DESC
 LIMIT 20"""
+
+
+@st.cache_data(show_spinner=False)
+def revised_continuations(path: str, version: float, run_id: str) -> pl.DataFrame:
+    """One row per continuation read by a MaRCo-style revision (stage detox), the most divergent first:
+    its largest expert/anti-expert JS divergence and how many tokens were masked. Empty for runs
+    without that stage and for stores written before the `revisions` table existed."""
+    exists = _frame(path, "SELECT count(*) AS n FROM duckdb_tables() WHERE table_name = 'revisions'")["n"][0]
+    if not exists:
+        return pl.DataFrame(schema={"variant": pl.String, "prompt_id": pl.Int32, "max_jsd": pl.Float64, "n_masked": pl.Int64})
+    return _frame(path, """
+        SELECT variant, prompt_id, max(jsd) AS max_jsd, count(*) FILTER (WHERE masked) AS n_masked
+        FROM revisions WHERE run_id = ? GROUP BY variant, prompt_id ORDER BY max_jsd DESC, prompt_id""", [run_id])
+
+
+@st.cache_data(show_spinner=False)
+def revision(path: str, version: float, run_id: str, variant: str, prompt_id: int) -> pl.DataFrame:
+    """The tokens of one revised continuation with their divergence, and the prompt and both texts."""
+    return _frame(path, """
+        SELECT r.position, r.token, r.jsd, r.masked, r.regenerated, r.original, r.revised, g.prompt
+        FROM revisions r LEFT JOIN generations g ON g.run_id = r.run_id AND g.variant = r.variant AND g.prompt_id = r.prompt_id
+        WHERE r.run_id = ? AND r.variant = ? AND r.prompt_id = ? ORDER BY r.position""", [run_id, variant, prompt_id])

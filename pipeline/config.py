@@ -200,9 +200,50 @@ class InterveneConfig:
 
 
 @dataclass
+class ExpertsConfig:
+    """An expert and an anti-expert: copies of the base model fine-tuned with trl.SFTTrainer on the
+    non-toxic and the toxic texts of the probe dataset (MaRCo's experts, for decoding-time detox)."""
+
+    max_examples: int = _f(4000, "At most this many labelled probe texts, balanced by label; each side trains one model.")
+    steps: int = _f(200, "Optimizer steps per model.")
+    lr: float = _f(1e-4, "Learning rate (AdamW, linear decay).")
+    batch_size: int = _f(16, "Texts per optimizer step.")
+    max_length: int = _f(64, "Texts are cut to this many tokens.")
+    seed: int = _f(0, "Seed of the data selection and of training.")
+
+    def __post_init__(self):
+        for name in ("max_examples", "steps", "batch_size", "max_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.lr <= 0:
+            raise ValueError("lr must be positive")
+
+
+@dataclass
+class DetoxConfig:
+    """Decoding-time detoxification with the experts, scored like the interventions: product-of-experts
+    decoding and MaRCo-style revision of the base model's continuations."""
+
+    alpha: list[float] = _f([0.5, 1.0, 2.0], "PoE strength: logits = log p_base + alpha (log p_expert - log p_anti); one row per value.")
+    threshold: float = _f(0.5, "MaRCo: mask a continuation token whose expert/anti-expert JS divergence (bits, 0..1) exceeds this.")
+    marco_alpha: float = _f(1.0, "MaRCo: PoE strength used to regenerate from the first masked token.")
+    batch_size: int = _f(32, "Prompts or passages per batch.")
+
+    def __post_init__(self):
+        if not self.alpha or any(a < 0 for a in self.alpha):
+            raise ValueError("alpha must be a non-empty list of values >= 0")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError("threshold is a JS divergence in bits and must lie in [0, 1]")
+        if self.marco_alpha < 0:
+            raise ValueError("marco_alpha must be >= 0")
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+
+
+@dataclass
 class Config:
     """A whole pipeline config. Sections left out of the file take their defaults, except
-    [world], which is present only in configs that build the demo world."""
+    [world], [experts] and [detox], which are present only in configs that run those stages."""
 
     run: RunConfig = field(default_factory=RunConfig, metadata={"help": "Run name, cache and store."})
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "The base model."})
@@ -215,6 +256,8 @@ class Config:
     record: RecordConfig = field(default_factory=RecordConfig, metadata={"help": "Activation recording."})
     attribute: AttributeConfig = field(default_factory=AttributeConfig, metadata={"help": "Attribution."})
     intervene: InterveneConfig = field(default_factory=InterveneConfig, metadata={"help": "Interventions."})
+    experts: ExpertsConfig | None = field(default=None, metadata={"help": "Expert and anti-expert (only when present)."})
+    detox: DetoxConfig | None = field(default=None, metadata={"help": "PoE decoding and MaRCo revision (only when present)."})
     source: str = field(default="<dict>", metadata={"help": "File the config was read from."})
 
     def __post_init__(self):
@@ -222,6 +265,8 @@ class Config:
         users += [f"[data] {k}" for k, v in dataclasses.asdict(self.data).items() if v == "world"]
         if users and self.world is None:
             raise ValueError(f"{users[0]} = 'world' needs a [world] section (or point it at a model or file)")
+        if self.detox is not None and self.experts is None:
+            raise ValueError("[detox] decodes with the expert and anti-expert: add an [experts] section")
 
     def section(self, name: str) -> dict:
         return dataclasses.asdict(getattr(self, name))

@@ -21,7 +21,8 @@ import polars as pl
 
 import store
 from pipeline import config as config_mod
-from pipeline import attribute, corpus, data, dpo, intervene, models, pairs, probe, record, scoring, world
+from pipeline import (attribute, corpus, data, detox, dpo, experts, intervene, models, pairs, probe, record, scoring,
+                      world)
 
 PACKAGES = ("torch", "transformers", "transformer-lens", "trl", "tokenizers", "datasets", "duckdb",
             "polars", "scikit-learn", "alt-profanity-check", "better-profanity")
@@ -54,6 +55,10 @@ STAGES = (
     Stage("intervene", intervene, sections=("model", "data.prompts", "data.challenging_only", "data.max_prompts",
                                             "data.heldout", "record", "intervene", "scorer"),
           deps=("world", "probe", "dpo", "record", "attribute"), code=(data, models, scoring, record)),
+    Stage("experts", experts, sections=("model", "data.probe", "experts"), deps=("world",), code=(data, models)),
+    Stage("detox", detox, sections=("model", "data.prompts", "data.challenging_only", "data.max_prompts", "data.heldout",
+                                    "record.new_tokens", "intervene.n_heldout", "intervene.f1_tokens", "detox", "scorer"),
+          deps=("world", "probe", "record", "experts"), code=(data, models, scoring, record, intervene)),
 )
 
 

@@ -172,6 +172,21 @@ CREATE TABLE IF NOT EXISTS interventions (
     PRIMARY KEY (run_id, intervention_id)
 );
 
+-- MaRCo-style revision (stage detox): one row per token of each base continuation it read.
+CREATE TABLE IF NOT EXISTS revisions (
+    run_id      VARCHAR NOT NULL,
+    variant     VARCHAR NOT NULL,
+    prompt_id   INTEGER NOT NULL,
+    position    INTEGER NOT NULL,
+    token       VARCHAR NOT NULL,
+    jsd         DOUBLE NOT NULL,
+    masked      BOOLEAN NOT NULL,
+    regenerated BOOLEAN NOT NULL,
+    original    VARCHAR NOT NULL,
+    revised     VARCHAR NOT NULL,
+    PRIMARY KEY (run_id, variant, prompt_id, position)
+);
+
 -- The cumulative contribution curve: neurons by delta_rank, running share of the net reduction.
 CREATE VIEW IF NOT EXISTS cumulative AS
 SELECT run_id, delta_rank, layer, neuron, delta, cum_share FROM neurons;

@@ -31,6 +31,9 @@ def tiny_config(tmp: Path, **world) -> config.Config:
         "attribute": {"n_bootstrap": 100, "n_logit_lens": 50, "n_top_prompt_neurons": 20},
         "intervene": {"ablate_top": [20], "ablate_top_positive": [20], "patch_groups": ["TP-", "TP- TN+ AP+ AN-"],
                       "patch_top": [10, 100], "n_heldout": 40, "f1_tokens": 8},
+        # a few large steps make the experts differ visibly; alpha 0 is the base model (a check in test_detox)
+        "experts": {"max_examples": 200, "steps": 8, "lr": 1e-3, "batch_size": 16},
+        "detox": {"alpha": [0.0, 2.0], "threshold": 0.2, "marco_alpha": 2.0},
     }, source="tiny.toml")
 
 

@@ -18,7 +18,9 @@ if table.height == 0:
 
 st.caption("Each intervention edits the base model's MLP neurons and is scored like the base and DPO models: "
            "toxicity of greedy continuations of the challenge prompts, perplexity and F1 on held-out text. "
-           "`recovered` is the share of DPO's toxicity drop the intervention reproduces.")
+           "`recovered` is the share of DPO's toxicity drop the intervention reproduces. Rows `poe_<alpha>` "
+           "(product of experts) and `marco` (MaRCo-style revision) change no neuron: they steer decoding with an "
+           "expert and an anti-expert fine-tuned on either side of the probe data.")
 st.dataframe(table, hide_index=True, width="stretch",
              column_config={"toxic_share": st.column_config.NumberColumn(format="percent"),
                             "recovered": st.column_config.NumberColumn(format="percent")})
@@ -40,3 +42,21 @@ others = [i for i in table["intervention_id"].to_list() if i not in ("base", "dp
 chosen = st.selectbox("Intervention", others)
 layers = queries.layers(path, version, run_id)
 st.altair_chart(charts.layer_projections(layers.filter(layers["variant"].is_in(["base", "dpo", chosen]))), width="stretch")
+
+st.subheader("Where expert and anti-expert disagree (MaRCo-style revision)")
+revised = queries.revised_continuations(path, version, run_id)
+if revised.height == 0:
+    st.caption("No revisions in this run: add [experts] and [detox] to its config to run stage `detox`.")
+    st.stop()
+st.caption("Each token of a base-model continuation, coloured by the Jensen-Shannon divergence (bits) between the "
+           "expert's and the anti-expert's next-token distributions where it is predicted; outlined tokens are above "
+           "the threshold and masked. A causal LM cannot fill a span in place, so the continuation is kept up to its "
+           "first masked token and regenerated from there under the product of experts.")
+labels = {(v, p): f"prompt {p} · max JSD {j:.2f} · {n} masked"
+          for v, p, j, n in revised.select("variant", "prompt_id", "max_jsd", "n_masked").iter_rows()}
+variant, prompt_id = st.selectbox("Continuation (most divergent first)", list(labels), format_func=labels.get)
+tokens = queries.revision(path, version, run_id, variant, prompt_id)
+st.altair_chart(charts.token_divergence(tokens), width="stretch")
+left, right = st.columns(2)
+left.markdown(f"**Prompt** {tokens['prompt'][0]}\n\n**Base continuation** {tokens['original'][0]}")
+right.markdown(f"**Revised ({variant})** {tokens['revised'][0]}")

@@ -1,0 +1,252 @@
+"""Stage `detox`: decoding-time detoxification with the expert and anti-expert of stage `experts`,
+scored exactly like the interventions of stage `intervene` so that the rows sit side by side.
+
+Product of experts (PoE; DExperts, Liu et al. 2021), for each alpha of [detox] alpha:
+    next-token logits = log_softmax(base) + alpha * (log_softmax(expert) - log_softmax(anti))
+greedy, T tokens, on the same challenge prompts (same tokens) as record and intervene. alpha = 0 is
+the base model.
+
+MaRCo-style revision (Hallinan et al. 2023) of the base model's greedy continuations (stage record):
+for each continuation token t, the Jensen-Shannon divergence in bits between the expert's and the
+anti-expert's next-token distributions at the position that predicts t; tokens above [detox]
+threshold are masked. MaRCo fills masked spans in place with a seq2seq model; a causal LM cannot see
+the text after a span, so here the continuation is kept up to its first masked token and the rest
+is regenerated greedily under the PoE at [detox] marco_alpha (same length T).
+
+Each row is scored as intervene.py scores its rows, with its functions:
+    toxicity, toxic_share  scorer on the T-token continuations
+    perplexity             intervene.perplexity of the PoE's normalised distribution on the held-out
+                           passages (MaRCo: the PoE it regenerates with)
+    f1                     intervene.f1 of the held-out prefixes' continuations against the gold ones
+                           (MaRCo: the base model's continuations, revised)
+    mlp_proj[l]            mean over the continuation positions of the base model's hook_mlp_out .
+                           w_hat, from one forward over prompt + continuation (method.md's definition):
+                           what the base model's MLPs write while reading the detoxified text
+    recovered              against the base and DPO toxicity of stage record, as intervene computes it
+The three models are plain transformers models (one forward each per step, no KV cache, positions
+from the attention mask); the base model's TransformerBridge tokenizes, exactly as record does, and
+reads mlp_proj.
+
+Outputs: interventions.parquet, generations.parquet, layers.parquet (kinds poe and marco) and
+revisions.parquet (per MaRCo token: its divergence, whether it was masked, both texts).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import polars as pl
+import torch
+from tqdm import tqdm
+
+from pipeline import data as datasets
+from pipeline import models, scoring
+from pipeline.config import DataConfig, DetoxConfig, InterveneConfig, ModelConfig, RecordConfig, ScorerConfig
+from pipeline.intervene import GENERATIONS, INTERVENTIONS, LAYERS, Heldout, decode, f1, heldout_set, perplexity
+from pipeline.record import left_pad, prompt_tokens
+
+REVISIONS = {"variant": pl.String, "prompt_id": pl.Int64, "position": pl.Int64, "token": pl.String, "jsd": pl.Float64,
+             "masked": pl.Boolean, "regenerated": pl.Boolean, "original": pl.String, "revised": pl.String}
+
+
+def poe_logits(base: torch.Tensor, expert: torch.Tensor, anti: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Product of experts from three logit tensors of one shape (..., vocab); unnormalised."""
+    return base.log_softmax(-1) + alpha * (expert.log_softmax(-1) - anti.log_softmax(-1))
+
+
+def jsd_bits(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
+    """Jensen-Shannon divergence in bits (0..1) between the distributions of two logit tensors (..., vocab) -> (...)."""
+    lp, lq = p_logits.float().log_softmax(-1), q_logits.float().log_softmax(-1)
+    lm = torch.logaddexp(lp, lq) - math.log(2)  # log of the mixture (p + q) / 2
+    kl = lambda la: (la.exp() * (la - lm)).sum(-1)
+    return (kl(lp) + kl(lq)) / (2 * math.log(2))
+
+
+def _logits(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, L, vocab) float logits of a transformers causal LM on left-padded ids, positions counted from the mask."""
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, L)
+    return model(input_ids=ids, attention_mask=mask, position_ids=pos).logits.float()
+
+
+@dataclass(frozen=True)
+class ProductOfExperts:
+    """Base, expert and anti-expert behind one forward. Offers what intervene.perplexity asks of a
+    model (tokenizer, cfg.device, hooks(), __call__), so the PoE is scored by the same code."""
+
+    base: object
+    expert: object
+    anti: object
+    tokenizer: object
+    cfg: SimpleNamespace  # device, n_ctx
+    alpha: float = 0.0
+
+    @contextmanager
+    def hooks(self, fwd_hooks: list):
+        if fwd_hooks:
+            raise ValueError("a product of experts takes no hooks: it edits logits, not neurons")
+        yield
+
+    def __call__(self, ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.alpha == 0:
+            return _logits(self.base, ids, attention_mask)
+        return poe_logits(*(_logits(m, ids, attention_mask) for m in (self.base, self.expert, self.anti)), self.alpha)
+
+    def divergence(self, ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, L) JS divergence (bits) of the expert's and anti-expert's next-token distributions at every position."""
+        return jsd_bits(_logits(self.expert, ids, attention_mask), _logits(self.anti, ids, attention_mask))
+
+
+@torch.no_grad()
+def greedy(model, rows: list[torch.Tensor], new_tokens: int, batch_size: int, desc: str = "greedy") -> np.ndarray:
+    """(n, new_tokens) greedy continuations of token rows; each step one forward over the sequence so far."""
+    out = np.zeros((len(rows), new_tokens), np.int64)
+    dev = model.cfg.device
+    for start in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch", leave=False):
+        ids, mask = left_pad(rows[start:start + batch_size], model.tokenizer.pad_token_id)  # (B, L)
+        ids, mask = ids.to(dev), mask.to(dev)
+        for _ in range(new_tokens):
+            nxt = model(ids, attention_mask=mask)[:, -1].argmax(-1)  # (B,)
+            ids = torch.cat([ids, nxt[:, None]], 1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        out[start:start + len(ids)] = ids[:, -new_tokens:].cpu().numpy()
+    return out
+
+
+def _joined(rows: list[torch.Tensor], tokens: np.ndarray) -> list[torch.Tensor]:
+    return [torch.cat([r, torch.from_numpy(t)]) for r, t in zip(rows, tokens)]
+
+
+@torch.no_grad()
+def token_divergence(poe: ProductOfExperts, rows: list[torch.Tensor], tokens: np.ndarray, batch_size: int) -> np.ndarray:
+    """(n, T) JS divergence (bits) between expert and anti-expert at the position predicting each continuation token."""
+    T = tokens.shape[1]
+    out = np.zeros(tokens.shape, np.float64)
+    full = _joined(rows, tokens)
+    for start in range(0, len(full), batch_size):
+        ids, mask = left_pad(full[start:start + batch_size], poe.tokenizer.pad_token_id)
+        d = poe.divergence(ids.to(poe.cfg.device), mask.to(poe.cfg.device))  # (B, L)
+        out[start:start + len(ids)] = d[:, -T - 1:-1].cpu().numpy()  # position L-T-1+t predicts token t
+    return out
+
+
+def revise(poe: ProductOfExperts, rows: list[torch.Tensor], tokens: np.ndarray, threshold: float, batch_size: int):
+    """MaRCo-style revision: (jsd (n, T), first masked position (n,) with T for none, revised tokens (n, T)).
+    Each continuation is kept up to its first masked token and regenerated from there under poe."""
+    T = tokens.shape[1]
+    jsd = token_divergence(poe, rows, tokens, batch_size)
+    masked = jsd > threshold
+    first = np.where(masked.any(1), masked.argmax(1), T)
+    revised = tokens.copy()
+    for f in np.unique(first[first < T]):  # rows that keep the same number of tokens regenerate together
+        idx = np.flatnonzero(first == f)
+        kept = _joined([rows[i] for i in idx], tokens[idx, :f])
+        revised[idx, f:] = greedy(poe, kept, T - f, batch_size, f"revise from {f}")
+    return jsd, first, revised
+
+
+@torch.no_grad()
+def mlp_proj(bridge, rows: list[torch.Tensor], tokens: np.ndarray, w_hat: np.ndarray, batch_size: int) -> np.ndarray:
+    """(n_layers,) mean over the continuation positions of hook_mlp_out . w_hat, one forward of the base
+    model over each prompt + continuation (the last T positions hold the continuation's tokens)."""
+    n_layers, dev, T = bridge.cfg.n_layers, bridge.cfg.device, tokens.shape[1]
+    w = torch.tensor(w_hat, dtype=torch.float32, device=dev)  # (d_model,)
+    total = torch.zeros(n_layers, device=dev)
+    full = _joined(rows, tokens)
+    for start in range(0, len(full), batch_size):
+        ids, mask = left_pad(full[start:start + batch_size], bridge.tokenizer.pad_token_id)
+
+        def reader(l: int):
+            def read(o, hook):  # o (B, L, d_model); returns None: a returned tensor would replace the activation
+                total[l] += (o[:, -T:].float() @ w).sum()
+            return read
+
+        with bridge.hooks(fwd_hooks=[(f"blocks.{l}.hook_mlp_out", reader(l)) for l in range(n_layers)]):
+            bridge(ids.to(dev), attention_mask=mask.to(dev))
+    return (total / (len(full) * T)).cpu().numpy()
+
+
+def _scores(texts: list[str], sc) -> tuple[list[float], dict]:
+    tox = sc.score(texts)
+    return tox, {"toxicity": float(np.mean(tox)), "toxic_share": float(np.mean(np.array(tox) > 0.5))}
+
+
+def _f1(bridge, tokens: np.ndarray, held: Heldout) -> float:
+    return float(np.mean([f1(p, g) for p, g in zip(decode(bridge, tokens), held.gold)]))
+
+
+def run(out: Path, *, device: str, model: ModelConfig, data: DataConfig, record: RecordConfig, intervene: InterveneConfig,
+        detox: DetoxConfig, scorer: ScorerConfig, world_dir: Path | None, probe_dir: Path, record_dir: Path,
+        experts_dir: Path) -> dict:
+    prompts = datasets.load_prompts(datasets.resolve("prompts", data.prompts, world_dir), data.challenging_only, data.max_prompts)
+    passages = datasets.load_text(datasets.resolve("heldout", data.heldout, world_dir))[:intervene.n_heldout]
+    w = np.load(Path(probe_dir) / "w.npy").astype(np.float32)
+    w_hat = w / np.linalg.norm(w)
+    base_tokens = np.load(Path(record_dir) / "base_tokens.npy")  # (n_prompts, T): the base model's greedy continuations
+    recorded = pl.read_ndjson(Path(record_dir) / "generations.jsonl")  # intervene's base and dpo rows read the same
+    tox_end = {v: recorded.filter(pl.col("variant") == v)["toxicity"].mean() for v in ("base", "dpo")}
+    sc = scoring.get_scorer(scorer)
+    T, bs = record.new_tokens, detox.batch_size
+
+    path = datasets.model_path(model.path, world_dir)
+    bridge = models.load_bridge(path, device)
+    prompt_rows = prompt_tokens(bridge, prompts, T)
+    held = heldout_set(bridge, passages, intervene.f1_tokens)
+    loaded = [models.load_hf(p, device)[0] for p in (path, Path(experts_dir) / "expert", Path(experts_dir) / "anti")]
+    poe = ProductOfExperts(*loaded, tokenizer=bridge.tokenizer, cfg=SimpleNamespace(device=device, n_ctx=bridge.cfg.n_ctx))
+
+    rows, generations, layers = [], [], []
+
+    def add(iid: str, kind: str, params: dict, tokens: np.ndarray, quality: dict) -> None:
+        texts = decode(bridge, tokens)
+        tox, summary = _scores(texts, sc)
+        generations.extend({"variant": iid, "prompt_id": i, "prompt": p, "continuation": c, "toxicity": t,
+                            "scorer": scoring.label(sc)} for i, (p, c, t) in enumerate(zip(prompts, texts, tox)))
+        layers.extend({"variant": iid, "layer": l, "mlp_proj": float(x)}
+                      for l, x in enumerate(mlp_proj(bridge, prompt_rows, tokens, w_hat, bs)))
+        rows.append({"intervention_id": iid, "kind": kind, "params": json.dumps(params), "n_neurons": 0} | summary | quality)
+
+    def quality_of(p: ProductOfExperts, f1_tokens: np.ndarray) -> dict:
+        return {"perplexity": perplexity(p, held.rows, bs, []), "f1": _f1(bridge, f1_tokens, held)}
+
+    for alpha in detox.alpha:
+        p = replace(poe, alpha=alpha)
+        tokens = greedy(p, prompt_rows, T, bs, f"poe {alpha:g}")
+        add(f"poe_{alpha:g}", "poe", {"alpha": alpha}, tokens,
+            quality_of(p, greedy(p, held.prefixes, intervene.f1_tokens, bs, f"poe {alpha:g} f1")))
+
+    p = replace(poe, alpha=detox.marco_alpha)
+    jsd, first, revised = revise(p, prompt_rows, base_tokens, detox.threshold, bs)
+    held_base = greedy(replace(poe, alpha=0.0), held.prefixes, intervene.f1_tokens, bs, "base f1")
+    held_revised = revise(p, held.prefixes, held_base, detox.threshold, bs)[2]
+    share_revised = float(np.mean(first < T))
+    add("marco", "marco", {"alpha": detox.marco_alpha, "threshold": detox.threshold, "share_revised": share_revised,
+                           "share_masked": float(np.mean(jsd > detox.threshold))}, revised, quality_of(p, held_revised))
+
+    original, new = decode(bridge, base_tokens), decode(bridge, revised)
+    eos = bridge.tokenizer.eos_token
+    revisions = [{"variant": "marco", "prompt_id": i, "position": t,
+                  "token": bridge.tokenizer.decode([int(base_tokens[i, t])]).replace(eos, " "),
+                  "jsd": float(jsd[i, t]), "masked": bool(jsd[i, t] > detox.threshold), "regenerated": bool(t >= first[i]),
+                  "original": original[i], "revised": new[i]}
+                 for i in range(len(prompts)) for t in range(T)]
+    del bridge, poe, p, loaded
+    models.release_memory()
+
+    for r in rows:  # the share of DPO's toxicity drop reproduced
+        gap = tox_end["base"] - tox_end["dpo"]
+        r["recovered"] = None if gap == 0 else (tox_end["base"] - r["toxicity"]) / gap
+    pl.DataFrame(rows, schema=INTERVENTIONS).write_parquet(out / "interventions.parquet")
+    pl.DataFrame(generations, schema=GENERATIONS).write_parquet(out / "generations.parquet")
+    pl.DataFrame(layers, schema=LAYERS).write_parquet(out / "layers.parquet")
+    pl.DataFrame(revisions, schema=REVISIONS).write_parquet(out / "revisions.parquet")
+    return {"toxicity": {r["intervention_id"]: round(r["toxicity"], 4) for r in rows}, "share_revised": round(share_revised, 4)}
+
+
+def tables(out: Path) -> dict[str, pl.DataFrame]:
+    return {name: pl.read_parquet(out / f"{name}.parquet") for name in ("interventions", "generations", "layers", "revisions")}

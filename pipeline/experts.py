@@ -1,0 +1,78 @@
+"""Stage `experts`: an expert and an anti-expert for decoding-time detoxification (MaRCo, Hallinan et
+al. 2023), the comparison point for DPO that changes no neuron of the base model.
+
+Both are copies of the base model M fine-tuned with trl.SFTTrainer (plain language modelling) on one
+side of the probe dataset, read by the probe stage's loader: the expert on its non-toxic texts, the
+anti-expert on its toxic texts. Texts start with BOS, as the prompts do when the experts are used.
+Outputs: expert/ and anti/ (HF checkpoints with the tokenizer) and curve.jsonl (step, model, loss).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import polars as pl
+
+from pipeline import data as datasets
+from pipeline import models
+from pipeline.config import DataConfig, ExpertsConfig, ModelConfig
+
+SIDES = {"expert": 0, "anti": 1}  # model folder -> the probe label it learns from
+
+
+def fine_tune(base_path: str, texts: list[str], out: Path, cfg: ExpertsConfig, device: str) -> list[dict]:
+    """SFT of a fresh copy of the base model on texts; saves it to out; returns the loss per step."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    model, tok = models.load_hf(base_path)
+    args = SFTConfig(
+        output_dir=str(out),  # nothing is written there: save_strategy "no", the model is saved below
+        max_steps=cfg.steps,
+        learning_rate=cfg.lr,
+        per_device_train_batch_size=cfg.batch_size,
+        max_length=cfg.max_length,
+        seed=cfg.seed,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=device == "cpu",
+        # as in stage dpo: trl's bf16 and gradient checkpointing defaults are for large models on recent GPUs
+        bf16=False,
+        gradient_checkpointing=False,
+    )
+    # trl appends EOS; BOS is ours to add (the GPT-2 tokenizer adds none, generation prepends it)
+    train = Dataset.from_list([{"text": tok.bos_token + t} for t in texts])
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tok)
+    trainer.train()
+    model.config.use_cache = True
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    losses = [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h]
+    del trainer, model
+    models.release_memory()
+    return losses
+
+
+def run(out: Path, *, device: str, model: ModelConfig, data: DataConfig, experts: ExpertsConfig,
+        world_dir: Path | None) -> dict:
+    texts, labels = datasets.load_probe(datasets.resolve("probe", data.probe, world_dir), experts.max_examples, experts.seed)
+    base = datasets.model_path(model.path, world_dir)
+    summary: dict = {}
+    curve = []
+    for name, label in SIDES.items():
+        side = [t for t, y in zip(texts, labels) if y == label]
+        t0 = time.perf_counter()
+        losses = fine_tune(base, side, out / name, experts, device)
+        curve += [{"model": name} | row for row in losses]
+        summary[name] = {"n_texts": len(side), "first_loss": round(losses[0]["loss"], 4),
+                         "final_loss": round(losses[-1]["loss"], 4), "seconds": round(time.perf_counter() - t0, 1)}
+    with open(out / "curve.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in curve)
+    return summary
+
+
+def tables(out: Path) -> dict[str, pl.DataFrame]:
+    return {}  # the loss curves stay in the stage folder; the summary (first and final loss) is in `stages`
