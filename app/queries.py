@@ -265,10 +265,7 @@ LIMIT 20"""
 def revised_continuations(path: str, version: float, run_id: str) -> pl.DataFrame:
     """One row per continuation read by a MaRCo-style revision (stage detox), the most divergent first:
     its largest expert/anti-expert JS divergence and how many tokens were masked. Empty for runs
-    without that stage and for stores written before the `revisions` table existed."""
-    exists = _frame(path, "SELECT count(*) AS n FROM duckdb_tables() WHERE table_name = 'revisions'")["n"][0]
-    if not exists:
-        return pl.DataFrame(schema={"variant": pl.String, "prompt_id": pl.Int32, "max_jsd": pl.Float64, "n_masked": pl.Int64})
+    without that stage."""
     return _frame(path, """
         SELECT variant, prompt_id, max(jsd) AS max_jsd, count(*) FILTER (WHERE masked) AS n_masked
         FROM revisions WHERE run_id = ? GROUP BY variant, prompt_id ORDER BY max_jsd DESC, prompt_id""", [run_id])

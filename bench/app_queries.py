@@ -94,6 +94,12 @@ def synthetic_tables(n_layers: int, d_mlp: int, seed: int) -> dict[str, pl.DataF
         "toxicity": rng.uniform(0, 1, N_VARIANTS), "toxic_share": rng.uniform(0, 1, N_VARIANTS),
         "perplexity": rng.uniform(20, 30, N_VARIANTS), "f1": rng.uniform(0.1, 0.2, N_VARIANTS),
         "recovered": rng.uniform(0, 1, N_VARIANTS)})
+    n_tok = N_PROMPTS * T
+    jsd = rng.uniform(0, 1, n_tok)
+    revisions = pl.DataFrame({
+        "variant": "base", "prompt_id": np.repeat(np.arange(N_PROMPTS), T), "position": np.tile(np.arange(T), N_PROMPTS),
+        "token": " word", "jsd": jsd, "masked": jsd > 0.5, "regenerated": jsd > 0.5, "original": " word" * T,
+        "revised": " other" * T})
     cum = cum_share[order]
     attribution = pl.DataFrame({
         "net_reduction": [float(delta.sum())], "gross_reduction": [gross], "n_neurons": [n],
@@ -101,7 +107,7 @@ def synthetic_tables(n_layers: int, d_mlp: int, seed: int) -> dict[str, pl.DataF
     return {
         "neurons": neurons, "group_summary": group_summary, "layer_groups": layer_groups, "generations": generations,
         "neuron_tokens": neuron_tokens, "neuron_top_prompts": neuron_top_prompts, "prompt_groups": prompt_groups,
-        "layers": layers, "interventions": interventions, "attribution": attribution,
+        "layers": layers, "interventions": interventions, "attribution": attribution, "revisions": revisions,
         "probe_metrics": pl.DataFrame({"n_train": [5000], "n_val": [1000], "train_accuracy": [0.95],
                                        "val_accuracy": [0.94], "val_roc_auc": [0.97], "layer": [n_layers - 1],
                                        "w_norm": [1.0], "direction": [rng.normal(size=64).tolist()]}),
@@ -154,6 +160,8 @@ def app_calls(path: str, run_a: str, run_b: str, n_layers: int) -> dict[str, tup
         "interventions": (queries.interventions, path, v, run_a),
         "group_shares_of": (queries.group_shares_of, path, v, (run_a, run_b)),
         "top_overlap (k=100)": (queries.top_overlap, path, v, run_a, run_b, 100),
+        "revised_continuations": (queries.revised_continuations, path, v, run_a),
+        "revision": (queries.revision, path, v, run_a, "base", 0),
         "schema": (queries.schema, path, v),
         "user_sql (the SQL page's example)": (queries.user_sql, path, queries.example_sql(run_a)),
     }

@@ -72,10 +72,10 @@ def test_divergence_view_follows_the_chosen_continuation(tiny_store_env):
         assert want[0][1] in at.markdown[-1].value
 
 
-def test_a_store_without_revisions_says_so(tiny_store_env):
+def test_a_run_without_revisions_says_so(tiny_store_env):
     _, run_id, path = tiny_store_env
     con = duckdb.connect(str(path))
-    con.execute("DROP TABLE revisions")
+    con.execute("DELETE FROM revisions WHERE run_id = ?", [run_id])
     con.close()
     at = open_page(run_id)
     assert not at.exception
