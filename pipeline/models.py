@@ -44,6 +44,15 @@ def load_hf(path: str, device: str | None = None):
     return (model if device is None else model.to(device)), tok
 
 
+def bos_prefix(tok) -> str:
+    """Text to put before a prompt so that transformers sees the BOS that TransformerLens prepends:
+    the BOS token where the model has one and its tokenizer does not add it itself (GPT-2); nothing
+    where there is no BOS (Qwen2) or the tokenizer adds it (Llama)."""
+    if tok.bos_token is None or tok("a")["input_ids"][:1] == [tok.bos_token_id]:
+        return ""
+    return tok.bos_token
+
+
 def release_memory() -> None:
     """Return a dropped model's memory (call after `del model`): one large model is resident at a time."""
     gc.collect()

@@ -33,9 +33,9 @@ def sample_continuations(model, tok, prompts: list[str], cfg: PairsConfig, devic
     set_seed(cfg.seed)
     tok.padding_side = "left"
     tok.pad_token = tok.eos_token
-    out = []
+    out, bos = [], models.bos_prefix(tok)
     for i in tqdm(range(0, len(prompts), batch_size), desc="sampling", unit="batch"):
-        enc = tok([tok.bos_token + p for p in prompts[i:i + batch_size]], return_tensors="pt", padding=True).to(device)
+        enc = tok([bos + p for p in prompts[i:i + batch_size]], return_tensors="pt", padding=True).to(device)
         # top_k=0 and top_p=1: plain temperature sampling, whatever the checkpoint's generation_config says
         gen = model.generate(**enc, max_new_tokens=cfg.new_tokens, do_sample=True, temperature=cfg.temperature,
                              top_k=0, top_p=1.0, num_return_sequences=cfg.k, pad_token_id=tok.eos_token_id)

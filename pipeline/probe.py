@@ -31,9 +31,10 @@ def mean_residual(bridge, texts: list[str], batch_size: int, max_tokens: int) ->
     feats = []
     for i in tqdm(range(0, len(texts), batch_size), desc="probe features", unit="batch"):
         enc = tok(texts[i:i + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=max_tokens)
-        ids = enc["input_ids"].to(bridge.cfg.device)  # (B, T), BOS first: the bridge's tokenizer prepends it
+        ids = enc["input_ids"].to(bridge.cfg.device)  # (B, T), BOS first where the model has one (not Qwen2)
         mask = enc["attention_mask"].to(ids.device).float()
-        mask[:, 0] = 0.0
+        if tok.bos_token_id is not None:
+            mask[:, 0] *= (ids[:, 0] != tok.bos_token_id).float()
         captured = {}
 
         def grab(resid, hook):
