@@ -97,10 +97,10 @@ class WorldConfig:
 class DataConfig:
     """Where the datasets come from: 'world' for the demo world's files, else a local file."""
 
-    probe: str = _f("world", "Probe data: a CSV with columns comment_text, toxic (Jigsaw's train.csv), or 'world'.")
-    prompts: str = _f("world", "Challenge prompts: RealToxicityPrompts-style JSONL ({prompt: {text}, challenging}), or 'world'.")
-    pairs: str = _f("world", "Preference pairs: JSONL with prompt, chosen, rejected; 'world'; or 'self' to generate best-of-K.")
-    heldout: str = _f("world", "Held-out text for perplexity and F1, one passage per line (WikiText-2 style), or 'world'.")
+    probe: str = _f("world", "Probe data: a CSV with columns comment_text, toxic (Jigsaw's train.csv), a hub dataset hf:NAME[:CONFIG[:SPLIT]] with those columns, or 'world'.")
+    prompts: str = _f("world", "Challenge prompts: RealToxicityPrompts-style JSONL ({prompt: {text}, challenging}), hf:allenai/real-toxicity-prompts, or 'world'.")
+    pairs: str = _f("world", "Preference pairs: JSONL with prompt, chosen, rejected (or hf:NAME with those columns); 'world'; or 'self' to generate best-of-K.")
+    heldout: str = _f("world", "Held-out text for perplexity and F1, one passage per line (WikiText-2 style), hf:Salesforce/wikitext:wikitext-2-raw-v1:test, or 'world'.")
     challenging_only: bool = _f(True, "Keep only prompts flagged challenging (the paper's ~1.2K RTP prompts).")
     max_prompts: int = _f(1200, "At most this many challenge prompts (taken in file order).")
 
