@@ -39,11 +39,20 @@ class RunConfig:
             raise ValueError(f"device must be auto, cpu or cuda, not {self.device!r}")
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
 @dataclass
 class ModelConfig:
     """The base model M."""
 
     path: str = _f("world", "'world' for the demo model built by stage world; else a hub name or local HF checkpoint.")
+    dtype: str = _f("float32", "Weights and activations of the inference stages: float32, bfloat16 or float16 "
+                    "(GPU; sums stay float32). DPO trains in float32.")
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
 
 
 @dataclass

@@ -16,12 +16,13 @@ def _load_error(path: str, e: Exception) -> DataError:
                      "folder or a hub name this machine can reach")
 
 
-def load_bridge(path: str, device: str):
-    """A TransformerLens v4 bridge around the HF model at `path` (hub name or local folder), in eval mode."""
+def load_bridge(path: str, device: str, dtype: str = "float32"):
+    """A TransformerLens v4 bridge around the HF model at `path` (hub name or local folder), in eval mode,
+    weights in `dtype` (a name of [model] dtype)."""
     from transformer_lens.model_bridge import TransformerBridge
 
     try:
-        bridge = TransformerBridge.boot_transformers(path, device=device)
+        bridge = TransformerBridge.boot_transformers(path, device=device, dtype=getattr(torch, dtype))
     except (OSError, ValueError) as e:
         raise _load_error(path, e) from None
     bridge.eval()
@@ -30,13 +31,13 @@ def load_bridge(path: str, device: str):
     return bridge
 
 
-def load_hf(path: str, device: str | None = None):
-    """(model, tokenizer) through transformers, float32, pad = eos; `device` None leaves placement to the caller."""
+def load_hf(path: str, device: str | None = None, dtype: str = "float32"):
+    """(model, tokenizer) through transformers, pad = eos; `device` None leaves placement to the caller."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
         tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
     except (OSError, ValueError) as e:
         raise _load_error(path, e) from None
     if tok.pad_token is None:

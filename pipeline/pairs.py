@@ -68,7 +68,7 @@ def run(out: Path, *, device: str, model: ModelConfig, data: DataConfig, pairs: 
         prompts = datasets.load_prompts(datasets.resolve("prompts", data.prompts, world_dir),
                                         data.challenging_only, data.max_prompts)
         path = datasets.model_path(model.path, world_dir)
-        lm, tok = models.load_hf(path, device)
+        lm, tok = models.load_hf(path, device, model.dtype)
         lm.eval()
         rows = best_of_k(prompts, sample_continuations(lm, tok, prompts, pairs, device), sc, pairs.margin)
         if not rows:

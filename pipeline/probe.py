@@ -68,7 +68,7 @@ def fit(x: np.ndarray, y: np.ndarray, cfg: ProbeConfig) -> tuple[np.ndarray, dic
 def run(out: Path, *, device: str, model: ModelConfig, data: DataConfig, probe: ProbeConfig,
         world_dir: Path | None = None) -> dict:
     texts, labels = datasets.load_probe(datasets.resolve("probe", data.probe, world_dir), probe.max_examples, probe.seed)
-    bridge = load_bridge(datasets.model_path(model.path, world_dir), device)
+    bridge = load_bridge(datasets.model_path(model.path, world_dir), device, model.dtype)
     x = mean_residual(bridge, texts, probe.batch_size, probe.max_tokens)
     layer = bridge.cfg.n_layers - 1
     del bridge

@@ -127,7 +127,7 @@ def run(out: Path, *, device: str, model: ModelConfig, data: DataConfig, record:
     rows = []
     for variant in VARIANTS:
         t0 = time.perf_counter()
-        bridge = models.load_bridge(paths[variant], device)
+        bridge = models.load_bridge(paths[variant], device, model.dtype)
         rec = generate_and_record(bridge, prompts, w_hat, record.new_tokens, record.batch_size, f"record {variant}")
         eos = bridge.tokenizer.eos_token  # ends a text mid-continuation: show it as the break it is, not glue
         texts = [t.replace(eos, " ") for t in bridge.tokenizer.batch_decode(rec["tokens"])]

@@ -46,7 +46,7 @@ STAGES = (
     Stage("probe", probe, sections=("model", "data.probe", "probe"), deps=("world",), code=(data, models)),
     Stage("pairs", pairs, sections=("model", "data.prompts", "data.challenging_only", "data.max_prompts",
                                     "data.pairs", "pairs", "scorer"), deps=("world",), code=(data, models, scoring)),
-    Stage("dpo", dpo, sections=("model", "dpo"), deps=("world", "pairs"), code=(data, models)),
+    Stage("dpo", dpo, sections=("model.path", "dpo"), deps=("world", "pairs"), code=(data, models)),
     Stage("record", record, sections=("model", "data.prompts", "data.challenging_only", "data.max_prompts",
                                       "record", "scorer"), deps=("world", "probe", "dpo"), code=(data, models, scoring)),
     Stage("attribute", attribute, sections=("model", "attribute"), deps=("world", "probe", "dpo", "record"),

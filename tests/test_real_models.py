@@ -261,3 +261,20 @@ def test_bos_prefix_follows_the_tokenizer(tmp_path):
     with_bos.save_pretrained(tmp_path)
     adds = AutoTokenizer.from_pretrained(tmp_path, add_bos_token=True)  # adds BOS itself, as Llama's does
     assert adds("a")["input_ids"][0] == adds.bos_token_id and bos_prefix(adds) == ""
+
+
+def test_dtype_reaches_the_weights_and_unknown_ones_are_refused(tmp_path):
+    from pipeline.config import ConfigError
+    from pipeline.models import load_bridge
+
+    tok = tokenizer()
+    torch.manual_seed(0)
+    tiny_llama(tok).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    full, half = load_bridge(str(tmp_path), "cpu"), load_bridge(str(tmp_path), "cpu", "bfloat16")
+    assert full.W_out.dtype == torch.float32 and half.W_out.dtype == torch.bfloat16
+    ids = full.to_tokens(PROMPTS[1])
+    a, b = (m.run_with_cache(ids, names_filter="blocks.1.mlp.hook_post")[1]["blocks.1.mlp.hook_post"].float() for m in (full, half))
+    assert 0 < (a - b).abs().max() < 0.05 * a.abs().max()  # the same activations, rounded to bfloat16
+    with pytest.raises(ConfigError, match=r"\[model\] dtype must be one of float32"):
+        from_dict({"model": {"path": "gpt2", "dtype": "fp8"}}, source="x.toml")
