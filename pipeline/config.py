@@ -59,12 +59,17 @@ class ModelConfig:
 class ScorerConfig:
     """The independent toxicity scorer used on generated text."""
 
-    backend: str = _f("profanity-check", "Toxicity scorer backend (offline default: profanity-check).")
+    backend: str = _f("profanity-check", "Toxicity scorer backend: profanity-check (offline default), detoxify "
+                      "(optional install, checkpoint downloaded on first use) or perspective (PERSPECTIVE_API_KEY).")
     batch_size: int = _f(256, "Texts scored per call.")
+    rate_limit: float = _f(1.0, "Perspective: requests per second at most (the API's default quota is 1).")
+    max_retries: int = _f(5, "Perspective: retries of a request answered 429 or 5xx, with doubling waits from 1 s.")
 
     def __post_init__(self):
         if self.batch_size < 1:
             raise ValueError("batch_size must be at least 1")
+        if self.rate_limit <= 0 or self.max_retries < 0:
+            raise ValueError("rate_limit must be positive and max_retries at least 0")
 
 
 @dataclass
