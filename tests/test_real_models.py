@@ -79,7 +79,7 @@ def set_planted(model, toxic_on: bool):
     with torch.no_grad():
         if hasattr(model, "transformer"):  # GELU(c_fc x + b)
             b = model.transformer.h[-1].mlp.c_fc.bias
-            b[TOXIC], b[ANTI] = (3.0, 0.5) if toxic_on else (-3.0, 3.5)
+            b[TOXIC], b[ANTI] = (3.0, 1.5) if toxic_on else (-3.0, 4.0)  # anti-toxic: clearly positive in both
         else:  # SiLU(gate x + b_g) * (up x + b_u)
             mlp = model.model.layers[-1].mlp
             mlp.up_proj.bias[TOXIC + ANTI] = 2.0
@@ -278,3 +278,17 @@ def test_dtype_reaches_the_weights_and_unknown_ones_are_refused(tmp_path):
     assert 0 < (a - b).abs().max() < 0.05 * a.abs().max()  # the same activations, rounded to bfloat16
     with pytest.raises(ConfigError, match=r"\[model\] dtype must be one of float32"):
         from_dict({"model": {"path": "gpt2", "dtype": "fp8"}}, source="x.toml")
+
+
+@pytest.mark.parametrize("preset", ["gpt2-medium", "gpt2", "qwen2.5-0.5b"])
+def test_presets_load_without_a_world_or_a_download(preset):
+    from pathlib import Path
+
+    from pipeline import config
+
+    cfg = config.load(Path(__file__).parents[1] / "configs" / f"{preset}.toml")
+    assert cfg.world is None and "world" not in [s.name for s in runner.active_stages(cfg)]
+    assert cfg.model.path != "world" and cfg.scorer.backend in scoring.BACKENDS
+    assert cfg.data.prompts == "hf:allenai/real-toxicity-prompts" and cfg.data.challenging_only
+    assert cfg.data.probe.endswith("train.csv") and cfg.data.heldout.startswith("hf:Salesforce/wikitext")
+    assert (cfg.dpo.beta, cfg.dpo.optimizer) == (0.1, "rmsprop")
