@@ -90,7 +90,10 @@ def hooked_generate(bridge, ids: torch.Tensor, mask: torch.Tensor, new_tokens: i
 
 
 @torch.no_grad()
-def generate_and_record(bridge, prompts: list[str], w_hat: np.ndarray, new_tokens: int, batch_size: int, desc: str) -> dict:
+def generate_and_record(bridge, prompts: list[str], w_hat: np.ndarray, new_tokens: int, batch_size: int, desc: str,
+                        act_prompt_file: Path) -> dict:
+    """Means over the generated positions (module docstring); the per-prompt means are streamed to the
+    .npy file act_prompt_file batch by batch, so memory does not grow with the number of prompts."""
     cfg = bridge.cfg
     n_layers, d_mlp, T, dev = cfg.n_layers, cfg.d_mlp, new_tokens, cfg.device
     w = torch.tensor(w_hat, dtype=torch.float32, device=dev)  # (d_model,)
@@ -98,21 +101,30 @@ def generate_and_record(bridge, prompts: list[str], w_hat: np.ndarray, new_token
 
     act_sum = torch.zeros(n_layers, d_mlp, device=dev)
     proj_sum = torch.zeros(n_layers, device=dev)
-    act_prompt = np.zeros((len(prompts), n_layers, d_mlp), np.float16)
     tokens = np.zeros((len(prompts), T), np.int64)
-    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch"):
-        ids, mask = left_pad(rows[start:start + batch_size], bridge.tokenizer.pad_token_id)
-        act = torch.zeros(len(ids), n_layers, d_mlp, device=dev)  # (B, n_layers, d_mlp) sums over T positions
-        hooks = {}
-        for l in range(n_layers):
-            hooks[f"blocks.{l}.mlp.hook_post"] = AfterPromptPass(lambda a, l=l: act[:, l].add_(a))  # a (B, d_mlp)
-            hooks[f"blocks.{l}.hook_mlp_out"] = AfterPromptPass(lambda o, l=l: proj_sum[l].add_((o @ w).sum()))  # o (B, d_model)
-        tokens[start:start + len(ids)] = hooked_generate(bridge, ids, mask, T, list(hooks.items())).cpu().numpy()
-        act_sum += act.sum(0)
-        act_prompt[start:start + len(ids)] = (act / T).cpu().numpy()
+    with open(act_prompt_file, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)),
+                                                 "fortran_order": False, "shape": (len(prompts), n_layers, d_mlp)})
+        for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch"):
+            tokens[start:start + batch_size] = _record_batch(bridge, rows[start:start + batch_size], T, w, act_sum, proj_sum, f)
     n = len(prompts) * T
-    return {"act": (act_sum / n).cpu().numpy(), "act_prompt": act_prompt,
-            "mlp_proj": (proj_sum / n).cpu().numpy(), "tokens": tokens}
+    return {"act": (act_sum / n).cpu().numpy(), "mlp_proj": (proj_sum / n).cpu().numpy(), "tokens": tokens}
+
+
+def _record_batch(bridge, rows: list[torch.Tensor], T: int, w: torch.Tensor, act_sum: torch.Tensor, proj_sum: torch.Tensor,
+                  act_prompt_out) -> np.ndarray:
+    """Generate one batch, add its sums into act_sum and proj_sum, append its per-prompt means (float16)."""
+    n_layers, d_mlp, dev = bridge.cfg.n_layers, bridge.cfg.d_mlp, bridge.cfg.device
+    ids, mask = left_pad(rows, bridge.tokenizer.pad_token_id)
+    act = torch.zeros(len(ids), n_layers, d_mlp, device=dev)  # (B, n_layers, d_mlp) sums over T positions
+    hooks = {}
+    for l in range(n_layers):
+        hooks[f"blocks.{l}.mlp.hook_post"] = AfterPromptPass(lambda a, l=l: act[:, l].add_(a))  # a (B, d_mlp)
+        hooks[f"blocks.{l}.hook_mlp_out"] = AfterPromptPass(lambda o, l=l: proj_sum[l].add_((o @ w).sum()))  # o (B, d_model)
+    tokens = hooked_generate(bridge, ids, mask, T, list(hooks.items())).cpu().numpy()
+    act_sum += act.sum(0)
+    act_prompt_out.write((act / T).cpu().numpy().astype(np.float16).tobytes())
+    return tokens
 
 
 def run(out: Path, *, device: str, model: ModelConfig, data: DataConfig, record: RecordConfig,
@@ -128,7 +140,8 @@ def run(out: Path, *, device: str, model: ModelConfig, data: DataConfig, record:
     for variant in VARIANTS:
         t0 = time.perf_counter()
         bridge = models.load_bridge(paths[variant], device, model.dtype)
-        rec = generate_and_record(bridge, prompts, w_hat, record.new_tokens, record.batch_size, f"record {variant}")
+        rec = generate_and_record(bridge, prompts, w_hat, record.new_tokens, record.batch_size, f"record {variant}",
+                                  out / f"{variant}_act_prompt.npy")
         eos = bridge.tokenizer.eos_token  # ends a text mid-continuation: show it as the break it is, not glue
         texts = [t.replace(eos, " ") for t in bridge.tokenizer.batch_decode(rec["tokens"])]
         del bridge
