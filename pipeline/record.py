@@ -8,10 +8,10 @@ skip pass 0 (its newest position is the last prompt token), read passes 1..T, an
 T + 1. Sums accumulate on the model's device as the passes stream by; no [prompts x tokens x
 neurons] tensor ever exists, and the generated text is never run through the model again.
 
-The bridge's KV cache stays off: with transformer-lens 4.3 and transformers 5.24 the bridge's
-attention looks for the cache under `past_key_values`, which transformers now passes as `cache`,
-so every cached step silently attends to itself alone (tests/test_record.py catches this). Without
-the cache each pass reruns prompt + tokens so far, masked and positioned from the attention mask.
+Generation uses the KV cache: pass 0 runs the whole (left-padded) prompt, every later pass one new
+position. With transformer-lens 4.3 and transformers 5.24 the bridge's attention looks for the cache
+under a name transformers no longer uses; models.load_bridge hands it over (without that, every
+cached step silently attends to itself alone; tests/test_record.py catches it).
 
 Outputs, per variant (base, dpo):
   {variant}_act.npy         (n_layers, d_mlp) float32  mean neuron activation (mlp.hook_post)
@@ -82,7 +82,7 @@ def hooked_generate(bridge, ids: torch.Tensor, mask: torch.Tensor, new_tokens: i
     T, dev = new_tokens, bridge.cfg.device
     with bridge.hooks(fwd_hooks=fwd_hooks):
         out = bridge.generate(ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=T + 1, do_sample=False,
-                              stop_at_eos=False, use_past_kv_cache=False, return_type="tokens", verbose=False)
+                              stop_at_eos=False, use_past_kv_cache=True, return_type="tokens", verbose=False)
     passes = {h.passes for _, h in fwd_hooks if isinstance(h, AfterPromptPass)}
     if passes - {T + 1}:
         raise RuntimeError(f"expected {T + 1} forward passes per hook, saw {sorted(passes)}")
