@@ -174,6 +174,12 @@ class RecordConfig:
 
     new_tokens: int = _f(20, "T: tokens generated per prompt; activations are averaged over these positions.")
     batch_size: int = _f(32, "Prompts per generation batch (left padded).")
+    processes: int = _f(1, "Processes that record shares of the prompts in parallel (one GPU each with device "
+                        "cuda, round robin); their sums are reduced before attribute.")
+
+    def __post_init__(self):
+        if self.new_tokens < 1 or self.batch_size < 1 or self.processes < 1:
+            raise ValueError("new_tokens, batch_size and processes must be at least 1")
 
 
 @dataclass

@@ -127,6 +127,44 @@ def _record_batch(bridge, rows: list[torch.Tensor], T: int, w: torch.Tensor, act
     return tokens
 
 
+def shard_device(device: str, i: int) -> str:
+    """Shard i's device: on CUDA one GPU per process, round robin; CPU processes share the CPU."""
+    return f"cuda:{i % torch.cuda.device_count()}" if device == "cuda" else device
+
+
+def record_shard(path: str, device: str, dtype: str, prompts: list[str], w_hat: np.ndarray, record: RecordConfig,
+                 desc: str, act_prompt_file: Path) -> dict:
+    """One process's share of the prompts: generate_and_record on them, plus the decoded continuations."""
+    bridge = models.load_bridge(path, device, dtype)
+    rec = generate_and_record(bridge, prompts, w_hat, record.new_tokens, record.batch_size, desc, act_prompt_file)
+    eos = bridge.tokenizer.eos_token  # ends a text mid-continuation: show it as the break it is, not glue
+    rec["texts"] = [t.replace(eos, " ") for t in bridge.tokenizer.batch_decode(rec["tokens"])]
+    rec["n"] = len(prompts)
+    del bridge
+    models.release_memory()
+    return rec
+
+
+def reduce_shards(parts: list[dict], act_prompt_files: list[Path], act_prompt_out: Path) -> tuple[dict, list[str]]:
+    """Shards in prompt order -> the single-process result: means weighted by prompt count (every prompt
+    has T positions), tokens and texts concatenated, per-prompt files joined into one (streamed)."""
+    n = sum(p["n"] for p in parts)
+    rec = {"act": sum(p["act"] * p["n"] for p in parts) / n, "mlp_proj": sum(p["mlp_proj"] * p["n"] for p in parts) / n,
+           "tokens": np.concatenate([p["tokens"] for p in parts])}
+    if len(act_prompt_files) == 1:
+        act_prompt_files[0].rename(act_prompt_out)
+    else:
+        first = np.load(act_prompt_files[0], mmap_mode="r")
+        with open(act_prompt_out, "wb") as f:
+            np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(first.dtype), "fortran_order": False,
+                                                     "shape": (n, *first.shape[1:])})
+            for file in act_prompt_files:
+                for row in np.load(file, mmap_mode="r"):
+                    f.write(np.ascontiguousarray(row).tobytes())
+                file.unlink()
+    return rec, [t for p in parts for t in p["texts"]]
+
+
 def run(out: Path, *, device: str, model: ModelConfig, data: DataConfig, record: RecordConfig,
         scorer: ScorerConfig, world_dir: Path | None, probe_dir: Path, dpo_dir: Path) -> dict:
     prompts = datasets.load_prompts(datasets.resolve("prompts", data.prompts, world_dir), data.challenging_only, data.max_prompts)
@@ -135,17 +173,20 @@ def run(out: Path, *, device: str, model: ModelConfig, data: DataConfig, record:
     sc = scoring.get_scorer(scorer)
     paths = {"base": datasets.model_path(model.path, world_dir), "dpo": str(Path(dpo_dir) / "model")}
 
-    summary: dict = {"n_prompts": len(prompts), "new_tokens": record.new_tokens}
+    summary: dict = {"n_prompts": len(prompts), "new_tokens": record.new_tokens, "processes": record.processes}
     rows = []
     for variant in VARIANTS:
         t0 = time.perf_counter()
-        bridge = models.load_bridge(paths[variant], device, model.dtype)
-        rec = generate_and_record(bridge, prompts, w_hat, record.new_tokens, record.batch_size, f"record {variant}",
-                                  out / f"{variant}_act_prompt.npy")
-        eos = bridge.tokenizer.eos_token  # ends a text mid-continuation: show it as the break it is, not glue
-        texts = [t.replace(eos, " ") for t in bridge.tokenizer.batch_decode(rec["tokens"])]
-        del bridge
-        models.release_memory()
+        shards = np.array_split(np.arange(len(prompts)), min(record.processes, len(prompts)))
+        jobs = [(paths[variant], shard_device(device, i), model.dtype, [prompts[j] for j in idx], w_hat, record,
+                 f"record {variant}" + (f" {i + 1}/{len(shards)}" if len(shards) > 1 else ""),
+                 out / f"{variant}_act_prompt.{i}.npy") for i, idx in enumerate(shards)]
+        if len(jobs) == 1:
+            parts = [record_shard(*jobs[0])]
+        else:
+            with torch.multiprocessing.get_context("spawn").Pool(len(jobs)) as pool:
+                parts = pool.starmap(record_shard, jobs)
+        rec, texts = reduce_shards(parts, [j[-1] for j in jobs], out / f"{variant}_act_prompt.npy")
         summary[f"seconds_{variant}"] = round(time.perf_counter() - t0, 2)
         for name, arr in rec.items():
             np.save(out / f"{variant}_{name}.npy", arr)

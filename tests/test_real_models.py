@@ -292,3 +292,30 @@ def test_presets_load_without_a_world_or_a_download(preset):
     assert cfg.data.prompts == "hf:allenai/real-toxicity-prompts" and cfg.data.challenging_only
     assert cfg.data.probe.endswith("train.csv") and cfg.data.heldout.startswith("hf:Salesforce/wikitext")
     assert (cfg.dpo.beta, cfg.dpo.optimizer) == (0.1, "rmsprop")
+
+
+def test_record_sharded_over_processes_equals_one_process(tmp_path):
+    """[record] processes = 2: two spawned processes record uneven shares of the prompts; the reduced
+    result equals one process's (sums weighted by prompt count, per-prompt rows in prompt order)."""
+    from tests.conftest import save_planted_pair
+
+    base = save_planted_pair(tmp_path)
+    prompts = PROMPTS + ["We will", "The cat"]
+    (tmp_path / "rtp.jsonl").write_text("".join(json.dumps({"prompt": {"text": p}, "challenging": True}) + "\n" for p in prompts))
+    outs = {}
+    for n in (1, 2):
+        outs[n] = tmp_path / f"out{n}"
+        outs[n].mkdir()
+        summary = record.run(outs[n], device="cpu", model=ModelConfig(path=str(base)), data=DataConfig(prompts=str(tmp_path / "rtp.jsonl")),
+                             record=RecordConfig(new_tokens=T, batch_size=2, processes=n), scorer=ScorerConfig(), world_dir=None,
+                             probe_dir=tmp_path / "probe", dpo_dir=tmp_path / "dpo")
+        assert summary["processes"] == n
+    for variant in record.VARIANTS:
+        assert (np.load(outs[1] / f"{variant}_tokens.npy") == np.load(outs[2] / f"{variant}_tokens.npy")).all()
+        assert np.load(outs[2] / f"{variant}_act_prompt.npy").shape[0] == len(prompts)
+        for name in ("act", "mlp_proj", "act_prompt"):
+            one, two = (np.load(outs[n] / f"{variant}_{name}.npy") for n in (1, 2))
+            assert one.shape == two.shape
+            np.testing.assert_allclose(two, one, atol=1e-5 if name != "act_prompt" else 2e-3)
+    assert sorted(p.name for p in outs[2].iterdir()) == sorted(p.name for p in outs[1].iterdir())  # shard files joined
+    assert record.tables(outs[2])["generations"].equals(record.tables(outs[1])["generations"])
