@@ -65,6 +65,8 @@ def run(out: Path, *, device: str, model: ModelConfig, dpo: DPOStageConfig, worl
     t0 = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - t0
+    if not trainer.is_world_process_zero():  # under accelerate launch the main process saves and reports
+        return {}
 
     policy.config.use_cache = True  # the Trainer turned the KV cache off for training; M' generates like M
     policy.save_pretrained(out / "model")

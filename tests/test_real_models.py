@@ -12,6 +12,7 @@ dir and every stage loads them by path, the code path a hub name takes (`[model]
 import json
 import random
 import shutil
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -21,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline import attribute, corpus, intervene, probe, record, runner, scoring, world
 from pipeline.config import (AttributeConfig, DataConfig, InterveneConfig, ModelConfig, ProbeConfig, RecordConfig,
-                             ScorerConfig, from_dict)
+                             ScorerConfig, from_dict, load)
 
 T = 4
 PROMPTS = ["The soup was", "After lunch, my neighbor said that", "Could you fix the"]
@@ -282,11 +283,7 @@ def test_dtype_reaches_the_weights_and_unknown_ones_are_refused(tmp_path):
 
 @pytest.mark.parametrize("preset", ["gpt2-medium", "gpt2", "qwen2.5-0.5b"])
 def test_presets_load_without_a_world_or_a_download(preset):
-    from pathlib import Path
-
-    from pipeline import config
-
-    cfg = config.load(Path(__file__).parents[1] / "configs" / f"{preset}.toml")
+    cfg = load(Path(__file__).parents[1] / "configs" / f"{preset}.toml")
     assert cfg.world is None and "world" not in [s.name for s in runner.active_stages(cfg)]
     assert cfg.model.path != "world" and cfg.scorer.backend in scoring.BACKENDS
     assert cfg.data.prompts == "hf:allenai/real-toxicity-prompts" and cfg.data.challenging_only
@@ -319,3 +316,38 @@ def test_record_sharded_over_processes_equals_one_process(tmp_path):
             np.testing.assert_allclose(two, one, atol=1e-5 if name != "act_prompt" else 2e-3)
     assert sorted(p.name for p in outs[2].iterdir()) == sorted(p.name for p in outs[1].iterdir())  # shard files joined
     assert record.tables(outs[2])["generations"].equals(record.tables(outs[1])["generations"])
+
+
+def test_dpo_trains_data_parallel_under_torchrun_and_the_rest_finds_it_cached(tmp_path, monkeypatch):
+    """`torchrun --nproc_per_node 2 -m pipeline run --only dpo` (what accelerate launch starts too): the
+    pairs are split over two CPU processes (half the steps of one process), rank 0 alone keeps the result."""
+    import os
+    import subprocess
+    import sys
+
+    from pipeline.config import ConfigError
+    from tests.conftest import save_tiny_gpt2
+
+    save_tiny_gpt2(tmp_path / "model")
+    write_datasets(tmp_path)
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps({"prompt": f"p{i} says", "chosen": " a kind word.",
+                                                              "rejected": " a stupid idiot."}) + "\n" for i in range(16)))
+    toml = tmp_path / "c.toml"
+    toml.write_text(f"""[run]\ncache_dir = "{tmp_path / 'cache'}"\nstore = "{tmp_path / 's.duckdb'}"\ndevice = "cpu"\n
+[model]\npath = "{tmp_path / 'model'}"\n[data]\nprobe = "{tmp_path / 'train.csv'}"\nprompts = "{tmp_path / 'rtp.jsonl'}"
+pairs = "{tmp_path / 'pairs.jsonl'}"\nheldout = "{tmp_path / 'wiki.txt'}"\n[dpo]\nbatch_size = 2\nmax_length = 24\n""")
+    cfg = load(toml)
+    runner.run(cfg, only="pairs", log=lambda *_: None)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    done = subprocess.run([str(torchrun), "--nproc_per_node", "2", "-m", "pipeline", "run", "--config", str(toml), "--only", "dpo"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    dpo_dir = runner.stage_dir(cfg, "dpo", runner.cache_keys(cfg)["dpo"])
+    assert json.loads((dpo_dir / "summary.json").read_text())["summary"]["n_steps"] == 16 // (2 * 2)
+    assert (dpo_dir / "model").is_dir() and not list(dpo_dir.parent.glob("*.partial*"))
+    assert {r["stage"]: r["state"] for r in runner.status(cfg)}["dpo"] == "cached"  # a one-process run goes on from here
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="--only dpo"):
+        runner.run(cfg, log=lambda *_: None)
