@@ -85,6 +85,7 @@ def main(argv=None) -> None:
         with torch.no_grad():
             for s in range(0, len(rows), args.batch):
                 record._record_batch(bridge, rows[s:s + args.batch], T, w_hat, act_sum, proj_sum, io.BytesIO())
+        return act_sum
 
     def hf_generate():
         with torch.no_grad():
@@ -107,6 +108,9 @@ def main(argv=None) -> None:
     print(f"  record / generate alone, same machinery:      {rec / t['generate alone (bridge)']:.2f}x  (target <= 1.10)")
     print(f"  reference / record (speed-up of record):      {t['reference: generate + hooked second forward'] / rec:.2f}x  (target >= 1.8)")
     print(f"  record / transformers' cached generate alone: {rec / t['generate alone (transformers, KV cache)']:.2f}x")
+    ours, theirs = generate_and_record(), reference(hf, [r.to(args.device) for r in rows], T, w_hat, args.batch)[0]
+    print(f"  same sums of activations as the reference: max |difference| {float((ours - theirs).abs().max()):.1e} "
+          f"(largest sum {float(theirs.abs().max()):.1e})")
 
 
 if __name__ == "__main__":
