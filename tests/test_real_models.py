@@ -7,6 +7,8 @@ dir and every stage loads them by path, the code path a hub name takes (`[model]
   down projection (GPT-2 `c_proj`, Llama `down_proj`, read from plain transformers) and the planted
   neurons must come out on top.
 - a tiny Qwen2 (GLU, and no BOS token): the whole runner, DPO through trl included, into a store.
+- the presets load without a download; [model] dtype reaches the weights; recording sharded over two
+  processes equals one process; DPO trains data-parallel under torchrun.
 """
 
 import json
