@@ -125,7 +125,7 @@ def run(cfg: config_mod.Config, force: set[str] = frozenset(), only: str | None 
     names = [s.name for s in stages]
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and only != "dpo":
         raise config_mod.ConfigError("several processes (accelerate launch) train DPO only: add --only dpo, then run "
-                                     "the rest in one process (README: several GPUs)")
+                                     "the rest in one process (README: Running the paper's setup)")
     for name in set(force) | ({only} if only else set()):
         if name not in names:
             raise config_mod.ConfigError(f"{cfg.source}: no stage {name!r} in this config; its stages are {', '.join(names)}")
