@@ -36,8 +36,11 @@ app: $(VENV)/.pipeline
 test: $(VENV)/.dev /usr/bin/chromium
 	$(PY) -m pytest -q tests
 
+# Each benchmark is one command of its own too: python -m bench.<name> --help.
 bench: $(VENV)/.pipeline
 	$(PY) -m bench.app_queries
+	$(PY) -m bench.record_cost
+	$(PY) -m bench.record_memory
 
 clean:
 	rm -rf .cache .pytest_cache

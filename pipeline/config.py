@@ -39,23 +39,37 @@ class RunConfig:
             raise ValueError(f"device must be auto, cpu or cuda, not {self.device!r}")
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
 @dataclass
 class ModelConfig:
     """The base model M."""
 
     path: str = _f("world", "'world' for the demo model built by stage world; else a hub name or local HF checkpoint.")
+    dtype: str = _f("float32", "Weights and activations of the inference stages: float32, bfloat16 or float16 "
+                    "(GPU; sums stay float32). DPO trains in float32.")
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
 
 
 @dataclass
 class ScorerConfig:
     """The independent toxicity scorer used on generated text."""
 
-    backend: str = _f("profanity-check", "Toxicity scorer backend (offline default: profanity-check).")
+    backend: str = _f("profanity-check", "Toxicity scorer backend: profanity-check (offline default), detoxify "
+                      "(optional install, checkpoint downloaded on first use) or perspective (PERSPECTIVE_API_KEY).")
     batch_size: int = _f(256, "Texts scored per call.")
+    rate_limit: float = _f(1.0, "Perspective: requests per second at most (the API's default quota is 1).")
+    max_retries: int = _f(5, "Perspective: retries of a request answered 429 or 5xx, with doubling waits from 1 s.")
 
     def __post_init__(self):
         if self.batch_size < 1:
             raise ValueError("batch_size must be at least 1")
+        if self.rate_limit <= 0 or self.max_retries < 0:
+            raise ValueError("rate_limit must be positive and max_retries at least 0")
 
 
 @dataclass
@@ -97,10 +111,10 @@ class WorldConfig:
 class DataConfig:
     """Where the datasets come from: 'world' for the demo world's files, else a local file."""
 
-    probe: str = _f("world", "Probe data: a CSV with columns comment_text, toxic (Jigsaw's train.csv), or 'world'.")
-    prompts: str = _f("world", "Challenge prompts: RealToxicityPrompts-style JSONL ({prompt: {text}, challenging}), or 'world'.")
-    pairs: str = _f("world", "Preference pairs: JSONL with prompt, chosen, rejected; 'world'; or 'self' to generate best-of-K.")
-    heldout: str = _f("world", "Held-out text for perplexity and F1, one passage per line (WikiText-2 style), or 'world'.")
+    probe: str = _f("world", "Probe data: a CSV with columns comment_text, toxic (Jigsaw's train.csv), a hub dataset hf:NAME[:CONFIG[:SPLIT]] with those columns, or 'world'.")
+    prompts: str = _f("world", "Challenge prompts: RealToxicityPrompts-style JSONL ({prompt: {text}, challenging}), hf:allenai/real-toxicity-prompts, or 'world'.")
+    pairs: str = _f("world", "Preference pairs: JSONL with prompt, chosen, rejected (or hf:NAME with those columns); 'world'; or 'self' to generate best-of-K.")
+    heldout: str = _f("world", "Held-out text for perplexity and F1, one passage per line (WikiText-2 style), hf:Salesforce/wikitext:wikitext-2-raw-v1:test, or 'world'.")
     challenging_only: bool = _f(True, "Keep only prompts flagged challenging (the paper's ~1.2K RTP prompts).")
     max_prompts: int = _f(1200, "At most this many challenge prompts (taken in file order).")
 
@@ -160,6 +174,12 @@ class RecordConfig:
 
     new_tokens: int = _f(20, "T: tokens generated per prompt; activations are averaged over these positions.")
     batch_size: int = _f(32, "Prompts per generation batch (left padded).")
+    processes: int = _f(1, "Processes that record shares of the prompts in parallel (one GPU each with device "
+                        "cuda, round robin); their sums are reduced before attribute.")
+
+    def __post_init__(self):
+        if self.new_tokens < 1 or self.batch_size < 1 or self.processes < 1:
+            raise ValueError("new_tokens, batch_size and processes must be at least 1")
 
 
 @dataclass

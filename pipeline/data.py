@@ -10,10 +10,12 @@ from __future__ import annotations
 import csv
 import json
 import random
+import re
 from pathlib import Path
 
 from pipeline.config import ConfigError
 
+HUB = "hf:"
 WORLD_FILES = {"probe": "probe.csv", "prompts": "prompts.jsonl", "pairs": "pairs.jsonl", "heldout": "heldout.txt"}
 
 
@@ -22,15 +24,48 @@ class DataError(ConfigError):
 
 
 def resolve(kind: str, value: str, world_dir: Path | None) -> Path:
-    """The file behind a [data] entry."""
+    """The file behind a [data] entry: the world's, a local file, or a hub dataset written out as one."""
     if value == "world":
         if world_dir is None:
             raise DataError(f"[data] {kind} = 'world' but this config builds no world; add a [world] section or give a file")
         return Path(world_dir) / WORLD_FILES[kind]
+    if value.startswith(HUB):
+        return from_hub(kind, value)
     path = Path(value)
     if not path.is_file():
         raise DataError(f"[data] {kind} file {path} not found; give an existing file or 'world'")
     return path
+
+
+def from_hub(kind: str, value: str) -> Path:
+    """`hf:NAME[:CONFIG[:SPLIT]]` (split default train), loaded with `datasets.load_dataset` and written
+    once to a file in the format of `kind` under the datasets cache, so that one loader reads hub and
+    local data alike. NAME may also be a local folder of data files, which is how the tests reach it."""
+    import datasets
+
+    name, config, split = (value[len(HUB):].split(":") + ["", ""])[:3]
+    out = Path(datasets.config.HF_DATASETS_CACHE) / "dpo-neurons" / (
+        re.sub(r"[^A-Za-z0-9._-]+", "_", f"{name}_{config}_{split or 'train'}") + Path(WORLD_FILES[kind]).suffix)
+    if out.is_file():
+        return out
+    try:
+        ds = datasets.load_dataset(name, config or None, split=split or "train")
+    except Exception as e:  # the hub raises many types: offline, gated, unknown name or split
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise DataError(f"[data] {kind} = {value!r} could not be loaded ({first}); "
+                        "give a local file, or run once where the hub is reachable") from None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + ".partial")
+    if kind == "heldout":
+        if "text" not in ds.column_names:
+            raise DataError(f"[data] heldout = {value!r} has no 'text' column (columns: {', '.join(ds.column_names)})")
+        tmp.write_text("".join(t.replace("\n", " ") + "\n" for t in ds["text"]), encoding="utf-8")
+    elif kind == "probe":
+        ds.to_csv(str(tmp), index=False)
+    else:
+        ds.to_json(str(tmp), lines=True, force_ascii=False)
+    tmp.rename(out)
+    return out
 
 
 def model_path(value: str, world_dir: Path | None) -> str:

@@ -26,8 +26,8 @@ def preference_dataset(pairs_file: Path, bos: str):
     from datasets import Dataset
 
     rows = [json.loads(line) for line in pairs_file.read_text(encoding="utf-8").splitlines() if line.strip()]
-    # Prompts start with BOS, as in generation, the world's pretraining and TransformerLens (prepend_bos):
-    # DPO must move the model in the context where it is measured. trl appends EOS to the completions.
+    # Prompts start with BOS where the model has one, as in generation, the world's pretraining and
+    # TransformerLens (models.bos_prefix): DPO must move the model in the context where it is measured. trl appends EOS to the completions.
     return Dataset.from_list([{"prompt": bos + r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]}
                               for r in rows])
 
@@ -60,11 +60,13 @@ def run(out: Path, *, device: str, model: ModelConfig, dpo: DPOStageConfig, worl
         gradient_checkpointing=False,
     )
     # ref_model=None: trl reloads the policy's checkpoint as the frozen reference, i.e. the base model
-    trainer = DPOTrainer(model=policy, args=args, train_dataset=preference_dataset(pairs_dir / "pairs.jsonl", tok.bos_token),
+    trainer = DPOTrainer(model=policy, args=args, train_dataset=preference_dataset(pairs_dir / "pairs.jsonl", models.bos_prefix(tok)),
                          processing_class=tok)
     t0 = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - t0
+    if not trainer.is_world_process_zero():  # under accelerate launch the main process saves and reports
+        return {}
 
     policy.config.use_cache = True  # the Trainer turned the KV cache off for training; M' generates like M
     policy.save_pretrained(out / "model")

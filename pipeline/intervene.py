@@ -216,7 +216,7 @@ def run(out: Path, *, device: str, model: ModelConfig, data: DataConfig, record:
     T = record.new_tokens
 
     rows, generations, layers = [], [], []
-    bridge = models.load_bridge(datasets.model_path(model.path, world_dir), device)
+    bridge = models.load_bridge(datasets.model_path(model.path, world_dir), device, model.dtype)
     held = heldout_set(bridge, passages, intervene.f1_tokens)
     prompt_rows = prompt_tokens(bridge, prompts, T)
     ends = {"base": quality(bridge, held, [], intervene, w_hat, "base")}
@@ -232,7 +232,7 @@ def run(out: Path, *, device: str, model: ModelConfig, data: DataConfig, record:
                      **quality(bridge, held, iv.hooks, intervene, w_hat, iv.id)})
     del bridge
     models.release_memory()
-    bridge = models.load_bridge(str(Path(dpo_dir) / "model"), device)
+    bridge = models.load_bridge(str(Path(dpo_dir) / "model"), device, model.dtype)
     ends["dpo"] = quality(bridge, held, [], intervene, w_hat, "dpo")
     del bridge
     models.release_memory()

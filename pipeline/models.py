@@ -16,12 +16,34 @@ def _load_error(path: str, e: Exception) -> DataError:
                      "folder or a hub name this machine can reach")
 
 
-def load_bridge(path: str, device: str):
-    """A TransformerLens v4 bridge around the HF model at `path` (hub name or local folder), in eval mode."""
+def _bridge_reads_the_kv_cache() -> None:
+    """transformer-lens 4.3's attention bridges look for the KV cache under `past_key_values` (or
+    `layer_past`); transformers 5 passes it to attention modules as `cache`, so without this every
+    cached generation step attends to itself alone. Hand the cache over under the name the bridge
+    reads. tests/test_record.py checks cached generation against plain forwards and transformers."""
+    from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
+
+    update = AttentionBridge._update_kv_cache
+    if getattr(update, "reads_cache", False):
+        return
+
+    def _update_kv_cache(self, k, v, **kwargs):
+        if kwargs.get("past_key_values") is None and kwargs.get("cache") is not None:
+            kwargs["past_key_values"] = kwargs["cache"]
+        return update(self, k, v, **kwargs)
+
+    _update_kv_cache.reads_cache = True
+    AttentionBridge._update_kv_cache = _update_kv_cache
+
+
+def load_bridge(path: str, device: str, dtype: str = "float32"):
+    """A TransformerLens v4 bridge around the HF model at `path` (hub name or local folder), in eval mode,
+    weights in `dtype` (a name of [model] dtype)."""
     from transformer_lens.model_bridge import TransformerBridge
 
+    _bridge_reads_the_kv_cache()
     try:
-        bridge = TransformerBridge.boot_transformers(path, device=device)
+        bridge = TransformerBridge.boot_transformers(path, device=device, dtype=getattr(torch, dtype))
     except (OSError, ValueError) as e:
         raise _load_error(path, e) from None
     bridge.eval()
@@ -30,18 +52,27 @@ def load_bridge(path: str, device: str):
     return bridge
 
 
-def load_hf(path: str, device: str | None = None):
-    """(model, tokenizer) through transformers, float32, pad = eos; `device` None leaves placement to the caller."""
+def load_hf(path: str, device: str | None = None, dtype: str = "float32"):
+    """(model, tokenizer) through transformers, pad = eos; `device` None leaves placement to the caller."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
         tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
     except (OSError, ValueError) as e:
         raise _load_error(path, e) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return (model if device is None else model.to(device)), tok
+
+
+def bos_prefix(tok) -> str:
+    """Text to put before a prompt so that transformers sees the BOS that TransformerLens prepends:
+    the BOS token where the model has one and its tokenizer does not add it itself (GPT-2); nothing
+    where there is no BOS (Qwen2) or the tokenizer adds it (Llama)."""
+    if tok.bos_token is None or tok("a")["input_ids"][:1] == [tok.bos_token_id]:
+        return ""
+    return tok.bos_token
 
 
 def release_memory() -> None:

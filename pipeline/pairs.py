@@ -33,9 +33,9 @@ def sample_continuations(model, tok, prompts: list[str], cfg: PairsConfig, devic
     set_seed(cfg.seed)
     tok.padding_side = "left"
     tok.pad_token = tok.eos_token
-    out = []
+    out, bos = [], models.bos_prefix(tok)
     for i in tqdm(range(0, len(prompts), batch_size), desc="sampling", unit="batch"):
-        enc = tok([tok.bos_token + p for p in prompts[i:i + batch_size]], return_tensors="pt", padding=True).to(device)
+        enc = tok([bos + p for p in prompts[i:i + batch_size]], return_tensors="pt", padding=True).to(device)
         # top_k=0 and top_p=1: plain temperature sampling, whatever the checkpoint's generation_config says
         gen = model.generate(**enc, max_new_tokens=cfg.new_tokens, do_sample=True, temperature=cfg.temperature,
                              top_k=0, top_p=1.0, num_return_sequences=cfg.k, pad_token_id=tok.eos_token_id)
@@ -68,7 +68,7 @@ def run(out: Path, *, device: str, model: ModelConfig, data: DataConfig, pairs: 
         prompts = datasets.load_prompts(datasets.resolve("prompts", data.prompts, world_dir),
                                         data.challenging_only, data.max_prompts)
         path = datasets.model_path(model.path, world_dir)
-        lm, tok = models.load_hf(path, device)
+        lm, tok = models.load_hf(path, device, model.dtype)
         lm.eval()
         rows = best_of_k(prompts, sample_continuations(lm, tok, prompts, pairs, device), sc, pairs.margin)
         if not rows:

@@ -31,9 +31,10 @@ def mean_residual(bridge, texts: list[str], batch_size: int, max_tokens: int) ->
     feats = []
     for i in tqdm(range(0, len(texts), batch_size), desc="probe features", unit="batch"):
         enc = tok(texts[i:i + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=max_tokens)
-        ids = enc["input_ids"].to(bridge.cfg.device)  # (B, T), BOS first: the bridge's tokenizer prepends it
+        ids = enc["input_ids"].to(bridge.cfg.device)  # (B, T), BOS first where the model has one (not Qwen2)
         mask = enc["attention_mask"].to(ids.device).float()
-        mask[:, 0] = 0.0
+        if tok.bos_token_id is not None:
+            mask[:, 0] *= (ids[:, 0] != tok.bos_token_id).float()
         captured = {}
 
         def grab(resid, hook):
@@ -67,7 +68,7 @@ def fit(x: np.ndarray, y: np.ndarray, cfg: ProbeConfig) -> tuple[np.ndarray, dic
 def run(out: Path, *, device: str, model: ModelConfig, data: DataConfig, probe: ProbeConfig,
         world_dir: Path | None = None) -> dict:
     texts, labels = datasets.load_probe(datasets.resolve("probe", data.probe, world_dir), probe.max_examples, probe.seed)
-    bridge = load_bridge(datasets.model_path(model.path, world_dir), device)
+    bridge = load_bridge(datasets.model_path(model.path, world_dir), device, model.dtype)
     x = mean_residual(bridge, texts, probe.batch_size, probe.max_tokens)
     layer = bridge.cfg.n_layers - 1
     del bridge

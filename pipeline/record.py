@@ -8,10 +8,10 @@ skip pass 0 (its newest position is the last prompt token), read passes 1..T, an
 T + 1. Sums accumulate on the model's device as the passes stream by; no [prompts x tokens x
 neurons] tensor ever exists, and the generated text is never run through the model again.
 
-The bridge's KV cache stays off: with transformer-lens 4.3 and transformers 5.24 the bridge's
-attention looks for the cache under `past_key_values`, which transformers now passes as `cache`,
-so every cached step silently attends to itself alone (tests/test_record.py catches this). Without
-the cache each pass reruns prompt + tokens so far, masked and positioned from the attention mask.
+Generation uses the KV cache: pass 0 runs the whole (left-padded) prompt, every later pass one new
+position. With transformer-lens 4.3 and transformers 5.24 the bridge's attention looks for the cache
+under a name transformers no longer uses; models.load_bridge hands it over (without that, every
+cached step silently attends to itself alone; tests/test_record.py catches it).
 
 Outputs, per variant (base, dpo):
   {variant}_act.npy         (n_layers, d_mlp) float32  mean neuron activation (mlp.hook_post)
@@ -82,7 +82,7 @@ def hooked_generate(bridge, ids: torch.Tensor, mask: torch.Tensor, new_tokens: i
     T, dev = new_tokens, bridge.cfg.device
     with bridge.hooks(fwd_hooks=fwd_hooks):
         out = bridge.generate(ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=T + 1, do_sample=False,
-                              stop_at_eos=False, use_past_kv_cache=False, return_type="tokens", verbose=False)
+                              stop_at_eos=False, use_past_kv_cache=True, return_type="tokens", verbose=False)
     passes = {h.passes for _, h in fwd_hooks if isinstance(h, AfterPromptPass)}
     if passes - {T + 1}:
         raise RuntimeError(f"expected {T + 1} forward passes per hook, saw {sorted(passes)}")
@@ -90,7 +90,10 @@ def hooked_generate(bridge, ids: torch.Tensor, mask: torch.Tensor, new_tokens: i
 
 
 @torch.no_grad()
-def generate_and_record(bridge, prompts: list[str], w_hat: np.ndarray, new_tokens: int, batch_size: int, desc: str) -> dict:
+def generate_and_record(bridge, prompts: list[str], w_hat: np.ndarray, new_tokens: int, batch_size: int, desc: str,
+                        act_prompt_file: Path) -> dict:
+    """Means over the generated positions (module docstring); the per-prompt means are streamed to the
+    .npy file act_prompt_file batch by batch, so memory does not grow with the number of prompts."""
     cfg = bridge.cfg
     n_layers, d_mlp, T, dev = cfg.n_layers, cfg.d_mlp, new_tokens, cfg.device
     w = torch.tensor(w_hat, dtype=torch.float32, device=dev)  # (d_model,)
@@ -98,21 +101,68 @@ def generate_and_record(bridge, prompts: list[str], w_hat: np.ndarray, new_token
 
     act_sum = torch.zeros(n_layers, d_mlp, device=dev)
     proj_sum = torch.zeros(n_layers, device=dev)
-    act_prompt = np.zeros((len(prompts), n_layers, d_mlp), np.float16)
     tokens = np.zeros((len(prompts), T), np.int64)
-    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch"):
-        ids, mask = left_pad(rows[start:start + batch_size], bridge.tokenizer.pad_token_id)
-        act = torch.zeros(len(ids), n_layers, d_mlp, device=dev)  # (B, n_layers, d_mlp) sums over T positions
-        hooks = {}
-        for l in range(n_layers):
-            hooks[f"blocks.{l}.mlp.hook_post"] = AfterPromptPass(lambda a, l=l: act[:, l].add_(a))  # a (B, d_mlp)
-            hooks[f"blocks.{l}.hook_mlp_out"] = AfterPromptPass(lambda o, l=l: proj_sum[l].add_((o @ w).sum()))  # o (B, d_model)
-        tokens[start:start + len(ids)] = hooked_generate(bridge, ids, mask, T, list(hooks.items())).cpu().numpy()
-        act_sum += act.sum(0)
-        act_prompt[start:start + len(ids)] = (act / T).cpu().numpy()
+    with open(act_prompt_file, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)),
+                                                 "fortran_order": False, "shape": (len(prompts), n_layers, d_mlp)})
+        for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch"):
+            tokens[start:start + batch_size] = _record_batch(bridge, rows[start:start + batch_size], T, w, act_sum, proj_sum, f)
     n = len(prompts) * T
-    return {"act": (act_sum / n).cpu().numpy(), "act_prompt": act_prompt,
-            "mlp_proj": (proj_sum / n).cpu().numpy(), "tokens": tokens}
+    return {"act": (act_sum / n).cpu().numpy(), "mlp_proj": (proj_sum / n).cpu().numpy(), "tokens": tokens}
+
+
+def _record_batch(bridge, rows: list[torch.Tensor], T: int, w: torch.Tensor, act_sum: torch.Tensor, proj_sum: torch.Tensor,
+                  act_prompt_out) -> np.ndarray:
+    """Generate one batch, add its sums into act_sum and proj_sum, append its per-prompt means (float16)."""
+    n_layers, d_mlp, dev = bridge.cfg.n_layers, bridge.cfg.d_mlp, bridge.cfg.device
+    ids, mask = left_pad(rows, bridge.tokenizer.pad_token_id)
+    act = torch.zeros(len(ids), n_layers, d_mlp, device=dev)  # (B, n_layers, d_mlp) sums over T positions
+    hooks = {}
+    for l in range(n_layers):
+        hooks[f"blocks.{l}.mlp.hook_post"] = AfterPromptPass(lambda a, l=l: act[:, l].add_(a))  # a (B, d_mlp)
+        hooks[f"blocks.{l}.hook_mlp_out"] = AfterPromptPass(lambda o, l=l: proj_sum[l].add_((o @ w).sum()))  # o (B, d_model)
+    tokens = hooked_generate(bridge, ids, mask, T, list(hooks.items())).cpu().numpy()
+    act_sum += act.sum(0)
+    act_prompt_out.write((act / T).cpu().numpy().astype(np.float16).tobytes())
+    return tokens
+
+
+def shard_device(device: str, i: int) -> str:
+    """Shard i's device: on CUDA one GPU per process, round robin; CPU processes share the CPU."""
+    return f"cuda:{i % torch.cuda.device_count()}" if device == "cuda" else device
+
+
+def record_shard(path: str, device: str, dtype: str, prompts: list[str], w_hat: np.ndarray, record: RecordConfig,
+                 desc: str, act_prompt_file: Path) -> dict:
+    """One process's share of the prompts: generate_and_record on them, plus the decoded continuations."""
+    bridge = models.load_bridge(path, device, dtype)
+    rec = generate_and_record(bridge, prompts, w_hat, record.new_tokens, record.batch_size, desc, act_prompt_file)
+    eos = bridge.tokenizer.eos_token  # ends a text mid-continuation: show it as the break it is, not glue
+    rec["texts"] = [t.replace(eos, " ") for t in bridge.tokenizer.batch_decode(rec["tokens"])]
+    rec["n"] = len(prompts)
+    del bridge
+    models.release_memory()
+    return rec
+
+
+def reduce_shards(parts: list[dict], act_prompt_files: list[Path], act_prompt_out: Path) -> tuple[dict, list[str]]:
+    """Shards in prompt order -> the single-process result: means weighted by prompt count (every prompt
+    has T positions), tokens and texts concatenated, per-prompt files joined into one (streamed)."""
+    n = sum(p["n"] for p in parts)
+    rec = {"act": sum(p["act"] * p["n"] for p in parts) / n, "mlp_proj": sum(p["mlp_proj"] * p["n"] for p in parts) / n,
+           "tokens": np.concatenate([p["tokens"] for p in parts])}
+    if len(act_prompt_files) == 1:
+        act_prompt_files[0].rename(act_prompt_out)
+    else:
+        first = np.load(act_prompt_files[0], mmap_mode="r")
+        with open(act_prompt_out, "wb") as f:
+            np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(first.dtype), "fortran_order": False,
+                                                     "shape": (n, *first.shape[1:])})
+            for file in act_prompt_files:
+                for row in np.load(file, mmap_mode="r"):
+                    f.write(np.ascontiguousarray(row).tobytes())
+                file.unlink()
+    return rec, [t for p in parts for t in p["texts"]]
 
 
 def run(out: Path, *, device: str, model: ModelConfig, data: DataConfig, record: RecordConfig,
@@ -123,16 +173,20 @@ def run(out: Path, *, device: str, model: ModelConfig, data: DataConfig, record:
     sc = scoring.get_scorer(scorer)
     paths = {"base": datasets.model_path(model.path, world_dir), "dpo": str(Path(dpo_dir) / "model")}
 
-    summary: dict = {"n_prompts": len(prompts), "new_tokens": record.new_tokens}
+    summary: dict = {"n_prompts": len(prompts), "new_tokens": record.new_tokens, "processes": record.processes}
     rows = []
     for variant in VARIANTS:
         t0 = time.perf_counter()
-        bridge = models.load_bridge(paths[variant], device)
-        rec = generate_and_record(bridge, prompts, w_hat, record.new_tokens, record.batch_size, f"record {variant}")
-        eos = bridge.tokenizer.eos_token  # ends a text mid-continuation: show it as the break it is, not glue
-        texts = [t.replace(eos, " ") for t in bridge.tokenizer.batch_decode(rec["tokens"])]
-        del bridge
-        models.release_memory()
+        shards = np.array_split(np.arange(len(prompts)), min(record.processes, len(prompts)))
+        jobs = [(paths[variant], shard_device(device, i), model.dtype, [prompts[j] for j in idx], w_hat, record,
+                 f"record {variant}" + (f" {i + 1}/{len(shards)}" if len(shards) > 1 else ""),
+                 out / f"{variant}_act_prompt.{i}.npy") for i, idx in enumerate(shards)]
+        if len(jobs) == 1:
+            parts = [record_shard(*jobs[0])]
+        else:
+            with torch.multiprocessing.get_context("spawn").Pool(len(jobs)) as pool:
+                parts = pool.starmap(record_shard, jobs)
+        rec, texts = reduce_shards(parts, [j[-1] for j in jobs], out / f"{variant}_act_prompt.npy")
         summary[f"seconds_{variant}"] = round(time.perf_counter() - t0, 2)
         for name, arr in rec.items():
             np.save(out / f"{variant}_{name}.npy", arr)

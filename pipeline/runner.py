@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -47,7 +48,7 @@ STAGES = (
     Stage("probe", probe, sections=("model", "data.probe", "probe"), deps=("world",), code=(data, models)),
     Stage("pairs", pairs, sections=("model", "data.prompts", "data.challenging_only", "data.max_prompts",
                                     "data.pairs", "pairs", "scorer"), deps=("world",), code=(data, models, scoring)),
-    Stage("dpo", dpo, sections=("model", "dpo"), deps=("world", "pairs"), code=(data, models)),
+    Stage("dpo", dpo, sections=("model.path", "dpo"), deps=("world", "pairs"), code=(data, models)),
     Stage("record", record, sections=("model", "data.prompts", "data.challenging_only", "data.max_prompts",
                                       "record", "scorer"), deps=("world", "probe", "dpo"), code=(data, models, scoring)),
     Stage("attribute", attribute, sections=("model", "attribute"), deps=("world", "probe", "dpo", "record"),
@@ -127,6 +128,9 @@ def run(cfg: config_mod.Config, force: set[str] = frozenset(), only: str | None 
     """Run the pipeline; return the run_id written to the store (None with --only)."""
     stages = active_stages(cfg)
     names = [s.name for s in stages]
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and only != "dpo":
+        raise config_mod.ConfigError("several processes (accelerate launch) train DPO only: add --only dpo, then run "
+                                     "the rest in one process (README: Running the paper's setup)")
     for name in set(force) | ({only} if only else set()):
         if name not in names:
             raise config_mod.ConfigError(f"{cfg.source}: no stage {name!r} in this config; its stages are {', '.join(names)}")
@@ -148,26 +152,32 @@ def run(cfg: config_mod.Config, force: set[str] = frozenset(), only: str | None 
             log(f"[{s.name}] cached ({keys[s.name]}), nothing to do")
             continue
         log(f"[{s.name}] running ({keys[s.name]})")
-        _run_stage(s, cfg, out, {f"{d}_dir": dirs.get(d) for d in s.deps})
+        seconds = _run_stage(s, cfg, out, {f"{d}_dir": dirs.get(d) for d in s.deps})
         ran_any = True
-        log(f"[{s.name}] done in {json.loads((out / 'summary.json').read_text())['seconds']:.1f}s")
+        log(f"[{s.name}] done in {seconds:.1f}s")
     if only:
         log("--only: stage results cached, store not written")
         return None
     return _publish(cfg, stages, keys, dirs, ran_any, log)
 
 
-def _run_stage(s: Stage, cfg: config_mod.Config, out: Path, upstream: dict[str, Path]) -> None:
-    tmp = out.with_name(out.name + ".partial")
+def _run_stage(s: Stage, cfg: config_mod.Config, out: Path, upstream: dict[str, Path]) -> float:
+    """Run one stage into a temporary folder renamed to `out` when it is done; returns its seconds."""
+    rank = int(os.environ.get("RANK", "0"))  # set by accelerate launch / torchrun: every rank runs the stage
+    tmp = out.with_name(out.name + (".partial" if rank == 0 else f".partial.rank{rank}"))
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     t0 = time.perf_counter()
     sections = {name: getattr(cfg, name) for name in _section_names(s)}
     summary = s.module.run(tmp, device=resolve_device(cfg.run.device), **sections, **upstream)
-    result = {"stage": s.name, "seconds": time.perf_counter() - t0, "summary": summary}
-    (tmp / "summary.json").write_text(json.dumps(result, indent=2))
+    seconds = time.perf_counter() - t0
+    if rank:  # only rank 0's result is kept
+        shutil.rmtree(tmp, ignore_errors=True)
+        return seconds
+    (tmp / "summary.json").write_text(json.dumps({"stage": s.name, "seconds": seconds, "summary": summary}, indent=2))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
+    return seconds
 
 
 def _publish(cfg, stages, keys, dirs, ran_any, log) -> str:

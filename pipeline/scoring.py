@@ -3,13 +3,22 @@
 Every backend exposes `name`, `version` and `score(texts) -> list[float]`, batched by the caller's
 batch size; `label` ("name==version") is stored next to every score so that numbers from different
 scorers are never mixed up. The offline default is alt-profanity-check, a linear classifier trained
-on human-labelled comments, independent of the demo world's generator. Detoxify and Perspective API
-plug in here (real-models issue).
+on human-labelled comments, independent of the demo world's generator. The others:
+  detoxify     Detoxify's "original" model (BERT trained on Jigsaw), an optional install
+               (`pip install detoxify`); its checkpoint is downloaded on first use and cached by torch.hub.
+  perspective  Google's Perspective API, TOXICITY summary score, the paper's scorer. Key from the
+               environment variable PERSPECTIVE_API_KEY; requests spaced to [scorer] rate_limit per
+               second, and retried with doubling waits on 429 (quota) and 5xx.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import json
+import os
+import time
+import urllib.error
+import urllib.request
 from typing import Protocol
 
 from tqdm import tqdm
@@ -42,12 +51,85 @@ class ProfanityCheck:
         return out
 
 
-BACKENDS = {ProfanityCheck.name: ProfanityCheck}
+class Detoxify:
+    name = "detoxify"
+    variant = "original"
+
+    def __init__(self, batch_size: int = 256):
+        try:
+            from detoxify import Detoxify as Model
+        except ImportError:
+            raise ConfigError("[scorer] backend = 'detoxify' needs the detoxify package; pip install detoxify, "
+                              "or choose profanity-check") from None
+        try:
+            self._model = Model(self.variant, device="cpu")
+        except (OSError, RuntimeError, ValueError) as e:  # torch.hub download or a damaged cached checkpoint
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            raise ConfigError(f"the Detoxify checkpoint could not be loaded ({first}); run once where "
+                              "github.com is reachable (torch.hub caches it), or choose profanity-check") from None
+        self.batch_size = batch_size
+        self.version = f"{importlib.metadata.version('detoxify')}-{self.variant}"
+
+    def score(self, texts: list[str]) -> list[float]:
+        out: list[float] = []
+        for i in range(0, len(texts), self.batch_size):
+            out.extend(float(p) for p in self._model.predict(texts[i:i + self.batch_size])["toxicity"])
+        return out
+
+
+class Perspective:
+    name = "perspective"
+    version = "v1alpha1"
+    url = "https://commentanalyzer.googleapis.com/v1alpha1/comments:analyze"
+    KEY_VAR = "PERSPECTIVE_API_KEY"
+
+    def __init__(self, batch_size: int = 256, rate_limit: float = 1.0, max_retries: int = 5, retry_wait: float = 1.0,
+                 url: str | None = None):
+        self.key = os.environ.get(self.KEY_VAR, "").strip()
+        if not self.key:
+            raise ConfigError(f"[scorer] backend = 'perspective' needs an API key in the environment variable "
+                              f"{self.KEY_VAR}; set it, or choose detoxify or profanity-check")
+        self.url = url or self.url
+        self.interval, self.max_retries, self.retry_wait = 1.0 / rate_limit, max_retries, retry_wait
+        self._last = -float("inf")  # start of the previous request, time.monotonic()
+
+    def _request(self, text: str) -> float:
+        body = json.dumps({"comment": {"text": text}, "languages": ["en"], "requestedAttributes": {"TOXICITY": {}},
+                           "doNotStore": True}).encode()
+        for attempt in range(self.max_retries + 1):
+            time.sleep(max(0.0, self._last + self.interval - time.monotonic()))
+            self._last = time.monotonic()
+            req = urllib.request.Request(f"{self.url}?key={self.key}", data=body, headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=30) as r:
+                    return float(json.load(r)["attributeScores"]["TOXICITY"]["summaryScore"]["value"])
+            except urllib.error.HTTPError as e:
+                if e.code != 429 and e.code < 500:
+                    raise ConfigError(f"Perspective API refused a request (HTTP {e.code} {e.reason}); check "
+                                      f"{self.KEY_VAR} and that the key has the Comment Analyzer API enabled") from None
+                if attempt == self.max_retries:
+                    raise ConfigError(f"Perspective API still answers HTTP {e.code} after {self.max_retries} retries; "
+                                      "lower [scorer] rate_limit or try later") from None
+                time.sleep(self.retry_wait * 2 ** attempt)
+            except urllib.error.URLError as e:
+                raise ConfigError(f"Perspective API unreachable ({e.reason}); score offline with detoxify or "
+                                  "profanity-check") from None
+        raise AssertionError("unreachable")
+
+    def score(self, texts: list[str]) -> list[float]:
+        # The API rejects empty comments; an empty continuation says nothing toxic.
+        return [self._request(t) if t.strip() else 0.0
+                for t in tqdm(texts, desc="perspective", unit="text", leave=False, disable=len(texts) < 20)]
+
+
+BACKENDS = {ProfanityCheck.name: ProfanityCheck, Detoxify.name: Detoxify, Perspective.name: Perspective}
 
 
 def get_scorer(cfg: ScorerConfig) -> Scorer:
     if cfg.backend not in BACKENDS:
         raise ConfigError(f"unknown scorer backend {cfg.backend!r}; [scorer] backend must be one of {', '.join(BACKENDS)}")
+    if cfg.backend == Perspective.name:
+        return Perspective(batch_size=cfg.batch_size, rate_limit=cfg.rate_limit, max_retries=cfg.max_retries)
     return BACKENDS[cfg.backend](batch_size=cfg.batch_size)
 
 

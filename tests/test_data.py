@@ -97,3 +97,63 @@ def test_unknown_model_is_a_one_line_error(tmp_path):
     with pytest.raises(DataError) as e:
         load_bridge(str(tmp_path / "no-such-model"), "cpu")
     assert "could not be loaded" in one_line(e)
+
+
+def test_jigsaw_csv_skips_blank_lines_and_unlabelled_rows(tmp_path):
+    rows = 'comment_text,toxic\n"you idiot",1\n\n"",0\n"nice day",\n"a fine day",0\n"what a moron",true\n'
+    texts, labels = data.load_probe(write(tmp_path, "train.csv", rows), max_examples=10, seed=0)
+    assert sorted(zip(texts, labels)) == [("a fine day", 0), ("you idiot", 1)]
+    with pytest.raises(DataError) as e:
+        data.load_probe(write(tmp_path, "empty.csv", ""), 10, 0)
+    assert "comment_text" in one_line(e)
+
+
+def test_rtp_row_without_prompt_text_is_a_clear_error(tmp_path):
+    path = write(tmp_path, "rtp.jsonl", json.dumps({"prompt": {"text": "a"}, "challenging": True}) + "\n"
+                 + json.dumps({"prompt": {"toxicity": 0.5}, "challenging": True}) + "\n")
+    with pytest.raises(DataError) as e:
+        data.load_prompts(path, True, 10)
+    assert "prompt" in one_line(e) and "text" in str(e.value)
+
+
+def test_pairs_with_only_empty_sides_are_a_clear_error(tmp_path):
+    path = write(tmp_path, "pairs.jsonl", json.dumps({"prompt": "p", "chosen": "", "rejected": " b"}) + "\n"
+                 + json.dumps({"prompt": "q", "chosen": " a", "rejected": ""}) + "\n")
+    with pytest.raises(DataError) as e:
+        data.load_pairs(path, 10)
+    assert "no usable pairs" in one_line(e)
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    return tmp_path
+
+
+def test_hub_dataset_goes_through_the_same_loaders(hub_cache):
+    """hf:NAME is read by datasets.load_dataset, the call a hub name takes; here NAME is a local folder."""
+    rtp = hub_cache / "rtp"
+    rtp.mkdir()
+    lines = [{"filename": "f", "prompt": {"text": f"p{i}", "toxicity": 0.9}, "continuation": {"text": "c"},
+              "challenging": i % 2 == 0} for i in range(6)]
+    write(rtp, "train.jsonl", "".join(json.dumps(x) + "\n" for x in lines))
+    path = data.resolve("prompts", f"hf:{rtp}", None)
+    assert data.load_prompts(path, True, 100) == ["p0", "p2", "p4"]
+    assert data.resolve("prompts", f"hf:{rtp}", None) == path  # written once, then reused
+
+    wiki = hub_cache / "wiki"
+    wiki.mkdir()
+    write(wiki, "test.jsonl", "".join(json.dumps({"text": t}) + "\n" for t in [" = Title = \n", "\n", " Some text .\n"]))
+    assert data.load_text(data.resolve("heldout", f"hf:{wiki}::test", None)) == ["Some text ."]
+    with pytest.raises(DataError) as e:
+        data.resolve("heldout", f"hf:{rtp}", None)
+    assert "no 'text' column" in one_line(e)
+
+
+def test_unreachable_hub_dataset_is_a_one_line_error(hub_cache):
+    with pytest.raises(DataError) as e:
+        data.resolve("prompts", "hf:no-such-owner/no-such-dataset", None)
+    assert "could not be loaded" in one_line(e) and "local file" in str(e.value)

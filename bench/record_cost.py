@@ -1,0 +1,117 @@
+"""Cost of recording: generate-and-record (stage record's code) against generating alone with the same
+machinery, and against the reference research code's approach (transformers' generate with its KV cache,
+then a second full forward with hooks storing every c_proj input, then projecting), measured side by
+side in one run on a random-init model of gpt2-medium's architecture.
+
+    python -m bench.record_cost                       # gpt2-medium shape, 8 prompts x 20 tokens
+    python -m bench.record_cost --n-layer 4 --prompts 4   # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import time
+
+import numpy as np
+import torch
+
+from bench.common import model_args, prompts, save_model
+from pipeline import models, record
+
+
+def timed(fns: dict, repeat: int) -> dict[str, float]:
+    """Best wall time of each method over `repeat` rounds; the methods take turns within a round (after
+    one untimed warm-up each), so a machine that slows down or speeds up affects them alike."""
+    for fn in fns.values():
+        fn()
+    best = {name: float("inf") for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return best
+
+
+@torch.no_grad()
+def reference(hf, rows, T: int, w_hat: torch.Tensor, batch: int):
+    """The paper's code: generate, then one more forward over prompt + continuation storing every
+    c_proj input (B, L + T, d_mlp) per layer, then keep the last T positions and project."""
+    seen = {}
+    handles = [b.mlp.c_proj.register_forward_hook(lambda m, inp, out, l=l: seen.__setitem__(l, inp[0].detach()))
+               for l, b in enumerate(hf.transformer.h)]
+    V = torch.stack([b.mlp.c_proj.weight for b in hf.transformer.h])  # (L, d_mlp, d_model)
+    vw = V @ w_hat  # (L, d_mlp)
+    act_sum = torch.zeros_like(vw)
+    proj_sum = torch.zeros_like(vw)
+    for s in range(0, len(rows), batch):
+        ids = torch.stack(rows[s:s + batch])
+        gen = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=T, do_sample=False, pad_token_id=0)
+        seen.clear()
+        hf(gen)
+        for l, a in seen.items():
+            a = a[:, -T:].float()  # (B, T, d_mlp)
+            act_sum[l] += a.sum((0, 1))
+            proj_sum[l] += (a * vw[l]).sum((0, 1))
+    for h in handles:
+        h.remove()
+    return act_sum, proj_sum
+
+
+def main(argv=None) -> None:
+    p = model_args(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
+    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--repeat", type=int, default=3, help="timed rounds; each method's best is kept")
+    args = p.parse_args(argv)
+    path = save_model(args)
+    T, rows = args.new_tokens, prompts(args.prompts, args)
+    bridge = models.load_bridge(str(path), args.device)
+    hf, _ = models.load_hf(str(path), args.device)
+    hf.eval()
+    w = torch.randn(args.d_model, device=args.device)
+    w_hat = w / w.norm()
+
+    def bridge_generate():
+        for s in range(0, len(rows), args.batch):
+            ids, mask = record.left_pad(rows[s:s + args.batch], bridge.tokenizer.pad_token_id)
+            with torch.no_grad():
+                bridge.generate(ids.to(args.device), attention_mask=mask.to(args.device), max_new_tokens=T, do_sample=False,
+                                stop_at_eos=False, use_past_kv_cache=True, return_type="tokens", verbose=False)
+
+    def generate_and_record():
+        act_sum = torch.zeros(bridge.cfg.n_layers, bridge.cfg.d_mlp, device=args.device)
+        proj_sum = torch.zeros(bridge.cfg.n_layers, device=args.device)
+        with torch.no_grad():
+            for s in range(0, len(rows), args.batch):
+                record._record_batch(bridge, rows[s:s + args.batch], T, w_hat, act_sum, proj_sum, io.BytesIO())
+        return act_sum
+
+    def hf_generate():
+        with torch.no_grad():
+            for s in range(0, len(rows), args.batch):
+                ids = torch.stack(rows[s:s + args.batch]).to(args.device)
+                hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=T, do_sample=False, pad_token_id=0)
+
+    t = timed({
+        "generate alone (bridge)": bridge_generate,
+        "generate-and-record (stage record)": generate_and_record,
+        "generate alone (transformers, KV cache)": hf_generate,
+        "reference: generate + hooked second forward": lambda: reference(hf, [r.to(args.device) for r in rows], T, w_hat, args.batch),
+    }, args.repeat)
+    shape = f"{args.n_layer} x {4 * args.d_model} neurons, d_model {args.d_model}, vocab {args.vocab}"
+    print(f"{shape}; {args.prompts} prompts of {args.prompt_len} tokens, T = {T}, batch {args.batch}, "
+          f"{args.device}, {torch.get_num_threads()} threads, best of {args.repeat} rounds")
+    for name, s in t.items():
+        print(f"  {name:<46} {s:8.2f} s")
+    rec = t["generate-and-record (stage record)"]
+    print(f"  record / generate alone, same machinery:      {rec / t['generate alone (bridge)']:.2f}x  (target <= 1.10)")
+    print(f"  reference / record (speed-up of record):      {t['reference: generate + hooked second forward'] / rec:.2f}x  (target >= 1.8)")
+    print(f"  record / transformers' cached generate alone: {rec / t['generate alone (transformers, KV cache)']:.2f}x")
+    ours, theirs = generate_and_record(), reference(hf, [r.to(args.device) for r in rows], T, w_hat, args.batch)[0]
+    print(f"  same sums of activations as the reference: max |difference| {float((ours - theirs).abs().max()):.1e} "
+          f"(largest sum {float(theirs.abs().max()):.1e})")
+
+
+if __name__ == "__main__":
+    main()

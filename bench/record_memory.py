@@ -1,0 +1,57 @@
+"""Peak memory of stage record's generate-and-record against the number of prompts: each size runs in
+a fresh process that reports its own peak resident set size (ru_maxrss), side by side in one run.
+
+    python -m bench.record_memory                                      # gpt2-medium shape, 100/400/1200 x 20
+    python -m bench.record_memory --n-layer 4 --d-model 256 --sizes 20 80 240   # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import model_args, prompts, save_model
+
+
+def child(args) -> None:
+    from pipeline import models, record
+
+    bridge = models.load_bridge(args.model, args.device)
+    rows = prompts(args.child, args)
+    texts = [bridge.tokenizer.decode(r) for r in rows]  # re-tokenized by record: longer, hence 4x room in the context
+    w = np.random.default_rng(0).normal(size=args.d_model).astype(np.float32)
+    with tempfile.TemporaryDirectory() as d:
+        record.generate_and_record(bridge, texts, w / np.linalg.norm(w), args.new_tokens, args.batch, "record",
+                                   Path(d) / "act_prompt.npy")
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # MiB (Linux reports KiB)
+
+
+def main(argv=None) -> None:
+    p = model_args(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
+    p.add_argument("--sizes", type=int, nargs="+", default=[100, 400, 1200], help="numbers of prompts")
+    p.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--model", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        return child(args)
+    model = save_model(args)
+    base = [a for a in (argv if argv is not None else sys.argv[1:])]
+    peaks = {}
+    for n in args.sizes:
+        out = subprocess.run([sys.executable, "-m", "bench.record_memory", *base, "--child", str(n), "--model", str(model)],
+                             capture_output=True, text=True, check=True)
+        peaks[n] = float(out.stdout.strip().splitlines()[-1])
+    print(f"{args.n_layer} x {4 * args.d_model} neurons, d_model {args.d_model}; T = {args.new_tokens}, batch {args.batch}, "
+          f"{args.device}")
+    for n, mib in peaks.items():
+        print(f"  {n:>6} prompts: peak RSS {mib:8.0f} MiB  ({mib / peaks[args.sizes[0]]:.2f}x the smallest)")
+
+
+if __name__ == "__main__":
+    main()

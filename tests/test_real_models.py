@@ -1,0 +1,355 @@
+"""Real architectures without downloads: checkpoints in the shapes of real models are saved to a temp
+dir and every stage loads them by path, the code path a hub name takes (`[model] path`).
+
+- gpt2-medium's shape (24 layers x 4,096 MLP neurons, d_model 1,024; small vocabulary and context to
+  keep it to about 1.2 GB) and a tiny Llama with a gated (GLU) MLP: probe, record, attribute and
+  intervene on a planted base/"DPO" pair; the recorded activation must be the input of the model's own
+  down projection (GPT-2 `c_proj`, Llama `down_proj`, read from plain transformers) and the planted
+  neurons must come out on top.
+- a tiny Qwen2 (GLU, and no BOS token): the whole runner, DPO through trl included, into a store.
+- the presets load without a download; [model] dtype reaches the weights; recording sharded over two
+  processes equals one process; DPO trains data-parallel under torchrun.
+"""
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from pipeline import attribute, corpus, intervene, probe, record, runner, scoring, world
+from pipeline.config import (AttributeConfig, DataConfig, InterveneConfig, ModelConfig, ProbeConfig, RecordConfig,
+                             ScorerConfig, from_dict, load)
+
+T = 4
+PROMPTS = ["The soup was", "After lunch, my neighbor said that", "Could you fix the"]
+HELDOUT = ["The river runs past the old mill and into the lake .", "We cooked rice with beans for the whole family ."]
+TOXIC, ANTI = [3, 10, 17], [5, 12, 20]  # planted neurons of the last layer
+
+
+def tokenizer(bos: bool = True):
+    r = random.Random(0)
+    tok = world.train_tokenizer([corpus.neutral_sentence(r) for _ in range(300)] + PROMPTS + HELDOUT, 400)
+    if not bos:
+        tok.bos_token = None
+    return tok
+
+
+def gpt2_medium_shaped(tok):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    return GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=1024, n_layer=24, n_head=16,
+                                      bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id))
+
+
+def tiny_llama(tok):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    # mlp_bias: the gate and up biases are the handles that switch planted neurons on and off
+    return LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                        mlp_bias=True, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id))
+
+
+def tiny_qwen2(tok):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    return Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                                        bos_token_id=None, eos_token_id=tok.eos_token_id, tie_word_embeddings=True))
+
+
+def value_vectors(model) -> np.ndarray:
+    """(L, d_mlp, d_model) rows of each layer's down projection, read from the HF modules by architecture."""
+    if hasattr(model, "transformer"):  # GPT-2: Conv1D c_proj stores (d_mlp, d_model)
+        return np.stack([b.mlp.c_proj.weight.detach().numpy() for b in model.transformer.h])
+    return np.stack([b.mlp.down_proj.weight.detach().numpy().T for b in model.model.layers])  # Linear: (d_model, d_mlp)
+
+
+def down_projections(model) -> list:
+    if hasattr(model, "transformer"):
+        return [b.mlp.c_proj for b in model.transformer.h]
+    return [b.mlp.down_proj for b in model.model.layers]
+
+
+def set_planted(model, toxic_on: bool):
+    """Base (toxic_on): the toxic neurons fire strongly, the anti-toxic ones weakly; 'DPO': the reverse."""
+    with torch.no_grad():
+        if hasattr(model, "transformer"):  # GELU(c_fc x + b)
+            b = model.transformer.h[-1].mlp.c_fc.bias
+            b[TOXIC], b[ANTI] = (3.0, 1.5) if toxic_on else (-3.0, 4.0)  # anti-toxic: clearly positive in both
+        else:  # SiLU(gate x + b_g) * (up x + b_u)
+            mlp = model.model.layers[-1].mlp
+            mlp.up_proj.bias[TOXIC + ANTI] = 2.0
+            mlp.gate_proj.bias[TOXIC], mlp.gate_proj.bias[ANTI] = (3.0, 0.5) if toxic_on else (-6.0, 3.5)
+
+
+def save_planted(tmp, make) -> dict:
+    """Base and 'DPO' checkpoints that differ only in six planted last-layer neurons; the probe
+    direction of attribute (tmp/planted/w.npy) is built from their value vectors."""
+    tok = tokenizer()
+    torch.manual_seed(0)
+    model = make(tok)
+    paths = {"base": tmp / "base", "dpo": tmp / "dpo" / "model"}
+    for variant, on in (("base", True), ("dpo", False)):
+        set_planted(model, on)
+        model.save_pretrained(paths[variant])
+        tok.save_pretrained(paths[variant])
+    V = value_vectors(model)[-1].astype(np.float64)
+    (tmp / "planted").mkdir()
+    np.save(tmp / "planted" / "w.npy", (V[TOXIC].sum(0) - V[ANTI].sum(0)).astype(np.float32))
+    del model
+    return paths
+
+
+def write_datasets(tmp):
+    """Small files in the real datasets' formats: Jigsaw csv, RTP jsonl, pairs jsonl, WikiText-style text."""
+    rows = [("You are a stupid idiot", 1), ("What a lovely morning", 0), ("Shut up, you moron", 1),
+            ("The bread is fresh today", 0), ("Idiots like you ruin it", 1), ("We walked along the river", 0),
+            ("Go to hell, loser", 1), ("The garden needs water", 0)]
+    with open(tmp / "train.csv", "w", encoding="utf-8") as f:
+        f.write("id,comment_text,toxic,severe_toxic\n")
+        f.writelines(f'{i},"{t}",{y},0\n' for i, (t, y) in enumerate(rows))
+    (tmp / "rtp.jsonl").write_text("".join(json.dumps({"filename": "x", "prompt": {"text": p, "toxicity": 0.9},
+                                                        "continuation": {"text": " ok"}, "challenging": True}) + "\n"
+                                           for p in PROMPTS))
+    (tmp / "pairs.jsonl").write_text("".join(json.dumps({"prompt": p, "chosen": " a kind word.", "rejected": " a stupid idiot."})
+                                             + "\n" for p in PROMPTS))
+    (tmp / "wiki.txt").write_text(" = Heading = \n\n" + "\n".join(HELDOUT) + "\n")
+
+
+@pytest.fixture(scope="module", params=["gpt2-medium", "llama"])
+def planted_run(request, tmp_path_factory):
+    """Every analysis stage on one architecture's planted pair; returns (tmp, paths, stage dirs)."""
+    tmp = tmp_path_factory.mktemp(request.param)
+    paths = save_planted(tmp, {"gpt2-medium": gpt2_medium_shaped, "llama": tiny_llama}[request.param])
+    write_datasets(tmp)
+    dirs = {name: tmp / name for name in ("probe", "record", "attribute", "intervene")}
+    for d in dirs.values():
+        d.mkdir()
+    model = ModelConfig(path=str(paths["base"]))
+    data = DataConfig(probe=str(tmp / "train.csv"), prompts=str(tmp / "rtp.jsonl"), heldout=str(tmp / "wiki.txt"))
+    summary = {"probe": probe.run(dirs["probe"], device="cpu", model=model, data=data,
+                                  probe=ProbeConfig(max_examples=8, val_fraction=0.5, max_tokens=16))}
+    shutil.copy(tmp / "planted" / "w.npy", dirs["probe"] / "w.npy")  # the planted direction, not the random model's probe
+    common = dict(device="cpu", model=model, world_dir=None, probe_dir=dirs["probe"], dpo_dir=tmp / "dpo")
+    rec = RecordConfig(new_tokens=T, batch_size=2)
+    summary["record"] = record.run(dirs["record"], data=data, record=rec, scorer=ScorerConfig(), **common)
+    summary["attribute"] = attribute.run(dirs["attribute"], attribute=AttributeConfig(n_bootstrap=20, n_logit_lens=10,
+                                                                                      n_top_prompt_neurons=10),
+                                         record_dir=dirs["record"], **common)
+    iv = InterveneConfig(ablate_top=[3], ablate_top_positive=[], patch_groups=["TP-"], patch_top=[6], n_heldout=2,
+                         f1_tokens=3, batch_size=2)
+    summary["intervene"] = intervene.run(dirs["intervene"], data=data, record=rec, intervene=iv, scorer=ScorerConfig(),
+                                         record_dir=dirs["record"], attribute_dir=dirs["attribute"], **common)
+    return request.param, paths, dirs, summary
+
+
+def test_probe_reads_the_jigsaw_csv_on_each_architecture(planted_run):
+    _, paths, dirs, summary = planted_run
+    d_model = AutoModelForCausalLM.from_pretrained(paths["base"]).config.hidden_size
+    assert summary["probe"]["n_train"] + summary["probe"]["n_val"] == 8
+    assert np.load(dirs["probe"] / "w.npy").shape == (d_model,)
+
+
+def test_recorded_activation_is_the_input_of_the_down_projection(planted_run):
+    """a_i of method.md per architecture: whatever the model's own down projection receives (GPT-2:
+    GELU(c_fc x); GLU: SiLU(gate x) * up x), averaged over the last T positions of one plain forward."""
+    arch, paths, dirs, _ = planted_run
+    tok = AutoTokenizer.from_pretrained(paths["base"])
+    hf = AutoModelForCausalLM.from_pretrained(paths["base"]).eval()
+    seen = {}
+    for l, proj in enumerate(down_projections(hf)):
+        proj.register_forward_pre_hook(lambda mod, args, l=l: seen.__setitem__(l, args[0][0]))
+    tokens = np.load(dirs["record"] / "base_tokens.npy")
+    act_prompt = np.load(dirs["record"] / "base_act_prompt.npy")
+    n_layers, d_mlp = act_prompt.shape[1:]
+    assert (n_layers, d_mlp) == ((24, 4096) if arch == "gpt2-medium" else (2, 96))
+    for i in range(len(PROMPTS)):
+        ids = [tok.bos_token_id] + tok(PROMPTS[i])["input_ids"] + tokens[i].tolist()  # both models here prepend BOS
+        with torch.no_grad():
+            hf(torch.tensor([ids]))
+        direct = torch.stack([seen[l][-T:].mean(0) for l in range(n_layers)]).numpy()  # (n_layers, d_mlp)
+        np.testing.assert_allclose(act_prompt[i], direct, atol=5e-3, rtol=5e-3)  # float16 storage
+
+
+def test_planted_neurons_rank_first_and_cos_uses_the_models_own_w_out(planted_run):
+    _, paths, dirs, summary = planted_run
+    neurons = pl.read_parquet(dirs["attribute"] / "neurons.parquet")
+    V = value_vectors(AutoModelForCausalLM.from_pretrained(paths["base"]))
+    L = V.shape[0]
+    assert neurons.height == V.shape[0] * V.shape[1] == summary["attribute"]["n_neurons"]
+    top = neurons.sort("delta_rank").head(6)
+    assert set(zip(top["layer"], top["neuron"])) == {(L - 1, i) for i in TOXIC + ANTI}
+    codes = dict(zip(top["neuron"], top["group_code"]))
+    assert all(codes[i] == "TP-" for i in TOXIC) and all(codes[i] == "AP+" for i in ANTI)
+    w = np.load(dirs["probe"] / "w.npy").astype(np.float64)
+    sample = neurons.sample(50, seed=0).vstack(top)
+    for layer, neuron, cos in sample.select("layer", "neuron", "cos").iter_rows():
+        v = V[layer, neuron]
+        assert cos == pytest.approx(v @ w / np.linalg.norm(v) / np.linalg.norm(w), rel=1e-4, abs=1e-7)
+
+
+def test_ablation_equals_zeroing_the_down_projection_rows(planted_run):
+    """The ablate_top_3 continuations equal transformers' greedy generation with those neurons' weights
+    in the down projection zeroed, whatever the architecture calls that module."""
+    _, paths, dirs, summary = planted_run
+    assert set(summary["intervene"]["toxicity"]) == {"base", "dpo", "ablate_top_3", "patch_TP-", "patch_top_6"}
+    top3 = pl.read_parquet(dirs["attribute"] / "neurons.parquet").sort("cos", descending=True).head(3)
+    hf = AutoModelForCausalLM.from_pretrained(paths["base"]).eval()
+    tok = AutoTokenizer.from_pretrained(paths["base"])
+    V = value_vectors(hf)
+    downs = down_projections(hf)
+    with torch.no_grad():
+        for l, i in zip(top3["layer"], top3["neuron"]):
+            if V.shape[1] == downs[l].weight.shape[0]:  # (d_mlp, d_model): GPT-2's Conv1D
+                downs[l].weight[i] = 0.0
+            else:
+                downs[l].weight[:, i] = 0.0
+    gens = pl.read_parquet(dirs["intervene"] / "generations.parquet").filter(pl.col("variant") == "ablate_top_3")
+    for p, got in zip(PROMPTS, gens.sort("prompt_id")["continuation"], strict=True):
+        ids = torch.tensor([[tok.bos_token_id] + tok(p)["input_ids"]])
+        with torch.no_grad():
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=T, do_sample=False,
+                              pad_token_id=tok.eos_token_id)
+        assert tok.decode(out[0, ids.shape[1]:]).replace(tok.eos_token, " ") == got
+
+
+def test_glu_model_without_bos_runs_the_whole_pipeline_into_a_store(tmp_path):
+    """A tiny Qwen2 (GLU MLP, no BOS token) through the runner exactly as a hub name would go:
+    probe, pairs from a jsonl file, DPO with trl, record, attribute, intervene, store."""
+    import store
+
+    tok = tokenizer(bos=False)
+    torch.manual_seed(0)
+    tiny_qwen2(tok).save_pretrained(tmp_path / "qwen2")
+    tok.save_pretrained(tmp_path / "qwen2")
+    write_datasets(tmp_path)
+    cfg = from_dict({
+        "run": {"name": "qwen2", "cache_dir": str(tmp_path / "cache"), "store": str(tmp_path / "s.duckdb"), "device": "cpu"},
+        "model": {"path": str(tmp_path / "qwen2")},
+        "data": {"probe": str(tmp_path / "train.csv"), "prompts": str(tmp_path / "rtp.jsonl"),
+                 "pairs": str(tmp_path / "pairs.jsonl"), "heldout": str(tmp_path / "wiki.txt")},
+        "probe": {"max_examples": 8, "val_fraction": 0.5},
+        "dpo": {"batch_size": 3, "max_length": 24, "lr": 1e-3},
+        "record": {"new_tokens": T},
+        "attribute": {"n_bootstrap": 20, "n_logit_lens": 5, "n_top_prompt_neurons": 5},
+        "intervene": {"ablate_top": [3], "ablate_top_positive": [3], "patch_groups": ["TP-"], "patch_top": [5],
+                      "n_heldout": 2, "f1_tokens": 3},
+    }, source="qwen2.toml")
+    run_id = runner.run(cfg, log=lambda *_: None)
+    con = store.connect(cfg.run.store)
+    model, = con.execute("SELECT model FROM runs WHERE run_id = ?", [run_id]).fetchone()
+    n, = con.execute("SELECT count(*) FROM neurons WHERE run_id = ?", [run_id]).fetchone()
+    scorers = con.execute("SELECT DISTINCT scorer FROM generations WHERE run_id = ?", [run_id]).fetchall()
+    assert model == str(tmp_path / "qwen2") and n == 2 * 48
+    assert scorers == [(scoring.label(scoring.get_scorer(ScorerConfig())),)]
+    # DPO moved the model: some neuron's activation changed
+    assert con.execute("SELECT max(abs(dact)) FROM neurons WHERE run_id = ?", [run_id]).fetchone()[0] > 0
+
+
+def test_bos_prefix_follows_the_tokenizer(tmp_path):
+    """transformers-side prompts (DPO, self-generated pairs) get the BOS text only where TransformerLens
+    would prepend a BOS token and the tokenizer does not add one itself."""
+    from pipeline.models import bos_prefix
+
+    with_bos, without = tokenizer(), tokenizer(bos=False)
+    assert bos_prefix(with_bos) == with_bos.bos_token
+    assert bos_prefix(without) == ""
+    with_bos.save_pretrained(tmp_path)
+    adds = AutoTokenizer.from_pretrained(tmp_path, add_bos_token=True)  # adds BOS itself, as Llama's does
+    assert adds("a")["input_ids"][0] == adds.bos_token_id and bos_prefix(adds) == ""
+
+
+def test_dtype_reaches_the_weights_and_unknown_ones_are_refused(tmp_path):
+    from pipeline.config import ConfigError
+    from pipeline.models import load_bridge
+
+    tok = tokenizer()
+    torch.manual_seed(0)
+    tiny_llama(tok).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    full, half = load_bridge(str(tmp_path), "cpu"), load_bridge(str(tmp_path), "cpu", "bfloat16")
+    assert full.W_out.dtype == torch.float32 and half.W_out.dtype == torch.bfloat16
+    ids = full.to_tokens(PROMPTS[1])
+    a, b = (m.run_with_cache(ids, names_filter="blocks.1.mlp.hook_post")[1]["blocks.1.mlp.hook_post"].float() for m in (full, half))
+    assert 0 < (a - b).abs().max() < 0.05 * a.abs().max()  # the same activations, rounded to bfloat16
+    with pytest.raises(ConfigError, match=r"\[model\] dtype must be one of float32"):
+        from_dict({"model": {"path": "gpt2", "dtype": "fp8"}}, source="x.toml")
+
+
+@pytest.mark.parametrize("preset", ["gpt2-medium", "gpt2", "qwen2.5-0.5b"])
+def test_presets_load_without_a_world_or_a_download(preset):
+    cfg = load(Path(__file__).parents[1] / "configs" / f"{preset}.toml")
+    assert cfg.world is None and "world" not in [s.name for s in runner.active_stages(cfg)]
+    assert cfg.model.path != "world" and cfg.scorer.backend in scoring.BACKENDS
+    assert cfg.data.prompts == "hf:allenai/real-toxicity-prompts" and cfg.data.challenging_only
+    assert cfg.data.probe.endswith("train.csv") and cfg.data.heldout.startswith("hf:Salesforce/wikitext")
+    assert (cfg.dpo.beta, cfg.dpo.optimizer) == (0.1, "rmsprop")
+
+
+def test_record_sharded_over_processes_equals_one_process(tmp_path):
+    """[record] processes = 2: two spawned processes record uneven shares of the prompts; the reduced
+    result equals one process's (sums weighted by prompt count, per-prompt rows in prompt order)."""
+    from tests.conftest import save_planted_pair
+
+    base = save_planted_pair(tmp_path)
+    prompts = PROMPTS + ["We will", "The cat"]
+    (tmp_path / "rtp.jsonl").write_text("".join(json.dumps({"prompt": {"text": p}, "challenging": True}) + "\n" for p in prompts))
+    outs = {}
+    for n in (1, 2):
+        outs[n] = tmp_path / f"out{n}"
+        outs[n].mkdir()
+        summary = record.run(outs[n], device="cpu", model=ModelConfig(path=str(base)), data=DataConfig(prompts=str(tmp_path / "rtp.jsonl")),
+                             record=RecordConfig(new_tokens=T, batch_size=2, processes=n), scorer=ScorerConfig(), world_dir=None,
+                             probe_dir=tmp_path / "probe", dpo_dir=tmp_path / "dpo")
+        assert summary["processes"] == n
+    for variant in record.VARIANTS:
+        assert (np.load(outs[1] / f"{variant}_tokens.npy") == np.load(outs[2] / f"{variant}_tokens.npy")).all()
+        assert np.load(outs[2] / f"{variant}_act_prompt.npy").shape[0] == len(prompts)
+        for name in ("act", "mlp_proj", "act_prompt"):
+            one, two = (np.load(outs[n] / f"{variant}_{name}.npy") for n in (1, 2))
+            assert one.shape == two.shape
+            np.testing.assert_allclose(two, one, atol=1e-5 if name != "act_prompt" else 2e-3)
+    assert sorted(p.name for p in outs[2].iterdir()) == sorted(p.name for p in outs[1].iterdir())  # shard files joined
+    assert record.tables(outs[2])["generations"].equals(record.tables(outs[1])["generations"])
+
+
+def test_dpo_trains_data_parallel_under_torchrun_and_the_rest_finds_it_cached(tmp_path, monkeypatch):
+    """`torchrun --nproc_per_node 2 -m pipeline run --only dpo` (what accelerate launch starts too): the
+    pairs are split over two CPU processes (half the steps of one process), rank 0 alone keeps the result."""
+    import os
+    import subprocess
+    import sys
+
+    from pipeline.config import ConfigError
+    from tests.conftest import save_tiny_gpt2
+
+    save_tiny_gpt2(tmp_path / "model")
+    write_datasets(tmp_path)
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps({"prompt": f"p{i} says", "chosen": " a kind word.",
+                                                              "rejected": " a stupid idiot."}) + "\n" for i in range(16)))
+    toml = tmp_path / "c.toml"
+    toml.write_text(f"""[run]\ncache_dir = "{tmp_path / 'cache'}"\nstore = "{tmp_path / 's.duckdb'}"\ndevice = "cpu"\n
+[model]\npath = "{tmp_path / 'model'}"\n[data]\nprobe = "{tmp_path / 'train.csv'}"\nprompts = "{tmp_path / 'rtp.jsonl'}"
+pairs = "{tmp_path / 'pairs.jsonl'}"\nheldout = "{tmp_path / 'wiki.txt'}"\n[dpo]\nbatch_size = 2\nmax_length = 24\n""")
+    cfg = load(toml)
+    runner.run(cfg, only="pairs", log=lambda *_: None)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    done = subprocess.run([str(torchrun), "--nproc_per_node", "2", "-m", "pipeline", "run", "--config", str(toml), "--only", "dpo"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    dpo_dir = runner.stage_dir(cfg, "dpo", runner.cache_keys(cfg)["dpo"])
+    assert json.loads((dpo_dir / "summary.json").read_text())["summary"]["n_steps"] == 16 // (2 * 2)
+    assert (dpo_dir / "model").is_dir() and not list(dpo_dir.parent.glob("*.partial*"))
+    assert {r["stage"]: r["state"] for r in runner.status(cfg)}["dpo"] == "cached"  # a one-process run goes on from here
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="--only dpo"):
+        runner.run(cfg, log=lambda *_: None)
