@@ -95,14 +95,23 @@ def sql(query: str, params: list) -> list[tuple]:
         con.close()
 
 
-def chart_rows(at: AppTest, index: int, column: str) -> list:
-    """The values of one column in a chart's data, read back from its Arrow payloads."""
+def _chart_tables(chart) -> list:
     import pyarrow as pa
 
-    chart = at.get("vega_lite_chart")[index].proto
-    payloads = [d.data.data for d in chart.datasets] + ([chart.data.data] if chart.data.data else [])
-    tables = [pa.ipc.open_stream(p).read_all() for p in payloads]
+    payloads = [d.data.data for d in chart.proto.datasets] + ([chart.proto.data.data] if chart.proto.data.data else [])
+    return [pa.ipc.open_stream(p).read_all() for p in payloads]
+
+
+def chart_rows(at: AppTest, index: int, column: str) -> list:
+    """The values of one column in a chart's data, read back from its Arrow payloads."""
+    tables = _chart_tables(at.get("vega_lite_chart")[index])
     return [v for t in tables if column in t.column_names for v in t.column(column).to_pylist()]
+
+
+def chart_with(at: AppTest, column: str) -> int:
+    """The index of the first chart on the page whose data has this column."""
+    charts = at.get("vega_lite_chart")
+    return next(i for i, c in enumerate(charts) if any(column in t.column_names for t in _chart_tables(c)))
 
 
 def test_overview_headline_is_the_stored_tp_share(two_run_store):
@@ -258,7 +267,7 @@ def test_interventions_page_table_and_layer_choice(two_run_store, app_on_path):
     picker = at.main.selectbox[0]
     other = picker.options[-1]
     picker.set_value(other).run()
-    assert set(chart_rows(at, -1, "variant")) == {"base", "dpo", other}
+    assert set(chart_rows(at, chart_with(at, "mlp_proj"), "variant")) == {"base", "dpo", other}
     at.session_state["run_id"] = second
     at.run()
     assert "no interventions" in at.info[0].value

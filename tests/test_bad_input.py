@@ -61,14 +61,14 @@ def truncated(path):
 
 
 def older_schema(path, monkeypatch):
-    a_store(path)  # written as schema version 1; the code below reads version 2
-    monkeypatch.setattr(store, "SCHEMA_VERSION", 2)
+    a_store(path)  # written with the current schema version; the code below reads the next one
+    monkeypatch.setattr(store, "SCHEMA_VERSION", store.SCHEMA_VERSION + 1)
 
 
 @pytest.mark.parametrize("case, pieces", [
     ("corrupt", ["cannot be opened", "corrupt"]),
     ("truncated", ["cannot be opened", "restore it"]),
-    ("older_schema", ["older dpo-neurons", "schema version 1", "new store file"]),
+    ("older_schema", ["older dpo-neurons", f"schema version {store.SCHEMA_VERSION}", "new store file"]),
 ])
 def test_unreadable_store_is_refused_before_any_stage_runs(tmp_path, capsys, monkeypatch, case, pieces):
     path = tmp_path / "s.duckdb"

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import duckdb
 import pytest
-from streamlit.testing.v1 import AppTest
 
 import store
+from tests.test_app import chart_rows, open_page
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = str(ROOT / "app" / "pages" / "4_Interventions.py")
@@ -23,21 +23,6 @@ def tiny_store_env(tiny_run, tmp_path, monkeypatch):
     return cfg, run_id, path
 
 
-def open_page(run_id: str) -> AppTest:
-    at = AppTest.from_file(PAGE, default_timeout=60)
-    at.session_state["run_id"] = run_id
-    return at.run()
-
-
-def chart_rows(at: AppTest, index: int, column: str) -> list:
-    import pyarrow as pa
-
-    chart = at.get("vega_lite_chart")[index].proto
-    payloads = [d.data.data for d in chart.datasets] + ([chart.data.data] if chart.data.data else [])
-    tables = [pa.ipc.open_stream(p).read_all() for p in payloads]
-    return [v for t in tables if column in t.column_names for v in t.column(column).to_pylist()]
-
-
 def stored(path, sql: str, params: list) -> list[tuple]:
     con = store.connect(path)
     try:
@@ -48,7 +33,7 @@ def stored(path, sql: str, params: list) -> list[tuple]:
 
 def test_detox_rows_are_listed_with_the_interventions(tiny_store_env):
     cfg, run_id, _ = tiny_store_env
-    at = open_page(run_id)
+    at = open_page(PAGE, run_id)
     assert not at.exception
     ids = at.dataframe[0].value["intervention_id"].tolist()
     assert ids[:2] == ["base", "dpo"]
@@ -57,7 +42,7 @@ def test_detox_rows_are_listed_with_the_interventions(tiny_store_env):
 
 def test_divergence_view_follows_the_chosen_continuation(tiny_store_env):
     cfg, run_id, path = tiny_store_env
-    at = open_page(run_id)
+    at = open_page(PAGE, run_id)
     picker = at.main.selectbox[1]
     most = stored(path, "SELECT prompt_id FROM revisions WHERE run_id = ? ORDER BY jsd DESC, prompt_id LIMIT 1", [run_id])[0][0]
     assert picker.value == ("marco", most)  # the most divergent continuation comes first
@@ -77,6 +62,6 @@ def test_a_run_without_revisions_says_so(tiny_store_env):
     con = duckdb.connect(str(path))
     con.execute("DELETE FROM revisions WHERE run_id = ?", [run_id])
     con.close()
-    at = open_page(run_id)
+    at = open_page(PAGE, run_id)
     assert not at.exception
     assert any("No revisions in this run" in c.value for c in at.caption)
