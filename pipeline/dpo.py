@@ -42,7 +42,6 @@ def run(out: Path, *, device: str, model: ModelConfig, dpo: DPOStageConfig, worl
     path = datasets.model_path(model.path, world_dir)
     policy, tok = models.load_hf(path)
     args = DPOConfig(
-        output_dir=str(out),  # nothing is written there: save_strategy "no", the model is saved below
         beta=dpo.beta,
         learning_rate=dpo.lr,
         optim=dpo.optimizer,
@@ -50,14 +49,7 @@ def run(out: Path, *, device: str, model: ModelConfig, dpo: DPOStageConfig, worl
         per_device_train_batch_size=dpo.batch_size,
         max_length=dpo.max_length,
         seed=dpo.seed,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=device == "cpu",
-        # trl defaults to bf16 autocast and gradient checkpointing, made for large models on recent GPUs;
-        # fp32 runs on any device and keeps the small log-probability ratios DPO learns from exact
-        bf16=False,
-        gradient_checkpointing=False,
+        **models.trainer_args(out, device),
     )
     # ref_model=None: trl reloads the policy's checkpoint as the frozen reference, i.e. the base model
     trainer = DPOTrainer(model=policy, args=args, train_dataset=preference_dataset(pairs_dir / "pairs.jsonl", models.bos_prefix(tok)),

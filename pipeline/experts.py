@@ -29,22 +29,15 @@ def fine_tune(base_path: str, texts: list[str], out: Path, cfg: ExpertsConfig, d
 
     model, tok = models.load_hf(base_path)
     args = SFTConfig(
-        output_dir=str(out),  # nothing is written there: save_strategy "no", the model is saved below
         max_steps=cfg.steps,
         learning_rate=cfg.lr,
         per_device_train_batch_size=cfg.batch_size,
         max_length=cfg.max_length,
         seed=cfg.seed,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=device == "cpu",
-        # as in stage dpo: trl's bf16 and gradient checkpointing defaults are for large models on recent GPUs
-        bf16=False,
-        gradient_checkpointing=False,
+        **models.trainer_args(out, device),
     )
-    # trl appends EOS; BOS is ours to add (the GPT-2 tokenizer adds none, generation prepends it)
-    train = Dataset.from_list([{"text": tok.bos_token + t} for t in texts])
+    # trl appends EOS; the BOS that generation sees is ours to add, where the model has one
+    train = Dataset.from_list([{"text": models.bos_prefix(tok) + t} for t in texts])
     trainer = SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tok)
     trainer.train()
     model.config.use_cache = True

@@ -4,6 +4,7 @@ world's model take exactly the same path."""
 from __future__ import annotations
 
 import gc
+from pathlib import Path
 
 import torch
 
@@ -64,6 +65,21 @@ def load_hf(path: str, device: str | None = None, dtype: str = "float32"):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return (model if device is None else model.to(device)), tok
+
+
+def trainer_args(out: Path, device: str) -> dict:
+    """What every trl trainer here (stages dpo and experts) is given besides its own hyperparameters."""
+    return dict(
+        output_dir=str(out),  # nothing is written there: save_strategy "no", the stage saves the model itself
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=device == "cpu",
+        # trl defaults to bf16 autocast and gradient checkpointing, made for large models on recent GPUs;
+        # fp32 runs on any device and keeps the small log-probability ratios DPO learns from exact
+        bf16=False,
+        gradient_checkpointing=False,
+    )
 
 
 def bos_prefix(tok) -> str:
