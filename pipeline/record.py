@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -184,8 +185,10 @@ def run(out: Path, *, device: str, model: ModelConfig, data: DataConfig, record:
         if len(jobs) == 1:
             parts = [record_shard(*jobs[0])]
         else:
-            with torch.multiprocessing.get_context("spawn").Pool(len(jobs)) as pool:
-                parts = pool.starmap(record_shard, jobs)
+            # An executor, not a Pool: a worker that dies (out of memory, say) fails the stage instead of being
+            # replaced forever while the stage waits.
+            with ProcessPoolExecutor(len(jobs), mp_context=torch.multiprocessing.get_context("spawn")) as pool:
+                parts = list(pool.map(record_shard, *zip(*jobs)))
         rec, texts = reduce_shards(parts, [j[-1] for j in jobs], out / f"{variant}_act_prompt.npy")
         summary[f"seconds_{variant}"] = round(time.perf_counter() - t0, 2)
         for name, arr in rec.items():

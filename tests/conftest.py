@@ -3,6 +3,7 @@ that needs a model or a store reads it."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,15 @@ TINY_WORLD = {
     "n_heldout": 300,
     "n_samples": 24,
 }
+
+
+@pytest.fixture(autouse=True)
+def _keep_main_module():
+    """Streamlit's AppTest leaves its page as sys.modules["__main__"]; a process spawned later (record's
+    shards) would run that page on start-up and die, so every test gets the real one back."""
+    main = sys.modules["__main__"]
+    yield
+    sys.modules["__main__"] = main
 
 
 def tiny_config(tmp: Path, **world) -> config.Config:
