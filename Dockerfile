@@ -15,7 +15,7 @@ WORKDIR /srv
 COPY requirements.txt .
 RUN pip install --no-cache-dir --only-binary=:all: -r requirements.txt
 
-COPY store/__init__.py store/schema.sql store/
+COPY store/ store/
 COPY app/ app/
 
 RUN useradd --no-log-init --create-home --uid 10001 --shell /usr/sbin/nologin viewer

@@ -61,6 +61,43 @@ def test_image_holds_no_pipeline_model_code_or_build_tools():
     assert ignore[ignore.index("*") if "*" in ignore else 0] == "*"  # deny by default, then allow app files
 
 
+def image_files(dest: Path) -> Path:
+    """What the image's COPY lines put in /srv, read from the build context that .dockerignore lets through
+    (deny all, then each `!pattern`; a pattern ending in / takes the folder)."""
+    import fnmatch
+    import shutil
+
+    allowed = [p[1:] for p in (ROOT / ".dockerignore").read_text().splitlines() if p.startswith("!")]
+    ignored = [p for p in (ROOT / ".dockerignore").read_text().splitlines() if p and p[0] not in "#!*"]
+
+    def in_context(rel: str) -> bool:
+        ok = any(fnmatch.fnmatch(rel, p) or (p.endswith("/") and rel.startswith(p)) for p in allowed)
+        return ok and not any(fnmatch.fnmatch(rel, p) or f"/{p.strip('*/')}/" in f"/{rel}" for p in ignored)
+
+    for kind, args in DOCKERFILE:
+        if kind != "COPY":
+            continue
+        *sources, target = args.split()
+        for source in sources:
+            paths = [ROOT / source] if (ROOT / source).is_file() else sorted((ROOT / source).rglob("*"))
+            for path in paths:
+                rel = path.relative_to(ROOT).as_posix()
+                if path.is_file() and in_context(rel):
+                    out = dest / target / (path.relative_to(ROOT / source) if path != ROOT / source else path.name)
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(path, out)
+    return dest
+
+
+def test_the_image_files_alone_import_the_app(tmp_path):
+    """The files the image gets, and nothing else from the checkout, are enough for the app's imports."""
+    srv = image_files(tmp_path / "srv")
+    code = "import sys; sys.path[:0] = ['app', '.']; import queries, charts, common, store; print('ok')"
+    res = subprocess.run([sys.executable, "-c", code], cwd=srv, capture_output=True, text=True)
+    assert res.stdout.strip() == "ok", res.stderr
+    assert not list(srv.rglob("*.duckdb")) and not (srv / "pipeline").exists()
+
+
 @pytest.mark.slow
 def test_dockerfile_install_gives_a_working_app_in_a_clean_venv(tmp_path):
     """The Dockerfile's pip RUN lines, run as written in a clean venv, install an app that imports and
@@ -77,5 +114,6 @@ def test_dockerfile_install_gives_a_working_app_in_a_clean_venv(tmp_path):
     names = {p["name"].lower() for p in json.loads(installed)}
     assert "streamlit" in names and "duckdb" in names and "torch" not in names
     code = "import sys; sys.path[:0] = ['app', '.']; import queries, charts, store; print('ok')"
-    res = subprocess.run([str(venv / "bin" / "python"), "-c", code], cwd=ROOT, capture_output=True, text=True)
+    res = subprocess.run([str(venv / "bin" / "python"), "-c", code], cwd=image_files(tmp_path / "srv"),
+                         capture_output=True, text=True)
     assert res.stdout.strip() == "ok", res.stderr
