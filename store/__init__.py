@@ -303,9 +303,12 @@ def export_run(src: str | Path, run_id: str, out: str | Path, force: bool = Fals
 def export_parquet(src: str | Path, run_id: str, out_dir: str | Path, force: bool = False) -> list[Path]:
     """One Parquet file per table (`<table>.parquet`), filtered to `run_id`, for tools without DuckDB.
     The folder is written beside its final place and renamed into it whole."""
-    src, out_dir = Path(src), Path(out_dir)
+    src, out_dir = Path(src), Path(out_dir).resolve()
     _check_run(src, run_id)
     _check_target(out_dir, force)
+    # --force replaces a folder of earlier Parquet exports, never a folder that holds anything else
+    if out_dir.exists() and (not out_dir.is_dir() or any(p.suffix != ".parquet" for p in out_dir.iterdir())):
+        raise StoreError(f"--parquet {out_dir} holds other files than Parquet; choose a new or empty folder")
     tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:

@@ -117,6 +117,18 @@ def test_existing_target_needs_force(two_runs, tmp_path, capsys):
     assert counts(out) == counts(src, run_id)
 
 
+def test_force_never_replaces_a_folder_with_other_files(two_runs, tmp_path, capsys):
+    src, run_id, _ = two_runs
+    before = digest(src)
+    assert main(["export", "--run", run_id, "--store", str(src), "--parquet", str(src.parent), "--force"]) == 2
+    assert "other files than Parquet" in capsys.readouterr().err
+    assert src.exists() and digest(src) == before
+    out = tmp_path / "parquet"
+    for _ in range(2):  # a folder of an earlier export is replaced
+        assert main(["export", "--run", run_id, "--store", str(src), "--parquet", str(out), "--force"]) == 0
+    assert {p.suffix for p in out.iterdir()} == {".parquet"}
+
+
 def test_unknown_run_names_the_runs_there(two_runs, tmp_path, capsys):
     src, run_id, other = two_runs
     assert main(["export", "--run", "nope", "--store", str(src), "--out", str(tmp_path / "x.duckdb")]) == 2
