@@ -34,8 +34,9 @@ def _database(path: str, version: float):
     return store.connect(path, snapshot=True)
 
 
-def _frame(path: str, sql: str, params: list | None = None) -> pl.DataFrame:
-    cursor = store.snapshot_cursor(_database(path, store_version(path)))  # sessions run on threads
+def _frame(path: str, version: float, sql: str, params: list | None = None) -> pl.DataFrame:
+    """Read from the file version the result is cached under; a cursor per query, as sessions run on threads."""
+    cursor = store.snapshot_cursor(_database(path, version))
     try:
         return cursor.sql(sql, params=params or []).pl()
     finally:
@@ -44,18 +45,18 @@ def _frame(path: str, sql: str, params: list | None = None) -> pl.DataFrame:
 
 @st.cache_data(show_spinner=False)
 def runs(path: str, version: float) -> pl.DataFrame:
-    return _frame(path, "SELECT run_id, created_at, name, model, status, config_hash FROM runs ORDER BY created_at DESC")
+    return _frame(path, version, "SELECT run_id, created_at, name, model, status, config_hash FROM runs ORDER BY created_at DESC")
 
 
 @st.cache_data(show_spinner=False)
 def stages(path: str, version: float, run_id: str) -> pl.DataFrame:
-    return _frame(path, "SELECT stage, cache_key, seconds, CAST(summary AS VARCHAR) AS summary FROM stages "
+    return _frame(path, version, "SELECT stage, cache_key, seconds, CAST(summary AS VARCHAR) AS summary FROM stages "
                         "WHERE run_id = ? ORDER BY stage", [run_id])
 
 
 @st.cache_data(show_spinner=False)
 def world_summary(path: str, version: float, run_id: str) -> dict | None:
-    df = _frame(path, """
+    df = _frame(path, version, """
         SELECT summary->>'ppl_model' AS ppl_model, summary->>'ppl_unigram' AS ppl_unigram,
                summary->>'toxic_fraction' AS toxic_fraction, summary->>'n_params' AS n_params,
                summary->>'sample_toxicity' AS sample_toxicity, summary->>'scorer' AS scorer, seconds
@@ -65,20 +66,20 @@ def world_summary(path: str, version: float, run_id: str) -> dict | None:
 
 @st.cache_data(show_spinner=False)
 def generations(path: str, version: float, run_id: str, variant: str, min_toxicity: float) -> pl.DataFrame:
-    return _frame(path, """
+    return _frame(path, version, """
         SELECT prompt_id, prompt, continuation, toxicity, scorer FROM generations
         WHERE run_id = ? AND variant = ? AND toxicity >= ? ORDER BY prompt_id""", [run_id, variant, min_toxicity])
 
 
 @st.cache_data(show_spinner=False)
 def variants(path: str, version: float, run_id: str) -> list[str]:
-    return _frame(path, "SELECT DISTINCT variant FROM generations WHERE run_id = ? ORDER BY variant",
+    return _frame(path, version, "SELECT DISTINCT variant FROM generations WHERE run_id = ? ORDER BY variant",
                   [run_id])["variant"].to_list()
 
 
 @st.cache_data(show_spinner=False)
 def toxicity_by_variant(path: str, version: float, run_id: str) -> pl.DataFrame:
-    return _frame(path, """
+    return _frame(path, version, """
         SELECT variant, avg(toxicity) AS toxicity, avg((toxicity > 0.5)::INT) AS toxic_share, count(*) AS n,
                any_value(scorer) AS scorer
         FROM generations WHERE run_id = ? GROUP BY variant ORDER BY variant""", [run_id])
@@ -86,20 +87,20 @@ def toxicity_by_variant(path: str, version: float, run_id: str) -> pl.DataFrame:
 
 @st.cache_data(show_spinner=False)
 def probe_metrics(path: str, version: float, run_id: str) -> dict | None:
-    df = _frame(path, "SELECT n_train, n_val, train_accuracy, val_accuracy, val_roc_auc, layer FROM probe_metrics "
+    df = _frame(path, version, "SELECT n_train, n_val, train_accuracy, val_accuracy, val_roc_auc, layer FROM probe_metrics "
                       "WHERE run_id = ?", [run_id])
     return df.row(0, named=True) if df.height else None
 
 
 @st.cache_data(show_spinner=False)
 def attribution(path: str, version: float, run_id: str) -> dict | None:
-    df = _frame(path, "SELECT * EXCLUDE (run_id) FROM attribution WHERE run_id = ?", [run_id])
+    df = _frame(path, version, "SELECT * EXCLUDE (run_id) FROM attribution WHERE run_id = ?", [run_id])
     return df.row(0, named=True) if df.height else None
 
 
 @st.cache_data(show_spinner=False)
 def group_summary(path: str, version: float, run_id: str) -> pl.DataFrame:
-    return _frame(path, """
+    return _frame(path, version, """
         SELECT group_code, effect, n_neurons, sum_delta, share_gross, share_net, ci_low, ci_high
         FROM group_summary WHERE run_id = ?
         ORDER BY effect DESC, share_gross DESC""", [run_id])
@@ -109,7 +110,7 @@ def group_summary(path: str, version: float, run_id: str) -> pl.DataFrame:
 def cumulative(path: str, version: float, run_id: str, max_points: int = 2000) -> pl.DataFrame:
     """The cumulative curve, thinned to about max_points rows for drawing (every top-ranked neuron
     is kept, the long tail is sampled evenly)."""
-    return _frame(path, """
+    return _frame(path, version, """
         WITH n AS (SELECT n_neurons AS total FROM attribution WHERE run_id = ?)
         SELECT delta_rank, cum_share FROM neurons, n
         WHERE run_id = ?
@@ -119,25 +120,25 @@ def cumulative(path: str, version: float, run_id: str, max_points: int = 2000) -
 
 @st.cache_data(show_spinner=False)
 def layer_groups(path: str, version: float, run_id: str) -> pl.DataFrame:
-    return _frame(path, "SELECT layer, group_code, n_neurons, sum_delta FROM layer_groups WHERE run_id = ? "
+    return _frame(path, version, "SELECT layer, group_code, n_neurons, sum_delta FROM layer_groups WHERE run_id = ? "
                         "ORDER BY layer, group_code", [run_id])
 
 
 @st.cache_data(show_spinner=False)
 def layers(path: str, version: float, run_id: str) -> pl.DataFrame:
-    return _frame(path, "SELECT variant, layer, mlp_proj FROM layers WHERE run_id = ? ORDER BY variant, layer", [run_id])
+    return _frame(path, version, "SELECT variant, layer, mlp_proj FROM layers WHERE run_id = ? ORDER BY variant, layer", [run_id])
 
 
 @st.cache_data(show_spinner=False)
 def dpo_curve(path: str, version: float, run_id: str) -> pl.DataFrame:
-    return _frame(path, "SELECT step, loss, reward_margin, reward_accuracy FROM dpo_curve WHERE run_id = ? ORDER BY step",
+    return _frame(path, version, "SELECT step, loss, reward_margin, reward_accuracy FROM dpo_curve WHERE run_id = ? ORDER BY step",
                   [run_id])
 
 
 @st.cache_data(show_spinner=False)
 def interventions(path: str, version: float, run_id: str) -> pl.DataFrame:
     """Paper Table 1 order: the base and DPO models first, then each kind by size."""
-    return _frame(path, """
+    return _frame(path, version, """
         SELECT intervention_id, kind, n_neurons, toxicity, toxic_share, perplexity, f1, recovered
         FROM interventions WHERE run_id = ?
         ORDER BY kind NOT IN ('base', 'dpo'), kind = 'dpo', kind, n_neurons, intervention_id""", [run_id])
@@ -146,7 +147,7 @@ def interventions(path: str, version: float, run_id: str) -> pl.DataFrame:
 @st.cache_data(show_spinner=False)
 def run_info(path: str, version: float, run_id: str) -> dict:
     """The run's model and data sources, read from the config it was made from."""
-    return _frame(path, """
+    return _frame(path, version, """
         SELECT name, model, created_at, config->'data' AS data, config->'scorer'->>'backend' AS scorer,
                config->'dpo' AS dpo
         FROM runs WHERE run_id = ?""", [run_id]).row(0, named=True)
@@ -155,7 +156,7 @@ def run_info(path: str, version: float, run_id: str) -> dict:
 @st.cache_data(show_spinner=False)
 def neuron_bounds(path: str, version: float, run_id: str) -> dict | None:
     """Ranges the neuron filters start from."""
-    df = _frame(path, """
+    df = _frame(path, version, """
         SELECT min(layer) AS layer_min, max(layer) AS layer_max, min(cos) AS cos_min, max(cos) AS cos_max,
                count(*) AS n_neurons
         FROM neurons WHERE run_id = ?""", [run_id])
@@ -170,7 +171,7 @@ NEURON_COLUMNS = "layer, neuron, group_code, cos, act, act_dpo, dact, proj, proj
 def neurons(path: str, version: float, run_id: str, groups: tuple[str, ...], layers: tuple[int, int],
             cos: tuple[float, float], min_abs_act: float, top_n: int) -> pl.DataFrame:
     """The top_n neurons by |delta| among those passing the filters; n_match counts all that pass."""
-    return _frame(path, f"""
+    return _frame(path, version, f"""
         SELECT {NEURON_COLUMNS}, count(*) OVER () AS n_match FROM neurons
         WHERE run_id = ? AND list_contains(?, group_code) AND layer BETWEEN ? AND ? AND cos BETWEEN ? AND ?
               AND abs(act) >= ?
@@ -180,7 +181,7 @@ def neurons(path: str, version: float, run_id: str, groups: tuple[str, ...], lay
 
 @st.cache_data(show_spinner=False)
 def neuron(path: str, version: float, run_id: str, layer: int, neuron: int) -> dict | None:
-    df = _frame(path, f"""
+    df = _frame(path, version, f"""
         SELECT {NEURON_COLUMNS}, (SELECT count(*) FROM neurons WHERE run_id = ?) AS n_neurons,
                (SELECT count(*) + 1 FROM neurons WHERE run_id = ? AND cos > n.cos) AS cos_rank
         FROM neurons n WHERE run_id = ? AND layer = ? AND neuron = ?""", [run_id, run_id, run_id, layer, neuron])
@@ -189,14 +190,14 @@ def neuron(path: str, version: float, run_id: str, layer: int, neuron: int) -> d
 
 @st.cache_data(show_spinner=False)
 def neuron_tokens(path: str, version: float, run_id: str, layer: int, neuron: int) -> pl.DataFrame:
-    return _frame(path, "SELECT rank, token, logit FROM neuron_tokens WHERE run_id = ? AND layer = ? AND neuron = ? "
+    return _frame(path, version, "SELECT rank, token, logit FROM neuron_tokens WHERE run_id = ? AND layer = ? AND neuron = ? "
                         "ORDER BY rank", [run_id, layer, neuron])
 
 
 @st.cache_data(show_spinner=False)
 def neuron_top_prompts(path: str, version: float, run_id: str, layer: int, neuron: int) -> pl.DataFrame:
     """The prompts where the neuron fires most under the base model, with both models' continuations."""
-    return _frame(path, """
+    return _frame(path, version, """
         SELECT t.rank, t.prompt_id, t.act, t.act_dpo, b.prompt, b.continuation AS base_continuation,
                d.continuation AS dpo_continuation, b.toxicity AS base_toxicity, d.toxicity AS dpo_toxicity
         FROM neuron_top_prompts t
@@ -208,7 +209,7 @@ def neuron_top_prompts(path: str, version: float, run_id: str, layer: int, neuro
 @st.cache_data(show_spinner=False)
 def group_shares_of(path: str, version: float, run_ids: tuple[str, ...]) -> pl.DataFrame:
     """Group shares of several runs, one row per run and group, for side-by-side bars."""
-    return _frame(path, """
+    return _frame(path, version, """
         SELECT g.run_id, r.name, g.group_code, g.effect, g.n_neurons, g.share_gross, g.share_net, g.ci_low, g.ci_high
         FROM group_summary g JOIN runs r USING (run_id)
         WHERE list_contains(?, g.run_id) ORDER BY g.run_id, g.effect DESC, g.group_code""", [list(run_ids)])
@@ -218,7 +219,7 @@ def group_shares_of(path: str, version: float, run_ids: tuple[str, ...]) -> pl.D
 def top_overlap(path: str, version: float, run_a: str, run_b: str, k: int) -> pl.DataFrame:
     """Each neuron in either run's top k by delta, with its rank, delta and group in both runs (null where
     the other run has no such neuron, e.g. a model of another shape)."""
-    return _frame(path, """
+    return _frame(path, version, """
         WITH ids AS (SELECT layer, neuron FROM neurons WHERE run_id = ? AND delta_rank <= ?
                      UNION SELECT layer, neuron FROM neurons WHERE run_id = ? AND delta_rank <= ?)
         SELECT ids.layer, ids.neuron, a.delta_rank AS rank_a, b.delta_rank AS rank_b, a.delta AS delta_a,
@@ -245,7 +246,7 @@ def user_sql(path: str, sql: str) -> tuple[pl.DataFrame, bool]:
 @st.cache_data(show_spinner=False)
 def schema(path: str, version: float) -> pl.DataFrame:
     """Every table and view of the store with its columns, in schema order."""
-    return _frame(path, """
+    return _frame(path, version, """
         SELECT table_name, column_name, data_type FROM duckdb_columns()
         WHERE database_name = current_database() AND schema_name = 'main' AND NOT internal
         ORDER BY table_name, column_index""")
@@ -266,7 +267,7 @@ def revised_continuations(path: str, version: float, run_id: str) -> pl.DataFram
     """One row per continuation read by a MaRCo-style revision (stage detox), the most divergent first:
     its largest expert/anti-expert JS divergence and how many tokens were masked. Empty for runs
     without that stage."""
-    return _frame(path, """
+    return _frame(path, version, """
         SELECT variant, prompt_id, max(jsd) AS max_jsd, count(*) FILTER (WHERE masked) AS n_masked
         FROM revisions WHERE run_id = ? GROUP BY variant, prompt_id ORDER BY max_jsd DESC, prompt_id""", [run_id])
 
@@ -274,7 +275,7 @@ def revised_continuations(path: str, version: float, run_id: str) -> pl.DataFram
 @st.cache_data(show_spinner=False)
 def revision(path: str, version: float, run_id: str, variant: str, prompt_id: int) -> pl.DataFrame:
     """The tokens of one revised continuation with their divergence, and the prompt and both texts."""
-    return _frame(path, """
+    return _frame(path, version, """
         SELECT r.position, r.token, r.jsd, r.masked, r.regenerated, r.original, r.revised, g.prompt
         FROM revisions r LEFT JOIN generations g ON g.run_id = r.run_id AND g.variant = r.variant AND g.prompt_id = r.prompt_id
         WHERE r.run_id = ? AND r.variant = ? AND r.prompt_id = ? ORDER BY r.position""", [run_id, variant, prompt_id])

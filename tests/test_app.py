@@ -256,6 +256,25 @@ def test_compare_runs_overlap_of_top_neurons(compare_store, app_on_path):
         assert len(at.dataframe[-1].value) == k + 3
 
 
+def test_compare_runs_of_different_shapes_compares_group_shares_only(tiny_run, tmp_path, monkeypatch, app_on_path):
+    cfg, run_id = tiny_run
+    path = tmp_path / "c.duckdb"
+    shutil.copyfile(cfg.run.store, path)
+    con = store.connect(path)
+    neurons = con.sql("SELECT * EXCLUDE (run_id) FROM neurons WHERE run_id = ? AND layer = 0", params=[run_id]).pl()
+    groups = con.sql("SELECT * EXCLUDE (run_id) FROM group_summary WHERE run_id = ?", params=[run_id]).pl()
+    con.close()
+    other = store.write_run(path, run={"name": "one layer", "model": "m", "config": {}, "config_hash": "h4",
+                                       "packages": {}}, stages=[], tables={"neurons": neurons, "group_summary": groups})
+    monkeypatch.setenv("STORE", str(path))
+    at = open_page(str(PAGES / "5_Compare_runs.py"), run_id)
+    at.selectbox[0].set_value(other).run()
+    assert not at.exception
+    assert any("differ in shape" in c.value for c in at.caption)
+    assert not any("neurons are in both" in m.value for m in at.markdown)
+    assert set(chart_rows(at, 0, "label")) == {"A · tiny", "B · one layer"}
+
+
 def test_interventions_page_table_and_layer_choice(two_run_store, app_on_path):
     first, second = two_run_store
     at = open_page(str(ROOT / "app" / "pages" / "4_Interventions.py"), first)

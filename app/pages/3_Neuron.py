@@ -19,8 +19,12 @@ if bounds is None:
 if "neuron_pick" in st.session_state:
     st.session_state["layer"], st.session_state["neuron"] = st.session_state.pop("neuron_pick")
 elif "layer" not in st.session_state and "layer" in st.query_params:
-    st.session_state["layer"] = int(st.query_params["layer"])
-    st.session_state["neuron"] = int(st.query_params.get("neuron", 0))
+    try:
+        st.session_state["layer"] = int(st.query_params["layer"])
+        st.session_state["neuron"] = int(st.query_params.get("neuron", 0))
+    except ValueError:
+        st.session_state.pop("layer", None)
+        st.warning("The link's ?layer=&neuron= are not whole numbers; showing the top neuron instead.")
 if "layer" not in st.session_state:
     top = queries.neurons(path, version, run_id, tuple(charts.REDUCING + charts.INCREASING),
                           (bounds["layer_min"], bounds["layer_max"]), (-1.0, 1.0), 0.0, 1)

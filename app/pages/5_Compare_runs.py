@@ -33,17 +33,23 @@ st.dataframe(shares.pivot(on="label", index="group_code", values="share_gross"),
              column_config={v: st.column_config.NumberColumn(format="percent") for v in label.values()})
 
 st.subheader("Top neurons in both runs")
+shape_a, shape_b = (queries.neuron_bounds(path, version, r) for r in (run_a, run_b))
+if shape_a is None or shape_b is None:
+    st.info("One of the runs has no neuron table (its pipeline stopped before `attribute`).")
+    st.stop()
+if (shape_a["layer_max"], shape_a["n_neurons"]) != (shape_b["layer_max"], shape_b["n_neurons"]):
+    st.caption(f"The runs' models differ in shape ({shape_a['n_neurons']:,} against {shape_b['n_neurons']:,} neurons "
+               f"in {shape_a['layer_max'] + 1} against {shape_b['layer_max'] + 1} layers): neuron indices do not "
+               "correspond, so only the group shares compare.")
+    st.stop()
 k = st.number_input("k: top neurons by delta in each run", 1, 100_000, 100, step=50)
 pairs = queries.top_overlap(path, version, run_a, run_b, int(k))
 both = pairs.filter(pairs["top_a"] & pairs["top_b"]).height
 n_a, n_b = pairs["top_a"].sum(), pairs["top_b"].sum()
 st.markdown(f"**{both:,}** neurons are in both top-{k:,} lists ({both / max(1, min(n_a, n_b)):.0%} overlap; "
             f"Jaccard {both / max(1, pairs.height):.2f}).")
-if pairs["delta_b"].null_count() == pairs.height or pairs["delta_a"].null_count() == pairs.height:
-    st.caption("The runs share no neurons (different model shapes): only the group shares compare.")
-else:
-    pairs = pairs.with_columns(
-        (pairs["top_a"].cast(str) + pairs["top_b"].cast(str)).replace_strict(
-            {"truetrue": "both", "truefalse": "A only", "falsetrue": "B only"}).alias("in_top"))
-    st.altair_chart(charts.delta_agreement(pairs), width="stretch")
+pairs = pairs.with_columns(
+    (pairs["top_a"].cast(str) + pairs["top_b"].cast(str)).replace_strict(
+        {"truetrue": "both", "truefalse": "A only", "falsetrue": "B only"}).alias("in_top"))
+st.altair_chart(charts.delta_agreement(pairs), width="stretch")
 st.dataframe(pairs, hide_index=True, width="stretch")
