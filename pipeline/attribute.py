@@ -65,9 +65,10 @@ def neurons_needed(delta_sorted: np.ndarray, fraction: float) -> int:
 
 
 @torch.no_grad()
-def weights(path: str, device: str, dtype: str = "float32") -> dict:
-    """Value vectors, unembedding and final-norm scale of one model, as float32 numpy."""
-    bridge = load_bridge(path, device, dtype)
+def weights(path: str, device: str) -> dict:
+    """Value vectors, unembedding and final-norm scale of one model, loaded in float32 whatever [model]
+    dtype says: DPO moves W_out by about bfloat16's rounding step, so delta needs the full precision."""
+    bridge = load_bridge(path, device, "float32")
     W_out = bridge.W_out.detach().float().cpu().numpy()  # (L, d_mlp, d_model)
     W_U = bridge.W_U.detach().float().cpu()  # (d_model, d_vocab)
     scale = getattr(bridge.ln_final, "weight", None)
@@ -88,8 +89,8 @@ def run(out: Path, *, device: str, model: ModelConfig, attribute: AttributeConfi
         probe_dir: Path, dpo_dir: Path, record_dir: Path) -> dict:
     w = np.load(probe_dir / "w.npy").astype(np.float64)
     w_hat = w / np.linalg.norm(w)
-    base = weights(datasets.model_path(model.path, world_dir), device, model.dtype)
-    W_out, W_out_dpo = base["W_out"].astype(np.float64), weights(str(dpo_dir / "model"), device, model.dtype)["W_out"].astype(np.float64)
+    base = weights(datasets.model_path(model.path, world_dir), device)
+    W_out, W_out_dpo = base["W_out"].astype(np.float64), weights(str(dpo_dir / "model"), device)["W_out"].astype(np.float64)
     act = np.load(record_dir / "base_act.npy").astype(np.float64)  # (L, d_mlp)
     act_dpo = np.load(record_dir / "dpo_act.npy").astype(np.float64)
     n_layers, d_mlp = act.shape

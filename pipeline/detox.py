@@ -48,7 +48,8 @@ from tqdm import tqdm
 from pipeline import data as datasets
 from pipeline import models, scoring
 from pipeline.config import DataConfig, DetoxConfig, InterveneConfig, ModelConfig, RecordConfig, ScorerConfig
-from pipeline.intervene import GENERATIONS, INTERVENTIONS, LAYERS, Heldout, decode, f1, heldout_set, perplexity
+from pipeline.intervene import (GENERATIONS, INTERVENTIONS, LAYERS, Heldout, decode, f1, heldout_set, perplexity,
+                                recovered)
 from pipeline.record import left_pad, prompt_tokens
 
 REVISIONS = {"variant": pl.String, "prompt_id": pl.Int64, "position": pl.Int64, "token": pl.String, "jsd": pl.Float64,
@@ -238,9 +239,8 @@ def run(out: Path, *, device: str, model: ModelConfig, data: DataConfig, record:
     del bridge, poe, p, loaded
     models.release_memory()
 
-    for r in rows:  # the share of DPO's toxicity drop reproduced
-        gap = tox_end["base"] - tox_end["dpo"]
-        r["recovered"] = None if gap == 0 else (tox_end["base"] - r["toxicity"]) / gap
+    for r in rows:
+        r["recovered"] = recovered(r["toxicity"], tox_end["base"], tox_end["dpo"])
     pl.DataFrame(rows, schema=INTERVENTIONS).write_parquet(out / "interventions.parquet")
     pl.DataFrame(generations, schema=GENERATIONS).write_parquet(out / "generations.parquet")
     pl.DataFrame(layers, schema=LAYERS).write_parquet(out / "layers.parquet")

@@ -197,6 +197,11 @@ def heldout_set(bridge, passages: list[str], f1_tokens: int) -> Heldout:
     return Heldout(rows, prefixes, gold)
 
 
+def recovered(tox: float, tox_base: float, tox_dpo: float) -> float | None:
+    """The share of DPO's toxicity drop an intervention reproduces (None when DPO changed nothing)."""
+    return None if tox_base == tox_dpo else (tox_base - tox) / (tox_base - tox_dpo)
+
+
 def quality(bridge, held: Heldout, fwd_hooks: list, cfg: InterveneConfig, w_hat: np.ndarray, desc: str) -> dict:
     """Perplexity and mean F1 on the held-out passages under fwd_hooks."""
     tokens, _ = generate(bridge, held.prefixes, cfg.f1_tokens, cfg.batch_size, fwd_hooks, w_hat, f"{desc} f1")
@@ -246,7 +251,7 @@ def run(out: Path, *, device: str, model: ModelConfig, data: DataConfig, record:
     rows = scale + rows
     tox_base, tox_dpo = scale[0]["toxicity"], scale[1]["toxicity"]
     for r in rows:  # the share of DPO's toxicity drop an intervention reproduces
-        r["recovered"] = None if tox_base == tox_dpo else (tox_base - r["toxicity"]) / (tox_base - tox_dpo)
+        r["recovered"] = recovered(r["toxicity"], tox_base, tox_dpo)
 
     pl.DataFrame(rows, schema=INTERVENTIONS).write_parquet(out / "interventions.parquet")
     pl.DataFrame(generations, schema=GENERATIONS).write_parquet(out / "generations.parquet")

@@ -32,7 +32,8 @@ PACKAGES = ("torch", "transformers", "transformer-lens", "trl", "tokenizers", "d
 @dataclass(frozen=True)
 class Stage:
     """module.run(out, *, device, <section>=..., <dep>_dir=...) -> summary; module.tables(out) -> {table: frame}.
-    `sections` names what the result depends on: a whole section ("dpo") or one field ("data.pairs");
+    `sections` names what the result depends on: a whole section ("dpo") or one field ("data.pairs"; only
+    scorer.backend of [scorer], as its rate limit and retries change no score, and not record.processes);
     the stage receives the whole section either way. A dep that this config does not run (the world,
     for a real model) is passed as None."""
 
@@ -44,21 +45,23 @@ class Stage:
 
 
 STAGES = (
-    Stage("world", world, sections=("world", "scorer"), code=(corpus, scoring)),
+    Stage("world", world, sections=("world", "scorer.backend"), code=(corpus, scoring)),
     Stage("probe", probe, sections=("model", "data.probe", "probe"), deps=("world",), code=(data, models)),
     Stage("pairs", pairs, sections=("model", "data.prompts", "data.challenging_only", "data.max_prompts",
-                                    "data.pairs", "pairs", "scorer"), deps=("world",), code=(data, models, scoring)),
+                                    "data.pairs", "pairs", "scorer.backend"), deps=("world",), code=(data, models, scoring)),
     Stage("dpo", dpo, sections=("model.path", "dpo"), deps=("world", "pairs"), code=(data, models)),
     Stage("record", record, sections=("model", "data.prompts", "data.challenging_only", "data.max_prompts",
-                                      "record", "scorer"), deps=("world", "probe", "dpo"), code=(data, models, scoring)),
-    Stage("attribute", attribute, sections=("model", "attribute"), deps=("world", "probe", "dpo", "record"),
+                                      "record.new_tokens", "record.batch_size", "scorer.backend"),
+          deps=("world", "probe", "dpo"), code=(data, models, scoring)),
+    Stage("attribute", attribute, sections=("model.path", "attribute"), deps=("world", "probe", "dpo", "record"),
           code=(data, models)),
     Stage("intervene", intervene, sections=("model", "data.prompts", "data.challenging_only", "data.max_prompts",
-                                            "data.heldout", "record", "intervene", "scorer"),
+                                            "data.heldout", "record.new_tokens", "record.batch_size", "intervene",
+                                            "scorer.backend"),
           deps=("world", "probe", "dpo", "record", "attribute"), code=(data, models, scoring, record)),
-    Stage("experts", experts, sections=("model", "data.probe", "experts"), deps=("world",), code=(data, models)),
+    Stage("experts", experts, sections=("model.path", "data.probe", "experts"), deps=("world",), code=(data, models)),
     Stage("detox", detox, sections=("model", "data.prompts", "data.challenging_only", "data.max_prompts", "data.heldout",
-                                    "record.new_tokens", "intervene.n_heldout", "intervene.f1_tokens", "detox", "scorer"),
+                                    "record.new_tokens", "intervene.n_heldout", "intervene.f1_tokens", "detox", "scorer.backend"),
           deps=("world", "probe", "record", "experts"), code=(data, models, scoring, record, intervene)),
 )
 
