@@ -3,8 +3,8 @@
     python -m bench.app_queries              # both sizes, median of 7 runs per query
     python -m bench.app_queries --sizes gpt2-medium --repeats 3
 
-Each query runs exactly as the app runs it (a fresh read-only connection per query), minus the
-Streamlit cache, which would hide the cost after the first call. The store holds two runs of the
+Each query runs exactly as the app runs it (a cursor on the app's snapshot connection of the store
+file), minus the Streamlit result cache, which would hide the cost after the first call. The store holds two runs of the
 size, so the run filter and the compare page have real work. Prints the median per query and its
 ratio to the target (100 ms at gpt2-medium size, 250 ms at Llama-8B size).
 """

@@ -4,7 +4,9 @@ like any checkpoint and loaded by path, and random prompts of one length."""
 from __future__ import annotations
 
 import argparse
+import atexit
 import random
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -30,6 +32,7 @@ def save_model(args) -> Path:
     from pipeline import corpus, world
 
     path = Path(tempfile.mkdtemp(prefix="bench-")) / "model"
+    atexit.register(shutil.rmtree, path.parent, ignore_errors=True)  # a gpt2-medium-sized checkpoint is 1.4 GB
     r = random.Random(0)
     tok = world.train_tokenizer([corpus.neutral_sentence(r) for _ in range(200)], 300)
     torch.manual_seed(0)

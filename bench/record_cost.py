@@ -13,7 +13,6 @@ import argparse
 import io
 import time
 
-import numpy as np
 import torch
 
 from bench.common import model_args, prompts, save_model

@@ -88,13 +88,6 @@ def test_unreadable_store_is_refused_before_any_stage_runs(tmp_path, capsys, mon
     assert digest(path) == before and not (tmp_path / "share.duckdb").exists()
 
 
-def test_migrating_is_not_needed_for_the_current_version(tmp_path):
-    path = tmp_path / "s.duckdb"
-    a_store(path)
-    con = duckdb.connect(str(path), read_only=True)
-    assert con.execute("SELECT version FROM schema_version").fetchall() == [(store.SCHEMA_VERSION,)]
-
-
 def probe_csv(path, rows=40, header="comment_text,toxic", encoding="utf-8"):
     body = "".join(f"sentence number {i} is {'awful' if i % 2 else 'fine'},{i % 2}\n" for i in range(rows))
     path.write_bytes((header + "\n" + body).encode(encoding))
