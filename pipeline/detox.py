@@ -195,10 +195,11 @@ def run(out: Path, *, device: str, model: ModelConfig, data: DataConfig, record:
     T, bs = record.new_tokens, detox.batch_size
 
     path = datasets.model_path(model.path, world_dir)
-    bridge = models.load_bridge(path, device)
+    bridge = models.load_bridge(path, device, model.dtype)
     prompt_rows = prompt_tokens(bridge, prompts, T)
     held = heldout_set(bridge, passages, intervene.f1_tokens)
-    loaded = [models.load_hf(p, device)[0] for p in (path, Path(experts_dir) / "expert", Path(experts_dir) / "anti")]
+    loaded = [models.load_hf(p, device, model.dtype)[0]
+              for p in (path, Path(experts_dir) / "expert", Path(experts_dir) / "anti")]
     poe = ProductOfExperts(*loaded, tokenizer=bridge.tokenizer, cfg=SimpleNamespace(device=device, n_ctx=bridge.cfg.n_ctx))
 
     rows, generations, layers = [], [], []
