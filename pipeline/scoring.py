@@ -84,13 +84,13 @@ class Perspective:
     KEY_VAR = "PERSPECTIVE_API_KEY"
 
     def __init__(self, batch_size: int = 256, rate_limit: float = 1.0, max_retries: int = 5, retry_wait: float = 1.0,
-                 url: str | None = None):
+                 url: str | None = None, timeout: float = 30.0):
         self.key = os.environ.get(self.KEY_VAR, "").strip()
         if not self.key:
             raise ConfigError(f"[scorer] backend = 'perspective' needs an API key in the environment variable "
                               f"{self.KEY_VAR}; set it, or choose detoxify or profanity-check")
         self.url = url or self.url
-        self.interval, self.max_retries, self.retry_wait = 1.0 / rate_limit, max_retries, retry_wait
+        self.interval, self.max_retries, self.retry_wait, self.timeout = 1.0 / rate_limit, max_retries, retry_wait, timeout
         self._last = -float("inf")  # start of the previous request, time.monotonic()
 
     def _request(self, text: str) -> float:
@@ -101,19 +101,22 @@ class Perspective:
             self._last = time.monotonic()
             req = urllib.request.Request(f"{self.url}?key={self.key}", data=body, headers={"Content-Type": "application/json"})
             try:
-                with urllib.request.urlopen(req, timeout=30) as r:
+                with urllib.request.urlopen(req, timeout=self.timeout) as r:
                     return float(json.load(r)["attributeScores"]["TOXICITY"]["summaryScore"]["value"])
             except urllib.error.HTTPError as e:
                 if e.code != 429 and e.code < 500:
                     raise ConfigError(f"Perspective API refused a request (HTTP {e.code} {e.reason}); check "
                                       f"{self.KEY_VAR} and that the key has the Comment Analyzer API enabled") from None
-                if attempt == self.max_retries:
-                    raise ConfigError(f"Perspective API still answers HTTP {e.code} after {self.max_retries} retries; "
-                                      "lower [scorer] rate_limit or try later") from None
-                time.sleep(self.retry_wait * 2 ** attempt)
-            except urllib.error.URLError as e:
-                raise ConfigError(f"Perspective API unreachable ({e.reason}); score offline with detoxify or "
-                                  "profanity-check") from None
+                failure = f"answers HTTP {e.code}"
+            except (TimeoutError, urllib.error.URLError) as e:  # a busy API times out; a wrong host never answers
+                if not isinstance(getattr(e, "reason", e), TimeoutError):
+                    raise ConfigError(f"Perspective API unreachable ({e.reason}); score offline with detoxify or "
+                                      "profanity-check") from None
+                failure = f"times out ({self.timeout:g} s)"
+            if attempt == self.max_retries:
+                raise ConfigError(f"Perspective API still {failure} after {self.max_retries} retries; "
+                                  "lower [scorer] rate_limit or try later")
+            time.sleep(self.retry_wait * 2 ** attempt)
         raise AssertionError("unreachable")
 
     def score(self, texts: list[str]) -> list[float]:

@@ -21,6 +21,8 @@ class FakePerspective(BaseHTTPRequestHandler):
         srv = self.server
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         srv.seen.append((time.monotonic(), self.path, body))
+        if len(srv.seen) <= srv.n_slow:
+            time.sleep(0.5)
         if len(srv.seen) <= srv.n_429:
             self.send_response(429)
             self.end_headers()
@@ -45,7 +47,7 @@ class FakePerspective(BaseHTTPRequestHandler):
 @pytest.fixture
 def server():
     srv = ThreadingHTTPServer(("127.0.0.1", 0), FakePerspective)
-    srv.seen, srv.n_429, srv.status = [], 0, 200
+    srv.seen, srv.n_429, srv.n_slow, srv.status = [], 0, 0, 200
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     yield srv
     srv.shutdown()
@@ -84,6 +86,16 @@ def test_perspective_gives_up_after_max_retries_in_one_line(server, monkeypatch)
     with pytest.raises(ConfigError) as e:
         sc.score(["x"])
     assert "429 after 2 retries" in str(e.value) and "\n" not in str(e.value) and len(server.seen) == 3
+
+
+def test_perspective_retries_a_request_that_times_out(server, monkeypatch):
+    server.n_slow = 1
+    sc = perspective(server, monkeypatch, rate_limit=1000.0, retry_wait=0.01, max_retries=2, timeout=0.2)
+    assert sc.score(["xx"]) == [1.0] and len(server.seen) == 2
+    server.seen, server.n_slow = [], 10
+    with pytest.raises(ConfigError) as e:
+        sc.score(["x"])
+    assert "times out (0.2 s) after 2 retries" in str(e.value) and len(server.seen) == 3
 
 
 def test_perspective_refused_key_is_not_retried(server, monkeypatch):
