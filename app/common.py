@@ -32,6 +32,15 @@ def store_and_run() -> tuple[str, float, str]:
     return path, version, run_id
 
 
+def neuron_bounds(path: str, version: float, run_id: str) -> dict:
+    """The run's neuron ranges; stop the page with a message when the run has no neuron table."""
+    bounds = queries.neuron_bounds(path, version, run_id)
+    if bounds is None:
+        st.info("This run has no neuron table: its pipeline stopped before the `attribute` stage.")
+        st.stop()
+    return bounds
+
+
 def open_neuron(layer: int, neuron: int) -> None:
     """Show one neuron on the detail page (called when a table row or chart point is clicked)."""
     st.session_state["neuron_pick"] = (int(layer), int(neuron))

@@ -229,6 +229,14 @@ def test_neuron_page_refuses_a_neuron_that_does_not_exist(two_run_store, app_on_
 def compare_store(tiny_run, tmp_path, monkeypatch):
     """The tiny run plus a planted second run: the same neurons with the top 3 by delta moved to the end of
     the ranking, so its top k shares exactly k - 3 neurons with the first run's top k."""
+    _, run_id = tiny_run
+    return run_id, second_run(tiny_run, tmp_path, monkeypatch, "shifted",
+                              lambda n: n.with_columns(((pl.col("delta_rank") - 4) % n.height + 1).alias("delta_rank")))
+
+
+def second_run(tiny_run, tmp_path, monkeypatch, name: str, edit) -> str:
+    """A copy of the tiny run's store (STORE points at it) with a run `name` whose neurons are edit(the tiny
+    run's neurons) and whose group shares are the tiny run's."""
     cfg, run_id = tiny_run
     path = tmp_path / "c.duckdb"
     shutil.copyfile(cfg.run.store, path)
@@ -236,12 +244,9 @@ def compare_store(tiny_run, tmp_path, monkeypatch):
     neurons = con.sql("SELECT * EXCLUDE (run_id) FROM neurons WHERE run_id = ?", params=[run_id]).pl()
     groups = con.sql("SELECT * EXCLUDE (run_id) FROM group_summary WHERE run_id = ?", params=[run_id]).pl()
     con.close()
-    n = neurons.height
-    neurons = neurons.with_columns(((pl.col("delta_rank") - 4) % n + 1).alias("delta_rank"))
-    other = store.write_run(path, run={"name": "shifted", "model": "m", "config": {}, "config_hash": "h3",
-                                       "packages": {}}, stages=[], tables={"neurons": neurons, "group_summary": groups})
     monkeypatch.setenv("STORE", str(path))
-    return run_id, other
+    return store.write_run(path, run={"name": name, "model": "m", "config": {}, "config_hash": name, "packages": {}},
+                           stages=[], tables={"neurons": edit(neurons), "group_summary": groups})
 
 
 def test_compare_runs_overlap_of_top_neurons(compare_store, app_on_path):
@@ -257,16 +262,8 @@ def test_compare_runs_overlap_of_top_neurons(compare_store, app_on_path):
 
 
 def test_compare_runs_of_different_shapes_compares_group_shares_only(tiny_run, tmp_path, monkeypatch, app_on_path):
-    cfg, run_id = tiny_run
-    path = tmp_path / "c.duckdb"
-    shutil.copyfile(cfg.run.store, path)
-    con = store.connect(path)
-    neurons = con.sql("SELECT * EXCLUDE (run_id) FROM neurons WHERE run_id = ? AND layer = 0", params=[run_id]).pl()
-    groups = con.sql("SELECT * EXCLUDE (run_id) FROM group_summary WHERE run_id = ?", params=[run_id]).pl()
-    con.close()
-    other = store.write_run(path, run={"name": "one layer", "model": "m", "config": {}, "config_hash": "h4",
-                                       "packages": {}}, stages=[], tables={"neurons": neurons, "group_summary": groups})
-    monkeypatch.setenv("STORE", str(path))
+    _, run_id = tiny_run
+    other = second_run(tiny_run, tmp_path, monkeypatch, "one layer", lambda n: n.filter(pl.col("layer") == 0))
     at = open_page(str(PAGES / "5_Compare_runs.py"), run_id)
     at.selectbox[0].set_value(other).run()
     assert not at.exception

@@ -6,7 +6,7 @@ import streamlit as st
 
 import charts
 import queries
-from common import open_neuron, store_and_run
+from common import neuron_bounds, open_neuron, store_and_run
 
 PRESETS = {
     "all groups": charts.REDUCING + charts.INCREASING,
@@ -21,10 +21,7 @@ st.set_page_config(page_title="Neuron groups · dpo-neurons", layout="wide")
 st.title("Neuron groups")
 path, version, run_id = store_and_run()
 
-bounds = queries.neuron_bounds(path, version, run_id)
-if bounds is None:
-    st.info("This run has no neuron table: its pipeline stopped before the `attribute` stage.")
-    st.stop()
+bounds = neuron_bounds(path, version, run_id)
 
 
 def apply_preset():

@@ -4,16 +4,13 @@ import streamlit as st
 
 import charts
 import queries
-from common import store_and_run
+from common import neuron_bounds, store_and_run
 
 st.set_page_config(page_title="Neuron · dpo-neurons", layout="wide")
 st.title("Neuron detail")
 path, version, run_id = store_and_run()
 
-bounds = queries.neuron_bounds(path, version, run_id)
-if bounds is None:
-    st.info("This run has no neuron table: its pipeline stopped before the `attribute` stage.")
-    st.stop()
+bounds = neuron_bounds(path, version, run_id)
 
 # A neuron arrives by a click on another page, by a shared link (?layer=&neuron=), or from these inputs.
 if "neuron_pick" in st.session_state:
