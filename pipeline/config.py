@@ -55,6 +55,11 @@ class ModelConfig:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
 
 
+# Detoxify's released checkpoints (detoxify.detoxify.MODEL_URLS), listed here so a config is checked
+# without importing the optional package.
+DETOXIFY_MODELS = ("original", "unbiased", "multilingual", "original-small", "unbiased-small")
+
+
 @dataclass
 class ScorerConfig:
     """The independent toxicity scorer used on generated text."""
@@ -64,10 +69,16 @@ class ScorerConfig:
     batch_size: int = _f(256, "Texts scored per call.")
     rate_limit: float = _f(1.0, "Perspective: requests per second at most (the API's default quota is 1).")
     max_retries: int = _f(5, "Perspective: retries of a request answered 429 or 5xx, with doubling waits from 1 s.")
+    detoxify_model: str = _f("original", "Detoxify: which released model (original, unbiased, multilingual, "
+                             "original-small, unbiased-small).")
+    checkpoint: str = _f("", "Detoxify: a local .ckpt file to score with instead of downloading detoxify_model "
+                         "(offline machines, own fine-tunes).")
 
     def __post_init__(self):
         if self.batch_size < 1:
             raise ValueError("batch_size must be at least 1")
+        if self.detoxify_model not in DETOXIFY_MODELS:
+            raise ValueError(f"detoxify_model must be one of {', '.join(DETOXIFY_MODELS)}, not {self.detoxify_model!r}")
         if self.rate_limit <= 0 or self.max_retries < 0:
             raise ValueError("rate_limit must be positive and max_retries at least 0")
 

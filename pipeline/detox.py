@@ -191,7 +191,7 @@ def run(out: Path, *, device: str, model: ModelConfig, data: DataConfig, record:
     base_tokens = np.load(Path(record_dir) / "base_tokens.npy")  # (n_prompts, T): the base model's greedy continuations
     recorded = pl.read_ndjson(Path(record_dir) / "generations.jsonl")  # intervene's base and dpo rows read the same
     tox_end = {v: recorded.filter(pl.col("variant") == v)["toxicity"].mean() for v in ("base", "dpo")}
-    sc = scoring.get_scorer(scorer)
+    sc = scoring.get_scorer(scorer, device)
     T, bs = record.new_tokens, detox.batch_size
 
     path = datasets.model_path(model.path, world_dir)

@@ -217,7 +217,7 @@ def run(out: Path, *, device: str, model: ModelConfig, data: DataConfig, record:
     w = np.load(Path(probe_dir) / "w.npy").astype(np.float32)
     w_hat = w / np.linalg.norm(w)
     todo = plan(intervene, pl.read_parquet(Path(attribute_dir) / "neurons.parquet"))
-    sc = scoring.get_scorer(scorer)
+    sc = scoring.get_scorer(scorer, device)
     T = record.new_tokens
 
     rows, generations, layers = [], [], []

@@ -62,7 +62,7 @@ def best_of_k(prompts: list[str], samples: list[list[str]], scorer: scoring.Scor
 
 def run(out: Path, *, device: str, model: ModelConfig, data: DataConfig, pairs: PairsConfig,
         scorer: ScorerConfig, world_dir: Path | None) -> dict:
-    sc = scoring.get_scorer(scorer)
+    sc = scoring.get_scorer(scorer, device)
     summary: dict = {"source": data.pairs}
     if data.pairs == "self":
         prompts = datasets.load_prompts(datasets.resolve("prompts", data.prompts, world_dir),

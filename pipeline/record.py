@@ -171,7 +171,7 @@ def run(out: Path, *, device: str, model: ModelConfig, data: DataConfig, record:
     prompts = datasets.load_prompts(datasets.resolve("prompts", data.prompts, world_dir), data.challenging_only, data.max_prompts)
     w = np.load(Path(probe_dir) / "w.npy").astype(np.float32)
     w_hat = w / np.linalg.norm(w)
-    sc = scoring.get_scorer(scorer)
+    sc = scoring.get_scorer(scorer, device)
     paths = {"base": datasets.model_path(model.path, world_dir), "dpo": str(Path(dpo_dir) / "model")}
 
     summary: dict = {"n_prompts": len(prompts), "new_tokens": record.new_tokens, "processes": record.processes}

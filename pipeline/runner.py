@@ -33,7 +33,8 @@ PACKAGES = ("torch", "transformers", "transformer-lens", "trl", "tokenizers", "d
 class Stage:
     """module.run(out, *, device, <section>=..., <dep>_dir=...) -> summary; module.tables(out) -> {table: frame}.
     `sections` names what the result depends on: a whole section ("dpo") or one field ("data.pairs"; only
-    scorer.backend of [scorer], as its rate limit and retries change no score, and not record.processes);
+    the SCORES fields of [scorer], as its batch size, rate limit and retries change no score, and not
+    record.processes);
     the stage receives the whole section either way. A dep that this config does not run (the world,
     for a real model) is passed as None."""
 
@@ -44,24 +45,26 @@ class Stage:
     code: tuple[ModuleType, ...] = ()  # helper modules whose source also decides the result
 
 
+SCORES = ("scorer.backend", "scorer.detoxify_model", "scorer.checkpoint")  # what decides a toxicity score
+
 STAGES = (
-    Stage("world", world, sections=("world", "scorer.backend"), code=(corpus, scoring)),
+    Stage("world", world, sections=("world", *SCORES), code=(corpus, scoring)),
     Stage("probe", probe, sections=("model", "data.probe", "probe"), deps=("world",), code=(data, models)),
     Stage("pairs", pairs, sections=("model", "data.prompts", "data.challenging_only", "data.max_prompts",
-                                    "data.pairs", "pairs", "scorer.backend"), deps=("world",), code=(data, models, scoring)),
+                                    "data.pairs", "pairs", *SCORES), deps=("world",), code=(data, models, scoring)),
     Stage("dpo", dpo, sections=("model.path", "dpo"), deps=("world", "pairs"), code=(data, models)),
     Stage("record", record, sections=("model", "data.prompts", "data.challenging_only", "data.max_prompts",
-                                      "record.new_tokens", "record.batch_size", "scorer.backend"),
+                                      "record.new_tokens", "record.batch_size", *SCORES),
           deps=("world", "probe", "dpo"), code=(data, models, scoring)),
     Stage("attribute", attribute, sections=("model.path", "attribute"), deps=("world", "probe", "dpo", "record"),
           code=(data, models)),
     Stage("intervene", intervene, sections=("model", "data.prompts", "data.challenging_only", "data.max_prompts",
                                             "data.heldout", "record.new_tokens", "record.batch_size", "intervene",
-                                            "scorer.backend"),
+                                            *SCORES),
           deps=("world", "probe", "dpo", "record", "attribute"), code=(data, models, scoring, record)),
     Stage("experts", experts, sections=("model.path", "data.probe", "experts"), deps=("world",), code=(data, models)),
     Stage("detox", detox, sections=("model", "data.prompts", "data.challenging_only", "data.max_prompts", "data.heldout",
-                                    "record.new_tokens", "intervene.n_heldout", "intervene.f1_tokens", "detox", "scorer.backend"),
+                                    "record.new_tokens", "intervene.n_heldout", "intervene.f1_tokens", "detox", *SCORES),
           deps=("world", "probe", "record", "experts"), code=(data, models, scoring, record, intervene)),
 )
 

@@ -4,8 +4,9 @@ Every backend exposes `name`, `version` and `score(texts) -> list[float]`, batch
 batch size; `label` ("name==version") is stored next to every score so that numbers from different
 scorers are never mixed up. The offline default is alt-profanity-check, a linear classifier trained
 on human-labelled comments, independent of the demo world's generator. The others:
-  detoxify     Detoxify's "original" model (BERT trained on Jigsaw), an optional install
-               (`pip install detoxify`); its checkpoint is downloaded on first use and cached by torch.hub.
+  detoxify     Detoxify's released models (default "original": BERT trained on Jigsaw), an optional
+               install (`pip install detoxify`); the checkpoint is downloaded on first use and cached
+               by torch.hub, or read from a local .ckpt ([scorer] checkpoint).
   perspective  Google's Perspective API, TOXICITY summary score, the paper's scorer. Key from the
                environment variable PERSPECTIVE_API_KEY; requests spaced to [scorer] rate_limit per
                second, and retried with doubling waits on 429 (quota) and 5xx.
@@ -13,14 +14,18 @@ on human-labelled comments, independent of the demo world's generator. The other
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
 import os
+import pickle
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 from tqdm import tqdm
 
 from pipeline.config import ConfigError, ScorerConfig
@@ -53,28 +58,43 @@ class ProfanityCheck:
 
 class Detoxify:
     name = "detoxify"
-    variant = "original"
 
-    def __init__(self, batch_size: int = 256):
+    def __init__(self, batch_size: int = 256, model: str = "original", checkpoint: str = "", device: str = "cpu"):
         try:
             from detoxify import Detoxify as Model
         except ImportError:
             raise ConfigError("[scorer] backend = 'detoxify' needs the detoxify package; pip install detoxify, "
                               "or choose profanity-check") from None
+        if checkpoint and not Path(checkpoint).is_file():
+            raise ConfigError(f"[scorer] checkpoint {checkpoint!r} is not a file; give the path of a Detoxify .ckpt, "
+                              "or leave it empty to download detoxify_model")
         try:
-            self._model = Model(self.variant, device="cpu")
-        except (OSError, RuntimeError, ValueError) as e:  # torch.hub download or a damaged cached checkpoint
+            self._model = Model(model, checkpoint=checkpoint or None, device=device)
+        except (OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as e:  # offline, damaged, foreign
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-            raise ConfigError(f"the Detoxify checkpoint could not be loaded ({first}); run once where "
-                              "github.com is reachable (torch.hub caches it), or choose profanity-check") from None
+            raise ConfigError(f"the Detoxify checkpoint could not be loaded ({first}); run once where github.com and "
+                              "huggingface.co are reachable (both cache), set [scorer] checkpoint, or choose "
+                              "profanity-check") from None
         self.batch_size = batch_size
-        self.version = f"{importlib.metadata.version('detoxify')}-{self.variant}"
+        # A local checkpoint is named by its content, so two fine-tunes saved under one file name stay apart.
+        source = f"{Path(checkpoint).stem}@{_sha256(checkpoint)[:8]}" if checkpoint else model
+        self.version = f"{importlib.metadata.version('detoxify')}-{source}"
 
     def score(self, texts: list[str]) -> list[float]:
         out: list[float] = []
-        for i in range(0, len(texts), self.batch_size):
-            out.extend(float(p) for p in self._model.predict(texts[i:i + self.batch_size])["toxicity"])
+        batches = range(0, len(texts), self.batch_size)
+        for i in tqdm(batches, desc="detoxify", unit="batch", leave=False, disable=len(batches) < 4):
+            # A list in, a list out: predict() squeezes its scores, so a batch of one comes back as a bare float.
+            out.extend(float(p) for p in np.atleast_1d(self._model.predict(texts[i:i + self.batch_size])["toxicity"]))
         return out
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 class Perspective:
@@ -128,11 +148,14 @@ class Perspective:
 BACKENDS = {ProfanityCheck.name: ProfanityCheck, Detoxify.name: Detoxify, Perspective.name: Perspective}
 
 
-def get_scorer(cfg: ScorerConfig) -> Scorer:
+def get_scorer(cfg: ScorerConfig, device: str = "cpu") -> Scorer:
+    """device: where a scorer that is a network (Detoxify) runs; the stage's own device."""
     if cfg.backend not in BACKENDS:
         raise ConfigError(f"unknown scorer backend {cfg.backend!r}; [scorer] backend must be one of {', '.join(BACKENDS)}")
     if cfg.backend == Perspective.name:
         return Perspective(batch_size=cfg.batch_size, rate_limit=cfg.rate_limit, max_retries=cfg.max_retries)
+    if cfg.backend == Detoxify.name:
+        return Detoxify(batch_size=cfg.batch_size, model=cfg.detoxify_model, checkpoint=cfg.checkpoint, device=device)
     return BACKENDS[cfg.backend](batch_size=cfg.batch_size)
 
 

@@ -199,7 +199,7 @@ def run(out: Path, *, world: WorldConfig, scorer: ScorerConfig, device: str = "c
 
     challenge = [p["prompt"]["text"] for p in texts["prompts"] if p["challenging"]][:cfg.n_samples]
     conts = greedy_continuations(model, tok, challenge, cfg.sample_tokens, device)
-    sc = scoring.get_scorer(scorer)
+    sc = scoring.get_scorer(scorer, device)
     tox = sc.score(conts)
     _write_jsonl(out / "samples.jsonl", [
         {"prompt_id": i, "prompt": p, "continuation": c, "toxicity": t, "scorer": scoring.label(sc)}

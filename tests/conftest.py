@@ -120,3 +120,60 @@ def save_planted_pair(tmp: Path) -> Path:
     (tmp / "probe").mkdir()
     np.save(tmp / "probe" / "w.npy", w.astype(np.float32))
     return base
+
+
+DETOXIFY_NEUTRAL = "the a cat dog sat ran on under tree house table happily quietly today".split()
+DETOXIFY_TOXIC = "idiot moron stupid loser".split()
+
+
+def detoxify_sentence(rng, toxic: bool) -> str:
+    words = list(rng.choice(DETOXIFY_NEUTRAL, size=int(rng.integers(4, 9))))
+    if toxic:
+        words[int(rng.integers(len(words)))] = str(rng.choice(DETOXIFY_TOXIC))
+    return " ".join(words)
+
+
+def save_detoxify_checkpoint(tmp: Path, seed: int = 0) -> Path:
+    """A checkpoint in Detoxify's own format (config + state_dict) of a tiny BERT trained here to call a
+    sentence toxic exactly when it holds one of DETOXIFY_TOXIC. "toxic" is the second of its classes and the
+    first one, "severe_toxic", is trained to say the opposite, so a scorer reading the wrong column fails.
+    Its config and tokenizer are written to tmp/bert and named there, so loading it needs no download."""
+    import numpy as np
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
+
+    bert = tmp / "bert"
+    bert.mkdir(parents=True)
+    (bert / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]",
+                                              *DETOXIFY_NEUTRAL, *DETOXIFY_TOXIC]) + "\n")
+    tok = BertTokenizer(str(bert / "vocab.txt"))
+    tok.save_pretrained(bert)
+    classes = ["severe_toxic", "toxic", "obscene", "threat", "insult", "identity_hate"]
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=64, num_labels=len(classes),
+                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    cfg.save_pretrained(bert)
+    rng = np.random.default_rng(seed)
+    labels = rng.random(256) < 0.5
+    batch = tok([detoxify_sentence(rng, bool(t)) for t in labels], return_tensors="pt", padding=True)
+    y = torch.tensor(labels, dtype=torch.float32)
+    target = torch.stack([1 - y, y, *[torch.zeros_like(y)] * 4], 1)  # (n, classes)
+    torch.manual_seed(seed)
+    model = BertForSequenceClassification(cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(100):
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(**batch).logits, target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    path = tmp / "toxic-bert-tiny.ckpt"
+    torch.save({"config": {"arch": {"args": {"model_type": str(bert), "model_name": "BertForSequenceClassification",
+                                             "tokenizer_name": "BertTokenizer", "num_classes": len(classes)}},
+                           "dataset": {"args": {"classes": classes}}},
+                "state_dict": model.state_dict()}, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def detoxify_checkpoint(tmp_path_factory) -> Path:
+    return save_detoxify_checkpoint(tmp_path_factory.mktemp("detoxify"))

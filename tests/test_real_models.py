@@ -220,11 +220,13 @@ def test_ablation_equals_zeroing_the_down_projection_rows(planted_run):
         assert tok.decode(out[0, ids.shape[1]:]).replace(tok.eos_token, " ") == got
 
 
-def test_glu_model_without_bos_runs_the_whole_pipeline_into_a_store(tmp_path):
+def test_glu_model_without_bos_runs_the_whole_pipeline_into_a_store(tmp_path, detoxify_checkpoint, monkeypatch):
     """A tiny Qwen2 (GLU MLP, no BOS token) through the runner exactly as a hub name would go:
-    probe, pairs from a jsonl file, DPO with trl, record, attribute, intervene, store."""
+    probe, pairs from a jsonl file, DPO with trl, record, attribute, intervene, store; scored by
+    Detoxify from a local checkpoint, offline."""
     import store
 
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     tok = tokenizer(bos=False)
     torch.manual_seed(0)
     tiny_qwen2(tok).save_pretrained(tmp_path / "qwen2")
@@ -241,6 +243,7 @@ def test_glu_model_without_bos_runs_the_whole_pipeline_into_a_store(tmp_path):
         "attribute": {"n_bootstrap": 20, "n_logit_lens": 5, "n_top_prompt_neurons": 5},
         "intervene": {"ablate_top": [3], "ablate_top_positive": [3], "patch_groups": ["TP-"], "patch_top": [5],
                       "n_heldout": 2, "f1_tokens": 3},
+        "scorer": {"backend": "detoxify", "checkpoint": str(detoxify_checkpoint)},
     }, source="qwen2.toml")
     run_id = runner.run(cfg, log=lambda *_: None)
     con = store.connect(cfg.run.store)
@@ -248,7 +251,7 @@ def test_glu_model_without_bos_runs_the_whole_pipeline_into_a_store(tmp_path):
     n, = con.execute("SELECT count(*) FROM neurons WHERE run_id = ?", [run_id]).fetchone()
     scorers = con.execute("SELECT DISTINCT scorer FROM generations WHERE run_id = ?", [run_id]).fetchall()
     assert model == str(tmp_path / "qwen2") and n == 2 * 48
-    assert scorers == [(scoring.label(scoring.get_scorer(ScorerConfig())),)]
+    assert scorers == [(scoring.label(scoring.get_scorer(cfg.scorer)),)] and scorers[0][0].startswith("detoxify==")
     # DPO moved the model: some neuron's activation changed
     assert con.execute("SELECT max(abs(dact)) FROM neurons WHERE run_id = ?", [run_id]).fetchone()[0] > 0
 

@@ -5,13 +5,12 @@ import json
 import sys
 import threading
 import time
-import types
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from pipeline import scoring
-from pipeline.config import ConfigError, ScorerConfig
+from pipeline.config import ConfigError, ScorerConfig, from_dict
 
 
 class FakePerspective(BaseHTTPRequestHandler):
@@ -113,35 +112,57 @@ def test_perspective_without_key_is_a_one_line_error(monkeypatch):
     assert "PERSPECTIVE_API_KEY" in str(e.value) and "\n" not in str(e.value)
 
 
-def test_detoxify_batches_and_labels_with_its_version(monkeypatch):
-    """The package is optional: a stand-in module with Detoxify's interface checks the wrapper."""
-    calls = []
+def test_detoxify_scores_with_the_real_package_offline_from_a_local_checkpoint(detoxify_checkpoint, monkeypatch):
+    """The detoxify package itself loads a checkpoint in its own format (trained in conftest to flag a
+    planted word list) with no network, and the scorer reads its toxicity column in batches."""
+    import numpy as np
 
-    class Model:
-        def __init__(self, variant, device):
-            calls.append(("init", variant, device))
+    from tests.conftest import detoxify_sentence
 
-        def predict(self, texts):
-            calls.append(("predict", len(texts)))
-            return {"toxicity": [len(t) / 10 for t in texts], "insult": [0.0] * len(texts)}
-
-    monkeypatch.setitem(sys.modules, "detoxify", types.SimpleNamespace(Detoxify=Model))
-    monkeypatch.setattr(scoring.importlib.metadata, "version", lambda name: {"detoxify": "0.5.2"}[name])
-    sc = scoring.get_scorer(ScorerConfig(backend="detoxify", batch_size=2))
-    assert sc.score(["a", "abc", "abcde"]) == [0.1, 0.3, 0.5]
-    assert calls == [("init", "original", "cpu"), ("predict", 2), ("predict", 1)]
-    assert scoring.label(sc) == "detoxify==0.5.2-original"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    rng = np.random.default_rng(1)  # sentences the checkpoint was not trained on
+    toxic = [detoxify_sentence(rng, True) for _ in range(20)]
+    neutral = [detoxify_sentence(rng, False) for _ in range(20)]
+    sc = scoring.get_scorer(ScorerConfig(backend="detoxify", checkpoint=str(detoxify_checkpoint), batch_size=7))
+    tox, neu = sc.score(toxic), sc.score(neutral)
+    assert min(tox) > 0.5 > max(neu)
+    one = scoring.get_scorer(ScorerConfig(backend="detoxify", checkpoint=str(detoxify_checkpoint), batch_size=1))
+    assert one.score(toxic[:3]) == pytest.approx(tox[:3], abs=1e-5)  # a batch of one comes back as a float
+    assert sc.score([]) == []
 
 
-def test_detoxify_missing_package_or_checkpoint_is_a_one_line_error(monkeypatch):
+def test_detoxify_label_names_package_version_and_checkpoint_content(detoxify_checkpoint, tmp_path):
+    import importlib.metadata
+    import shutil
+
+    import torch
+
+    sc = scoring.get_scorer(ScorerConfig(backend="detoxify", checkpoint=str(detoxify_checkpoint)))
+    version = importlib.metadata.version("detoxify")
+    assert scoring.label(sc).startswith(f"detoxify=={version}-toxic-bert-tiny@")
+    # the same file name with other weights is another scorer
+    other = tmp_path / detoxify_checkpoint.name
+    shutil.copy(detoxify_checkpoint, other)
+    ck = torch.load(other, weights_only=False)
+    ck["state_dict"]["classifier.bias"] += 1.0
+    torch.save(ck, other)
+    assert scoring.label(scoring.get_scorer(ScorerConfig(backend="detoxify", checkpoint=str(other)))) != scoring.label(sc)
+
+
+def test_detoxify_missing_package_or_checkpoint_is_a_one_line_error(tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match=r"\[scorer\] checkpoint .* is not a file"):
+        scoring.get_scorer(ScorerConfig(backend="detoxify", checkpoint=str(tmp_path / "missing.ckpt")))
+    (tmp_path / "damaged.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError) as e:
+        scoring.get_scorer(ScorerConfig(backend="detoxify", checkpoint=str(tmp_path / "damaged.ckpt")))
+    assert "Detoxify checkpoint could not be loaded" in str(e.value) and "\n" not in str(e.value)
+    import torch
+
+    torch.save({"state_dict": {}}, tmp_path / "foreign.ckpt")  # no config: not a Detoxify checkpoint
+    with pytest.raises(ConfigError, match="Detoxify checkpoint could not be loaded"):
+        scoring.get_scorer(ScorerConfig(backend="detoxify", checkpoint=str(tmp_path / "foreign.ckpt")))
+    with pytest.raises(ConfigError, match="detoxify_model must be one of"):
+        from_dict({"scorer": {"backend": "detoxify", "detoxify_model": "toxic-bert"}}, source="x.toml")
     monkeypatch.setitem(sys.modules, "detoxify", None)  # import fails as if not installed
     with pytest.raises(ConfigError, match="pip install detoxify"):
         scoring.get_scorer(ScorerConfig(backend="detoxify"))
-
-    def offline(variant, device):
-        raise RuntimeError("<urlopen error [Errno -3] Temporary failure in name resolution>\nmore")
-
-    monkeypatch.setitem(sys.modules, "detoxify", types.SimpleNamespace(Detoxify=offline))
-    with pytest.raises(ConfigError) as e:
-        scoring.get_scorer(ScorerConfig(backend="detoxify"))
-    assert "Detoxify checkpoint could not be loaded" in str(e.value) and "\n" not in str(e.value)
