@@ -17,15 +17,15 @@ Each row is scored as intervene.py scores its rows, with its functions:
     toxicity, toxic_share  scorer on the T-token continuations
     perplexity             intervene.perplexity of the PoE's normalised distribution on the held-out
                            passages (MaRCo: the PoE it regenerates with)
-    f1                     intervene.f1 of the held-out prefixes' continuations against the gold ones
+    f1                     intervene.mean_f1 of the held-out prefixes' continuations against the gold ones
                            (MaRCo: the base model's continuations, revised)
     mlp_proj[l]            mean over the continuation positions of the base model's hook_mlp_out .
                            w_hat, from one forward over prompt + continuation (method.md's definition):
                            what the base model's MLPs write while reading the detoxified text
     recovered              against the base and DPO toxicity of stage record, as intervene computes it
 The three models are plain transformers models (one forward each per step, no KV cache, positions
-from the attention mask); the base model's TransformerBridge tokenizes, exactly as record does, and
-reads mlp_proj.
+from the attention mask); the base one is the model inside the base model's TransformerBridge, which
+also tokenizes, exactly as record does, and reads mlp_proj.
 
 Outputs: interventions.parquet, generations.parquet, layers.parquet (kinds poe and marco) and
 revisions.parquet (per MaRCo token: its divergence, whether it was masked, both texts).
@@ -48,8 +48,7 @@ from tqdm import tqdm
 from pipeline import data as datasets
 from pipeline import models, scoring
 from pipeline.config import DataConfig, DetoxConfig, InterveneConfig, ModelConfig, RecordConfig, ScorerConfig
-from pipeline.intervene import (GENERATIONS, INTERVENTIONS, LAYERS, Heldout, decode, f1, heldout_set, perplexity,
-                                recovered)
+from pipeline.intervene import GENERATIONS, INTERVENTIONS, LAYERS, decode, heldout_set, mean_f1, perplexity, recovered
 from pipeline.record import left_pad, prompt_tokens
 
 REVISIONS = {"variant": pl.String, "prompt_id": pl.Int64, "position": pl.Int64, "token": pl.String, "jsd": pl.Float64,
@@ -177,10 +176,6 @@ def _scores(texts: list[str], sc) -> tuple[list[float], dict]:
     return tox, {"toxicity": float(np.mean(tox)), "toxic_share": float(np.mean(np.array(tox) > 0.5))}
 
 
-def _f1(bridge, tokens: np.ndarray, held: Heldout) -> float:
-    return float(np.mean([f1(p, g) for p, g in zip(decode(bridge, tokens), held.gold)]))
-
-
 def run(out: Path, *, device: str, model: ModelConfig, data: DataConfig, record: RecordConfig, intervene: InterveneConfig,
         detox: DetoxConfig, scorer: ScorerConfig, world_dir: Path | None, probe_dir: Path, record_dir: Path,
         experts_dir: Path) -> dict:
@@ -198,9 +193,10 @@ def run(out: Path, *, device: str, model: ModelConfig, data: DataConfig, record:
     bridge = models.load_bridge(path, device, model.dtype)
     prompt_rows = prompt_tokens(bridge, prompts, T)
     held = heldout_set(bridge, passages, intervene.f1_tokens)
-    loaded = [models.load_hf(p, device, model.dtype)[0]
-              for p in (path, Path(experts_dir) / "expert", Path(experts_dir) / "anti")]
-    poe = ProductOfExperts(*loaded, tokenizer=bridge.tokenizer, cfg=SimpleNamespace(device=device, n_ctx=bridge.cfg.n_ctx))
+    # The base of the PoE is the transformers model inside the bridge, called directly (no hooks run): one copy.
+    loaded = [models.load_hf(str(Path(experts_dir) / name), device, model.dtype)[0] for name in ("expert", "anti")]
+    poe = ProductOfExperts(bridge.original_model, *loaded, tokenizer=bridge.tokenizer,
+                           cfg=SimpleNamespace(device=device, n_ctx=bridge.cfg.n_ctx))
 
     rows, generations, layers = [], [], []
 
@@ -214,7 +210,7 @@ def run(out: Path, *, device: str, model: ModelConfig, data: DataConfig, record:
         rows.append({"intervention_id": iid, "kind": kind, "params": json.dumps(params), "n_neurons": 0} | summary | quality)
 
     def quality_of(p: ProductOfExperts, f1_tokens: np.ndarray) -> dict:
-        return {"perplexity": perplexity(p, held.rows, bs, []), "f1": _f1(bridge, f1_tokens, held)}
+        return {"perplexity": perplexity(p, held.rows, bs, []), "f1": mean_f1(bridge, f1_tokens, held)}
 
     for alpha in detox.alpha:
         p = replace(poe, alpha=alpha)
@@ -224,6 +220,7 @@ def run(out: Path, *, device: str, model: ModelConfig, data: DataConfig, record:
 
     p = replace(poe, alpha=detox.marco_alpha)
     jsd, first, revised = revise(p, prompt_rows, base_tokens, detox.threshold, bs)
+    # intervene has these continuations too; reading them would make detox re-run whenever the interventions change
     held_base = greedy(replace(poe, alpha=0.0), held.prefixes, intervene.f1_tokens, bs, "base f1")
     held_revised = revise(p, held.prefixes, held_base, detox.threshold, bs)[2]
     share_revised = float(np.mean(first < T))

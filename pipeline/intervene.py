@@ -202,11 +202,15 @@ def recovered(tox: float, tox_base: float, tox_dpo: float) -> float | None:
     return None if tox_base == tox_dpo else (tox_base - tox) / (tox_base - tox_dpo)
 
 
+def mean_f1(bridge, tokens: np.ndarray, held: Heldout) -> float:
+    """Mean F1 of the held-out prefixes' continuations (n, f1_tokens) against their gold halves."""
+    return float(np.mean([f1(p, g) for p, g in zip(decode(bridge, tokens), held.gold)]))
+
+
 def quality(bridge, held: Heldout, fwd_hooks: list, cfg: InterveneConfig, w_hat: np.ndarray, desc: str) -> dict:
     """Perplexity and mean F1 on the held-out passages under fwd_hooks."""
     tokens, _ = generate(bridge, held.prefixes, cfg.f1_tokens, cfg.batch_size, fwd_hooks, w_hat, f"{desc} f1")
-    scores = [f1(p, g) for p, g in zip(decode(bridge, tokens), held.gold)]
-    return {"perplexity": perplexity(bridge, held.rows, cfg.batch_size, fwd_hooks), "f1": float(np.mean(scores))}
+    return {"perplexity": perplexity(bridge, held.rows, cfg.batch_size, fwd_hooks), "f1": mean_f1(bridge, tokens, held)}
 
 
 def run(out: Path, *, device: str, model: ModelConfig, data: DataConfig, record: RecordConfig, intervene: InterveneConfig,
