@@ -66,8 +66,9 @@ class ScorerConfig:
 
     backend: str = _f("profanity-check", "Toxicity scorer backend: profanity-check (offline default), detoxify "
                       "(optional install, checkpoint downloaded on first use) or perspective (PERSPECTIVE_API_KEY).")
-    batch_size: int = _f(256, "Texts scored per call.")
-    rate_limit: float = _f(1.0, "Perspective: requests per second at most (the API's default quota is 1).")
+    batch_size: int = _f(256, "Texts scored per call (Perspective takes one text per request).")
+    rate_limit: float = _f(1.0, "Perspective: requests per second at most (the API's default quota is 1); "
+                           "requests overlap, so a larger quota is used in full.")
     max_retries: int = _f(5, "Perspective: retries of a request answered 429 or 5xx, with doubling waits from 1 s.")
     detoxify_model: str = _f("original", "Detoxify: which released model (original, unbiased, multilingual, "
                              "original-small, unbiased-small).")

@@ -8,8 +8,9 @@ on human-labelled comments, independent of the demo world's generator. The other
                install (`pip install detoxify`); the checkpoint is downloaded on first use and cached
                by torch.hub, or read from a local .ckpt ([scorer] checkpoint).
   perspective  Google's Perspective API, TOXICITY summary score, the paper's scorer. Key from the
-               environment variable PERSPECTIVE_API_KEY; requests spaced to [scorer] rate_limit per
-               second, and retried with doubling waits on 429 (quota) and 5xx.
+               environment variable PERSPECTIVE_API_KEY; one text per request, request starts spaced
+               to [scorer] rate_limit per second (several in flight), retried with doubling waits on
+               429 (quota), 5xx and timeouts.
 """
 
 from __future__ import annotations
@@ -17,11 +18,14 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+import math
 import os
 import pickle
+import threading
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import CancelledError, ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
 
@@ -111,14 +115,26 @@ class Perspective:
                               f"{self.KEY_VAR}; set it, or choose detoxify or profanity-check")
         self.url = url or self.url
         self.interval, self.max_retries, self.retry_wait, self.timeout = 1.0 / rate_limit, max_retries, retry_wait, timeout
-        self._last = -float("inf")  # start of the previous request, time.monotonic()
+        # Requests overlap, so a quota above 1/s is used even when one answer takes longer than the spacing:
+        # enough of them in flight for answers up to 2 s.
+        self.workers = max(1, min(32, math.ceil(2 * rate_limit)))
+        self._next, self._lock = -float("inf"), threading.Lock()  # earliest start of the next request (monotonic)
+        self._stop = threading.Event()
+
+    def _wait_turn(self) -> None:
+        """Starts of requests, from every thread, are spaced by 1 / rate_limit; a failed request elsewhere
+        cancels the waiting ones."""
+        with self._lock:
+            start = max(time.monotonic(), self._next)
+            self._next = start + self.interval
+        if self._stop.wait(max(0.0, start - time.monotonic())):
+            raise CancelledError
 
     def _request(self, text: str) -> float:
         body = json.dumps({"comment": {"text": text}, "languages": ["en"], "requestedAttributes": {"TOXICITY": {}},
                            "doNotStore": True}).encode()
         for attempt in range(self.max_retries + 1):
-            time.sleep(max(0.0, self._last + self.interval - time.monotonic()))
-            self._last = time.monotonic()
+            self._wait_turn()
             req = urllib.request.Request(f"{self.url}?key={self.key}", data=body, headers={"Content-Type": "application/json"})
             try:
                 with urllib.request.urlopen(req, timeout=self.timeout) as r:
@@ -136,13 +152,25 @@ class Perspective:
             if attempt == self.max_retries:
                 raise ConfigError(f"Perspective API still {failure} after {self.max_retries} retries; "
                                   "lower [scorer] rate_limit or try later")
-            time.sleep(self.retry_wait * 2 ** attempt)
+            if self._stop.wait(self.retry_wait * 2 ** attempt):
+                raise CancelledError
         raise AssertionError("unreachable")
 
     def score(self, texts: list[str]) -> list[float]:
-        # The API rejects empty comments; an empty continuation says nothing toxic.
-        return [self._request(t) if t.strip() else 0.0
-                for t in tqdm(texts, desc="perspective", unit="text", leave=False, disable=len(texts) < 20)]
+        """One text per request (the API takes no batches); the answers come back in the texts' order."""
+        out = [0.0] * len(texts)  # the API rejects empty comments; an empty continuation says nothing toxic
+        todo = [i for i, t in enumerate(texts) if t.strip()]
+        self._stop.clear()
+        pool = ThreadPoolExecutor(self.workers)
+        try:
+            answers = pool.map(self._request, [texts[i] for i in todo])
+            for i, p in zip(todo, tqdm(answers, total=len(todo), desc="perspective", unit="text", leave=False,
+                                      disable=len(todo) < 20)):
+                out[i] = p
+        finally:  # on a refused key, say, the other texts are dropped instead of each being refused in turn
+            self._stop.set()
+            pool.shutdown(cancel_futures=True)
+        return out
 
 
 BACKENDS = {ProfanityCheck.name: ProfanityCheck, Detoxify.name: Detoxify, Perspective.name: Perspective}

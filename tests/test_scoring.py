@@ -14,12 +14,24 @@ from pipeline.config import ConfigError, ScorerConfig, from_dict
 
 
 class FakePerspective(BaseHTTPRequestHandler):
-    """Scores a text by its share of the letter x; answers 429 to the server's first n_429 requests."""
+    """Scores a text by its share of the letter x; answers 429 to the server's first n_429 requests; takes
+    `delay` seconds over each answer and counts the most requests it held at once."""
 
     def do_POST(self):
         srv = self.server
+        with srv.lock:
+            srv.in_flight += 1
+            srv.most_in_flight = max(srv.most_in_flight, srv.in_flight)
+        try:
+            self.answer(srv)
+        finally:
+            with srv.lock:
+                srv.in_flight -= 1
+
+    def answer(self, srv):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         srv.seen.append((time.monotonic(), self.path, body))
+        time.sleep(srv.delay)
         if len(srv.seen) <= srv.n_slow:
             time.sleep(0.5)
         if len(srv.seen) <= srv.n_429:
@@ -46,7 +58,8 @@ class FakePerspective(BaseHTTPRequestHandler):
 @pytest.fixture
 def server():
     srv = ThreadingHTTPServer(("127.0.0.1", 0), FakePerspective)
-    srv.seen, srv.n_429, srv.n_slow, srv.status = [], 0, 0, 200
+    srv.seen, srv.n_429, srv.n_slow, srv.status, srv.delay = [], 0, 0, 200, 0.0
+    srv.lock, srv.in_flight, srv.most_in_flight = threading.Lock(), 0, 0
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     yield srv
     srv.shutdown()
@@ -64,10 +77,30 @@ def test_perspective_scores_keyed_requests_at_the_rate_limit(server, monkeypatch
     assert sc.score(texts) == [0.5, 0.0, 0.0, 1.0, 0.5]
     assert len(server.seen) == 4  # the empty text is not sent
     assert all(path.endswith("?key=test-key") for _, path, _ in server.seen)
-    assert [b["comment"]["text"] for _, _, b in server.seen] == ["xxab", "abcd", "x", "axbx"]
-    gaps = [b[0] - a[0] for a, b in zip(server.seen, server.seen[1:])]
-    assert min(gaps) >= 1 / 20 - 0.005
+    assert sorted(b["comment"]["text"] for _, _, b in server.seen) == ["abcd", "axbx", "x", "xxab"]
+    starts = sorted(t for t, _, _ in server.seen)
+    assert min(b - a for a, b in zip(starts, starts[1:])) >= 1 / 20 - 0.005
     assert scoring.label(sc) == "perspective==v1alpha1"
+
+
+def test_perspective_overlaps_slow_answers_within_the_rate_limit(server, monkeypatch):
+    """Answers slower than the spacing do not lower the rate: later requests start while earlier ones wait,
+    starts stay spaced, and the scores come back in the texts' order."""
+    server.delay = 0.3
+    sc = perspective(server, monkeypatch, rate_limit=20.0)
+    texts = ["x" * (i + 1) + "a" * (9 - i) for i in range(10)]
+    assert sc.score(texts) == [(i + 1) / 10 for i in range(10)]
+    assert server.most_in_flight > 1
+    starts = sorted(t for t, _, _ in server.seen)
+    assert min(b - a for a, b in zip(starts, starts[1:])) >= 1 / 20 - 0.005
+
+
+def test_perspective_refused_key_stops_the_queue(server, monkeypatch):
+    server.status, server.delay = 403, 0.05
+    sc = perspective(server, monkeypatch, rate_limit=10.0)
+    with pytest.raises(ConfigError, match="HTTP 403"):
+        sc.score(["x"] * 200)
+    assert len(server.seen) < 10  # the texts still queued were dropped, not sent to be refused one by one
 
 
 def test_perspective_retries_429_with_doubling_waits(server, monkeypatch):
