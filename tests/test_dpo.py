@@ -45,7 +45,7 @@ class StubScorer:
 
 @pytest.fixture
 def stub_scorer(monkeypatch):
-    monkeypatch.setattr(scoring, "get_scorer", lambda cfg: StubScorer())
+    monkeypatch.setattr(scoring, "get_scorer", lambda cfg, device: StubScorer())
 
 
 @pytest.fixture(scope="module")
