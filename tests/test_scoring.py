@@ -194,6 +194,15 @@ def test_detoxify_missing_package_or_checkpoint_is_a_one_line_error(tmp_path, mo
     torch.save({"state_dict": {}}, tmp_path / "foreign.ckpt")  # no config: not a Detoxify checkpoint
     with pytest.raises(ConfigError, match="Detoxify checkpoint could not be loaded"):
         scoring.get_scorer(ScorerConfig(backend="detoxify", checkpoint=str(tmp_path / "foreign.ckpt")))
+    import urllib.error
+
+    def offline(url, **kw):  # what torch.hub's download raises on a machine without network
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(ConfigError) as e:
+        scoring.get_scorer(ScorerConfig(backend="detoxify", detoxify_model="unbiased"))
+    assert "name resolution" in str(e.value) and "set [scorer] checkpoint" in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(ConfigError, match="detoxify_model must be one of"):
         from_dict({"scorer": {"backend": "detoxify", "detoxify_model": "toxic-bert"}}, source="x.toml")
     monkeypatch.setitem(sys.modules, "detoxify", None)  # import fails as if not installed
