@@ -42,6 +42,15 @@ class Scorer(Protocol):
     def score(self, texts: list[str]) -> list[float]: ...
 
 
+def in_batches(predict, texts: list[str], batch_size: int, desc: str) -> list[float]:
+    """predict (a list of texts -> their probabilities) over texts, batch_size at a time, with progress."""
+    out: list[float] = []
+    batches = range(0, len(texts), batch_size)
+    for i in tqdm(batches, desc=desc, unit="batch", leave=False, disable=len(batches) < 4):
+        out.extend(float(p) for p in predict(texts[i:i + batch_size]))
+    return out
+
+
 class ProfanityCheck:
     name = "profanity-check"
 
@@ -53,11 +62,7 @@ class ProfanityCheck:
         self.version = importlib.metadata.version("alt-profanity-check")
 
     def score(self, texts: list[str]) -> list[float]:
-        out: list[float] = []
-        batches = range(0, len(texts), self.batch_size)
-        for i in tqdm(batches, desc="scoring", unit="batch", leave=False, disable=len(batches) < 4):
-            out.extend(float(p) for p in self._predict(texts[i:i + self.batch_size]))
-        return out
+        return in_batches(self._predict, texts, self.batch_size, self.name)
 
 
 class Detoxify:
@@ -85,12 +90,9 @@ class Detoxify:
         self.version = f"{importlib.metadata.version('detoxify')}-{source}"
 
     def score(self, texts: list[str]) -> list[float]:
-        out: list[float] = []
-        batches = range(0, len(texts), self.batch_size)
-        for i in tqdm(batches, desc="detoxify", unit="batch", leave=False, disable=len(batches) < 4):
-            # A list in, a list out: predict() squeezes its scores, so a batch of one comes back as a bare float.
-            out.extend(float(p) for p in np.atleast_1d(self._model.predict(texts[i:i + self.batch_size])["toxicity"]))
-        return out
+        # predict() squeezes its scores, so a batch of one comes back as a bare float, not a list
+        return in_batches(lambda batch: np.atleast_1d(self._model.predict(batch)["toxicity"]), texts, self.batch_size,
+                          self.name)
 
 
 def _sha256(path: str) -> str:
