@@ -8,6 +8,7 @@ problem and the fix.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import random
 import re
@@ -86,7 +87,8 @@ def _read(path: Path) -> str:
 
 def _jsonl(path: Path) -> list[dict]:
     rows = []
-    for n, line in enumerate(_read(path).splitlines(), 1):
+    # split on "\n" only: splitlines() also breaks at U+2028/U+2029/U+0085, which hub datasets write unescaped
+    for n, line in enumerate(_read(path).split("\n"), 1):
         if line.strip():
             try:
                 rows.append(json.loads(line))
@@ -97,7 +99,7 @@ def _jsonl(path: Path) -> list[dict]:
 
 def load_probe(path: Path, max_examples: int, seed: int) -> tuple[list[str], list[int]]:
     """Texts and 0/1 labels from a Jigsaw-style CSV (comment_text, toxic), balanced by label."""
-    reader = csv.DictReader(_read(path).splitlines())
+    reader = csv.DictReader(io.StringIO(_read(path), newline=""))  # keeps newlines inside quoted comments
     missing = {"comment_text", "toxic"} - set(reader.fieldnames or [])
     if missing:
         raise DataError(f"{path} lacks column(s) {', '.join(sorted(missing))}; the probe CSV needs comment_text and toxic")
@@ -135,12 +137,22 @@ def load_prompts(path: Path, challenging_only: bool, max_prompts: int) -> list[s
     return prompts[:max_prompts]
 
 
+# Lee et al.'s released pairs (data/toxicity_pairwise/*.jsonl): the unperturbed GPT-2 continuation is
+# preferred, the PPLM-steered toxic one rejected; both may repeat the prompt in front.
+LEE_FIELDS = {"prompt_text": "prompt", "unpert_gen_text": "chosen", "pert_gen_text": "rejected"}
+
+
 def load_pairs(path: Path, max_pairs: int) -> list[dict]:
-    """Preference pairs from JSONL with prompt, chosen, rejected."""
+    """Preference pairs from JSONL with prompt, chosen, rejected (or Lee et al.'s prompt_text,
+    unpert_gen_text, pert_gen_text)."""
     pairs = []
     for n, r in enumerate(_jsonl(path), 1):
+        if set(LEE_FIELDS) <= set(r):
+            r = {new: r[old] for old, new in LEE_FIELDS.items()}
+            r.update({k: r[k][len(r["prompt"]):] for k in ("chosen", "rejected") if r[k].startswith(r["prompt"])})
         if not {"prompt", "chosen", "rejected"} <= set(r):
-            raise DataError(f"{path} row {n} needs keys prompt, chosen, rejected; found {', '.join(sorted(r))}")
+            raise DataError(f"{path} row {n} needs keys prompt, chosen, rejected (or prompt_text, unpert_gen_text, "
+                            f"pert_gen_text); found {', '.join(sorted(r))}")
         if r["chosen"] and r["rejected"]:  # a pair with an empty side teaches nothing
             pairs.append({"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]})
     if not pairs:

@@ -157,3 +157,25 @@ def test_unreachable_hub_dataset_is_a_one_line_error(hub_cache):
     with pytest.raises(DataError) as e:
         data.resolve("prompts", "hf:no-such-owner/no-such-dataset", None)
     assert "could not be loaded" in one_line(e) and "local file" in str(e.value)
+
+
+def test_line_and_paragraph_separators_inside_json_strings_stay_in_the_text(tmp_path):
+    # datasets' to_json writes U+2028/U+2029/U+0085 unescaped; they are not line breaks in JSONL
+    text = "one\u2028two\u2029three\x85four"
+    path = write(tmp_path, "rtp.jsonl", json.dumps({"prompt": {"text": text}}, ensure_ascii=False) + "\r\n")
+    assert data.load_prompts(path, False, 10) == [text]
+
+
+def test_multi_line_quoted_comment_keeps_its_line_break(tmp_path):
+    rows = 'comment_text,toxic\n"first line\nsecond line",1\nplain,0\n'
+    texts, labels = data.load_probe(write(tmp_path, "train.csv", rows), max_examples=10, seed=0)
+    assert dict(zip(texts, labels)) == {"first line\nsecond line": 1, "plain": 0}
+
+
+def test_lee_et_al_pairs_map_to_prompt_chosen_rejected_without_the_repeated_prompt(tmp_path):
+    rows = [{"prompt_text": "The cat", "unpert_gen_text": "The cat sat down.", "pert_gen_text": "The cat is vile.",
+             "pert_gen_toks": [1, 2]},
+            {"prompt_text": "A", "unpert_gen_text": " fine", "pert_gen_text": " bad"}]
+    path = write(tmp_path, "split_0.jsonl", "\n".join(json.dumps(r) for r in rows) + "\n")
+    assert data.load_pairs(path, 10) == [{"prompt": "The cat", "chosen": " sat down.", "rejected": " is vile."},
+                                         {"prompt": "A", "chosen": " fine", "rejected": " bad"}]
