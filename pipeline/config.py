@@ -19,6 +19,12 @@ class ConfigError(ValueError):
     """A config file that cannot be used; the message names the file, the key and the fix."""
 
 
+def _at_least_1(section, *names: str) -> None:
+    for name in names:
+        if getattr(section, name) < 1:
+            raise ValueError(f"{name} must be at least 1")
+
+
 def _f(default, help: str):
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata={"help": help})
@@ -55,6 +61,7 @@ class ModelConfig:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
 
 
+SCORER_BACKENDS = ("profanity-check", "detoxify", "perspective")  # scoring.BACKENDS, without importing it
 # Detoxify's released checkpoints (detoxify.detoxify.MODEL_URLS), listed here so a config is checked
 # without importing the optional package.
 DETOXIFY_MODELS = ("original", "unbiased", "multilingual", "original-small", "unbiased-small")
@@ -76,8 +83,9 @@ class ScorerConfig:
                          "(offline machines, own fine-tunes).")
 
     def __post_init__(self):
-        if self.batch_size < 1:
-            raise ValueError("batch_size must be at least 1")
+        if self.backend not in SCORER_BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(SCORER_BACKENDS)}, not {self.backend!r}")
+        _at_least_1(self, "batch_size")
         if self.detoxify_model not in DETOXIFY_MODELS:
             raise ValueError(f"detoxify_model must be one of {', '.join(DETOXIFY_MODELS)}, not {self.detoxify_model!r}")
         if self.rate_limit <= 0 or self.max_retries < 0:
@@ -112,11 +120,8 @@ class WorldConfig:
             raise ValueError("toxic_fraction must lie strictly between 0 and 1")
         if self.d_model % self.n_head:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
-        for name in ("n_sentences", "n_toxic_words", "vocab_size", "n_layer", "n_ctx", "train_steps",
-                     "batch_size", "n_probe", "n_prompts", "n_pairs", "n_heldout", "n_samples",
-                     "sample_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1")
+        _at_least_1(self, "n_sentences", "n_toxic_words", "vocab_size", "n_layer", "n_ctx", "train_steps",
+                    "batch_size", "n_probe", "n_prompts", "n_pairs", "n_heldout", "n_samples", "sample_tokens")
 
 
 @dataclass
@@ -131,8 +136,7 @@ class DataConfig:
     max_prompts: int = _f(1200, "At most this many challenge prompts (taken in file order).")
 
     def __post_init__(self):
-        if self.max_prompts < 1:
-            raise ValueError("max_prompts must be at least 1")
+        _at_least_1(self, "max_prompts")
 
 
 @dataclass
@@ -149,6 +153,11 @@ class ProbeConfig:
     def __post_init__(self):
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError("val_fraction must lie strictly between 0 and 1")
+        if self.max_examples < 4:
+            raise ValueError("max_examples must be at least 4 (two per label, one of each held out)")
+        _at_least_1(self, "batch_size", "max_tokens")
+        if self.l2 <= 0:
+            raise ValueError("l2 (the inverse strength C) must be positive")
 
 
 @dataclass
@@ -165,6 +174,9 @@ class PairsConfig:
     def __post_init__(self):
         if self.k < 2:
             raise ValueError("k must be at least 2 (a pair needs two samples)")
+        _at_least_1(self, "max_pairs", "new_tokens")
+        if self.temperature <= 0:
+            raise ValueError("temperature must be positive")
 
 
 @dataclass
@@ -175,9 +187,14 @@ class DPOStageConfig:
     lr: float = _f(1e-5, "Learning rate (paper: 1e-5 for gpt2-medium).")
     optimizer: str = _f("rmsprop", "Optimizer name as transformers knows it (paper: rmsprop).")
     epochs: float = _f(1.0, "Passes over the pairs.")
-    batch_size: int = _f(8, "Pairs per optimizer step.")
+    batch_size: int = _f(8, "Pairs per optimizer step and process (accelerate launch on N GPUs: N x this).")
     max_length: int = _f(64, "Prompt plus completion are cut to this many tokens.")
     seed: int = _f(0, "Training seed.")
+
+    def __post_init__(self):
+        if self.beta <= 0 or self.lr <= 0 or self.epochs <= 0:
+            raise ValueError("beta, lr and epochs must be positive")
+        _at_least_1(self, "batch_size", "max_length")
 
 
 @dataclass
@@ -190,8 +207,7 @@ class RecordConfig:
                         "cuda, round robin); their sums are reduced before attribute.")
 
     def __post_init__(self):
-        if self.new_tokens < 1 or self.batch_size < 1 or self.processes < 1:
-            raise ValueError("new_tokens, batch_size and processes must be at least 1")
+        _at_least_1(self, "new_tokens", "batch_size", "processes")
 
 
 @dataclass
@@ -204,6 +220,9 @@ class AttributeConfig:
     top_prompts: int = _f(5, "Prompts kept per such neuron: those where it fires most under the base model.")
     n_bootstrap: int = _f(1000, "Bootstrap resamples of prompts for the 95% interval of each group's share.")
     seed: int = _f(0, "Bootstrap seed.")
+
+    def __post_init__(self):
+        _at_least_1(self, "n_logit_lens", "top_k_tokens", "n_top_prompt_neurons", "top_prompts", "n_bootstrap")
 
 
 GROUP_CODES = ("TP-", "TN+", "AP+", "AN-", "TP+", "TN-", "AP-", "AN+")
@@ -229,6 +248,7 @@ class InterveneConfig:
                 raise ValueError(f"patch_groups entry {union!r}: groups must be among {' '.join(GROUP_CODES)}")
         if any(n < 1 for n in self.ablate_top + self.ablate_top_positive + self.patch_top):
             raise ValueError("neuron counts must be at least 1")
+        _at_least_1(self, "n_heldout", "f1_tokens", "batch_size")
 
 
 @dataclass
@@ -244,9 +264,7 @@ class ExpertsConfig:
     seed: int = _f(0, "Seed of the data selection and of training.")
 
     def __post_init__(self):
-        for name in ("max_examples", "steps", "batch_size", "max_length"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1")
+        _at_least_1(self, "max_examples", "steps", "batch_size", "max_length")
         if self.lr <= 0:
             raise ValueError("lr must be positive")
 
@@ -268,8 +286,7 @@ class DetoxConfig:
             raise ValueError("threshold is a JS divergence in bits and must lie in [0, 1]")
         if self.marco_alpha < 0:
             raise ValueError("marco_alpha must be >= 0")
-        if self.batch_size < 1:
-            raise ValueError("batch_size must be at least 1")
+        _at_least_1(self, "batch_size")
 
 
 @dataclass

@@ -32,13 +32,18 @@ def preference_dataset(pairs_file: Path, bos: str):
                               for r in rows])
 
 
+def check_optimizer(name: str) -> None:
+    from transformers.training_args import OptimizerNames
+
+    if name not in {o.value for o in OptimizerNames}:
+        raise ConfigError(f"[dpo] optimizer {name!r} is unknown to transformers; use e.g. rmsprop or adamw_torch")
+
+
 def run(out: Path, *, device: str, model: ModelConfig, dpo: DPOStageConfig, world_dir: Path | None,
         pairs_dir: Path) -> dict:
-    from transformers.training_args import OptimizerNames
     from trl import DPOConfig, DPOTrainer
 
-    if dpo.optimizer not in {o.value for o in OptimizerNames}:
-        raise ConfigError(f"[dpo] optimizer {dpo.optimizer!r} is unknown to transformers; use e.g. rmsprop or adamw_torch")
+    check_optimizer(dpo.optimizer)
     path = datasets.model_path(model.path, world_dir)
     policy, tok = models.load_hf(path)
     args = DPOConfig(

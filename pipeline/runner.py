@@ -142,6 +142,9 @@ def run(cfg: config_mod.Config, force: set[str] = frozenset(), only: str | None 
             raise config_mod.ConfigError(f"{cfg.source}: no stage {name!r} in this config; its stages are {', '.join(names)}")
     if not only and Path(cfg.run.store).exists():
         store.connect(cfg.run.store).close()  # a store that cannot take the run is refused before hours of work
+    resolve_device(cfg.run.device)  # so is a missing GPU, and an optimizer name known only when dpo starts
+    if "dpo" in names:
+        dpo.check_optimizer(cfg.dpo.optimizer)
     keys = cache_keys(cfg)
     forced = descendants(stages, set(force))
     needed = ancestors(stages, only) if only else set()
@@ -211,10 +214,13 @@ def _publish(cfg, stages, keys, dirs, ran_any, log) -> str:
 
 
 def resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
     import torch
 
+    if device == "cuda" and not torch.cuda.is_available():
+        raise config_mod.ConfigError("[run] device = 'cuda' but torch sees no CUDA GPU; use device = 'auto' or 'cpu', "
+                                     "or install a CUDA build of torch")
+    if device != "auto":
+        return device
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 

@@ -180,8 +180,6 @@ BACKENDS = {ProfanityCheck.name: ProfanityCheck, Detoxify.name: Detoxify, Perspe
 
 def get_scorer(cfg: ScorerConfig, device: str = "cpu") -> Scorer:
     """device: where a scorer that is a network (Detoxify) runs; the stage's own device."""
-    if cfg.backend not in BACKENDS:
-        raise ConfigError(f"unknown scorer backend {cfg.backend!r}; [scorer] backend must be one of {', '.join(BACKENDS)}")
     if cfg.backend == Perspective.name:
         return Perspective(batch_size=cfg.batch_size, rate_limit=cfg.rate_limit, max_retries=cfg.max_retries)
     if cfg.backend == Detoxify.name:

@@ -174,3 +174,21 @@ def test_disk_full_inside_a_stage_exits_two_with_the_store_intact(tmp_path, caps
     code, err = cli(["run", "--config", world_config(tmp_path, path)], capsys)
     assert code == 2 and "disk is full" in err and "free space and rerun" in err
     assert digest(path) == before
+
+
+@pytest.mark.parametrize("section, pieces", [
+    ({"run": {"device": "cuda"}}, ["device = 'cuda'", "no CUDA GPU", "'auto' or 'cpu'"]),
+    ({"dpo": {"optimizer": "rmsprp"}}, ["optimizer 'rmsprp' is unknown", "rmsprop"]),
+])
+def test_missing_gpu_or_unknown_optimizer_is_refused_before_any_stage_runs(tmp_path, capsys, monkeypatch, section, pieces):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)  # the same on a machine that has a GPU
+    path = tmp_path / "s.duckdb"
+    a_store(path)
+    before = digest(path)
+    sections = {"run": {"store": str(path), "cache_dir": str(tmp_path / "cache")}, "world": {}}
+    for name, body in section.items():
+        sections[name] = {**sections.get(name, {}), **body}
+    code, err = cli(["run", "--config", toml(tmp_path / "c.toml", sections)], capsys)
+    assert code == 2 and err.startswith("error: ") and all(p in err for p in pieces), err
+    assert not (tmp_path / "cache").exists(), "a stage ran before the config was checked"
+    assert digest(path) == before

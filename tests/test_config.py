@@ -30,6 +30,13 @@ def test_demo_config_loads():
     ("[world]\nd_model = 130\nn_head = 4\n", ["d_model (130) must be divisible by n_head (4)"]),
     ("[model]\npath = 'world'\n", ["needs a [world] section"]),
     ("[world\nseed = 1\n", ["c.toml", "not valid TOML"]),
+    ("[scorer]\nbackend = 'perspektive'\n[world]\n", ["[scorer] backend must be one of", "perspective"]),
+    ("[dpo]\nbeta = -1.0\n[world]\n", ["[dpo] beta, lr and epochs must be positive"]),
+    ("[dpo]\nbatch_size = 0\n[world]\n", ["[dpo] batch_size must be at least 1"]),
+    ("[attribute]\nn_bootstrap = 0\n[world]\n", ["[attribute] n_bootstrap must be at least 1"]),
+    ("[intervene]\nn_heldout = 0\n[world]\n", ["[intervene] n_heldout must be at least 1"]),
+    ("[pairs]\ntemperature = 0.0\n[world]\n", ["[pairs] temperature must be positive"]),
+    ("[probe]\nmax_examples = 1\n[world]\n", ["[probe] max_examples must be at least 4"]),
 ])
 def test_bad_config_names_key_and_file(tmp_path, text, pieces):
     with pytest.raises(config.ConfigError) as e:

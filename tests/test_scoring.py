@@ -208,3 +208,9 @@ def test_detoxify_missing_package_or_checkpoint_is_a_one_line_error(tmp_path, mo
     monkeypatch.setitem(sys.modules, "detoxify", None)  # import fails as if not installed
     with pytest.raises(ConfigError, match="pip install detoxify"):
         scoring.get_scorer(ScorerConfig(backend="detoxify"))
+
+
+def test_config_knows_every_scorer_backend():
+    from pipeline import config
+
+    assert set(config.SCORER_BACKENDS) == set(scoring.BACKENDS)
