@@ -169,7 +169,7 @@ def write_run(path: str | Path, *, run: dict, stages: list[dict], tables: dict[s
     path.parent.mkdir(parents=True, exist_ok=True)
     run_id = new_run_id()
     with _writer_lock(path):
-        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        tmp = _tmp_name(path)
         try:
             if path.exists():
                 connect(path).close()
@@ -183,8 +183,19 @@ def write_run(path: str | Path, *, run: dict, stages: list[dict], tables: dict[s
         except (duckdb.Error, OSError) as e:
             raise _write_error(path, e) from e
         finally:
-            tmp.unlink(missing_ok=True)
+            _discard(tmp)
     return run_id
+
+
+def _tmp_name(path: Path) -> Path:
+    """A name of this attempt's own: a writer killed mid-way leaves a file (and WAL) that a later writer
+    with the same pid, PID 1 in every container, would otherwise reopen and replay."""
+    return path.with_name(f"{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def _discard(tmp: Path) -> None:
+    tmp.unlink(missing_ok=True)
+    tmp.with_name(tmp.name + ".wal").unlink(missing_ok=True)
 
 
 def _create(path: Path) -> duckdb.DuckDBPyConnection:
@@ -271,12 +282,11 @@ def export_run(src: str | Path, run_id: str, out: str | Path, force: bool = Fals
     so the app and any DuckDB client open it like the full store. The file appears whole or not at all."""
     src, out = Path(src), Path(out)
     _check_run(src, run_id)
-    _check_target(out, force)
     if out.resolve() == src.resolve():
         raise StoreError(f"--out {out} is the source store itself; choose another path")
+    _check_target(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    tmp.unlink(missing_ok=True)
+    tmp = _tmp_name(out)
     try:
         con = _create(tmp)
         try:
@@ -296,7 +306,7 @@ def export_run(src: str | Path, run_id: str, out: str | Path, force: bool = Fals
     except (duckdb.Error, OSError) as e:
         raise _write_error(out, e) from e
     finally:
-        tmp.unlink(missing_ok=True)
+        _discard(tmp)
     return out
 
 
@@ -309,8 +319,7 @@ def export_parquet(src: str | Path, run_id: str, out_dir: str | Path, force: boo
     # --force replaces a folder of earlier Parquet exports, never a folder that holds anything else
     if out_dir.exists() and (not out_dir.is_dir() or any(p.suffix != ".parquet" for p in out_dir.iterdir())):
         raise StoreError(f"--parquet {out_dir} holds other files than Parquet; choose a new or empty folder")
-    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp, old = _tmp_name(out_dir), _tmp_name(out_dir)
     try:
         tmp.mkdir(parents=True)
         con = connect(src)
@@ -322,13 +331,19 @@ def export_parquet(src: str | Path, run_id: str, out_dir: str | Path, force: boo
                     str(tmp / f"{table}.parquet"))
         finally:
             con.close()
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
+        if out_dir.exists():  # set aside, not deleted, until the new folder is in place
+            out_dir.rename(old)
+        try:
+            tmp.rename(out_dir)
+        except OSError:
+            if old.exists():
+                old.rename(out_dir)
+            raise
     except (duckdb.Error, OSError) as e:
         raise _write_error(out_dir, e) from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
     return sorted(out_dir.glob("*.parquet"))
 
 

@@ -1,6 +1,7 @@
 """Sharing one run: `python -m pipeline export` writes a single-run store (or Parquet files) that the
 app, the Python client and the DuckDB command line client open."""
 
+import errno
 import hashlib
 import shutil
 import subprocess
@@ -135,3 +136,28 @@ def test_unknown_run_names_the_runs_there(two_runs, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "no run 'nope'" in err and other in err and run_id in err and "\n" not in err
     assert not (tmp_path / "x.duckdb").exists()
+
+
+def test_parquet_force_keeps_the_earlier_export_when_the_new_one_cannot_move_in(two_runs, tmp_path, monkeypatch):
+    src, run_id, other = two_runs
+    out = tmp_path / "parquet"
+    store.export_parquet(src, other, out)
+    before = {p.name: digest(p) for p in out.iterdir()}
+    real = Path.rename
+
+    def rename(self, target):  # the new export fails to move in; setting the old one aside and back works
+        if Path(target) == out and pl.read_parquet(self / "runs.parquet")["run_id"].to_list() == [run_id]:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return real(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(store.StoreError, match="unchanged"):
+        store.export_parquet(src, run_id, out, force=True)
+    assert {p.name: digest(p) for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
+
+
+def test_out_that_is_the_source_says_so_even_without_force(two_runs, capsys):
+    src, run_id, _ = two_runs
+    assert main(["export", "--run", run_id, "--store", str(src), "--out", str(src)]) == 2
+    assert "is the source store itself" in capsys.readouterr().err

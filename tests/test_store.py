@@ -1,7 +1,11 @@
 """The store: atomic runs, clear errors for bad files, many runs side by side."""
 
 import hashlib
+import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import duckdb
 import polars as pl
@@ -70,6 +74,39 @@ def test_failed_write_leaves_store_byte_for_byte(tmp_path, monkeypatch, breaker)
     assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
 
 
+KILLED_WRITER = """
+import os, signal, sys
+import polars as pl
+import store
+class DieAtCheckpoint:  # the run is committed into the temp file's WAL, never checkpointed
+    def __init__(self, con):
+        self.con = con
+    def execute(self, sql, *args):
+        if sql == "CHECKPOINT":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return self.con.execute(sql, *args)
+    def __getattr__(self, name):
+        return getattr(self.con, name)
+real = store._insert
+store._insert = lambda con, *args: real(DieAtCheckpoint(con), *args)
+store.write_run(sys.argv[1], run={"name": "killed", "model": "m", "config": {}, "config_hash": "k", "packages": {}},
+                stages=[], tables={"generations": pl.DataFrame({"variant": ["base"], "prompt_id": [0], "prompt": ["p"],
+                "continuation": ["c"], "toxicity": [0.5], "scorer": ["s==1"]})})
+"""
+
+
+def test_a_killed_writers_leftovers_never_reach_a_later_run(tmp_path, monkeypatch):
+    path = tmp_path / "s.duckdb"
+    store.write_run(path, run=a_run("one"), stages=STAGE, tables={"generations": gens(3)})
+    child = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(path)], cwd=Path(store.__file__).parents[1],
+                             stderr=subprocess.PIPE)
+    assert child.wait() == -9, child.stderr.read().decode()
+    assert [p for p in tmp_path.iterdir() if ".tmp-" in p.name], "the killed writer left nothing to trip over"
+    monkeypatch.setattr(os, "getpid", lambda: child.pid)  # a container's writer is PID 1 every time
+    store.write_run(path, run=a_run("two"), stages=STAGE, tables={"generations": gens(5)})
+    assert sorted(r[2] for r in rows(path)["runs"]) == ["one", "two"]
+
+
 def test_reader_sees_old_or_new_run_set_never_half(tmp_path):
     path = tmp_path / "s.duckdb"
     store.write_run(path, run=a_run("zero"), stages=STAGE, tables={"generations": gens(50)})
@@ -93,7 +130,7 @@ def test_reader_sees_old_or_new_run_set_never_half(tmp_path):
     done.set()
     t.join()
     assert not errors
-    assert seen <= {(k, 50 * k) for k in range(1, 7)}
+    assert seen and seen <= {(k, 50 * k) for k in range(1, 7)}
 
 
 def test_missing_store_is_a_clear_error(tmp_path):
