@@ -339,3 +339,12 @@ def test_page_lists_the_schema(page_store):
     finally:
         con.close()
     assert set(schema.filter(pl.col("table_name") == "neurons")["column_name"]) == columns
+
+
+def test_page_offers_csv_of_a_result_with_list_and_struct_columns(page_store):
+    path, frames = page_store
+    at = open_sql_page(next(iter(frames)))
+    at.text_area[0].input("SELECT range(3) AS r, {'a': 1, 'b': [1, 2]} AS s, 7 AS i").run()
+    at.button[0].click().run()
+    assert not at.exception and not at.error
+    assert result(at)["i"].to_list() == [7]

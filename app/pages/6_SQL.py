@@ -1,9 +1,19 @@
 """Ad-hoc read-only SQL against the store: one query at a time, capped in rows, time and memory."""
 
+import json
+
+import polars as pl
 import streamlit as st
 
 import queries
 from common import store_and_run
+
+
+def csv_of(frame: pl.DataFrame) -> str:
+    """CSV holds no lists or structs (probe_metrics.direction, range(3)): those cells are written as JSON."""
+    return frame.with_columns(pl.Series(c, [json.dumps(v, default=str) for v in frame[c].to_list()], dtype=pl.String)
+                              for c, t in frame.schema.items() if t.is_nested()).write_csv()
+
 
 st.set_page_config(page_title="SQL · dpo-neurons", layout="wide")
 st.title("SQL")
@@ -26,7 +36,7 @@ with editor:
         with st.spinner("Running the query..."):
             try:
                 st.session_state["sql_result"] = queries.user_sql(path, sql)
-            except queries.store.SqlRefused as refused:
+            except (queries.store.SqlRefused, queries.store.StoreError) as refused:  # StoreError: the file was swapped
                 st.session_state["sql_result"] = str(refused)
     # Kept in the session so that the download button's rerun shows the same result without running again.
     outcome = st.session_state.get("sql_result")
@@ -39,4 +49,4 @@ with editor:
                        "LIMIT to see the rest.")
         st.caption(f"{frame.height:,} rows")
         st.dataframe(frame, hide_index=True, width="stretch")
-        st.download_button("Download CSV", frame.write_csv(), file_name="query.csv", mime="text/csv")
+        st.download_button("Download CSV", csv_of(frame), file_name="query.csv", mime="text/csv")
