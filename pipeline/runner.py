@@ -141,7 +141,7 @@ def run(cfg: config_mod.Config, force: set[str] = frozenset(), only: str | None 
         if name not in names:
             raise config_mod.ConfigError(f"{cfg.source}: no stage {name!r} in this config; its stages are {', '.join(names)}")
     if not only and Path(cfg.run.store).exists():
-        store.connect(cfg.run.store).close()  # a store that cannot take the run is refused before hours of work
+        store.connect(cfg.run.store, empty_ok=True).close()  # a store that cannot take the run is refused before hours of work
     resolve_device(cfg.run.device)  # so is a missing GPU, and an optimizer name known only when dpo starts
     if "dpo" in names:
         dpo.check_optimizer(cfg.dpo.optimizer)

@@ -44,8 +44,11 @@ def _schema_version(con) -> int | None:
     return con.execute("SELECT max(version) FROM schema_version").fetchall()[0][0]
 
 
-def _check_version(con, path: Path) -> None:
+def _check_version(con, path: Path, empty_ok: bool) -> None:
     version = _schema_version(con)
+    if version == 0 and not empty_ok:
+        raise StoreError(f"{path} is an empty DuckDB file that holds no runs yet; run the pipeline into it "
+                         "(make pipeline) or point STORE at a store file")
     if version is None:
         raise StoreError(f"{path} is a DuckDB file but not a dpo-neurons store (no schema_version table); "
                          "point STORE or [run] store at a store file, or at a new path")
@@ -105,9 +108,10 @@ def _sandboxed(path: Path) -> duckdb.DuckDBPyConnection:
     return con
 
 
-def connect(path: str | Path, read_only: bool = True, sandbox: bool = False,
-            snapshot: bool = False) -> duckdb.DuckDBPyConnection:
-    """Open an existing store, refusing files that are missing, corrupt or of another schema version.
+def connect(path: str | Path, read_only: bool = True, sandbox: bool = False, snapshot: bool = False,
+            empty_ok: bool = False) -> duckdb.DuckDBPyConnection:
+    """Open an existing store, refusing files that are missing, corrupt or of another schema version, and
+    empty DuckDB files unless empty_ok (a writer may fill one; a reader finds no tables in it).
 
     snapshot=True (read-only) is a connection that keeps reading the file as it was when opened, even after
     the pipeline swaps in a new one, and that a later snapshot of the same path does not share: what the app
@@ -129,7 +133,7 @@ def connect(path: str | Path, read_only: bool = True, sandbox: bool = False,
         raise StoreError(f"store {path} cannot be opened ({first}); it is corrupt or not a DuckDB file: "
                          "restore it or point STORE at another file") from None
     try:
-        _check_version(con, path)
+        _check_version(con, path, empty_ok)
     except BaseException:
         con.close()
         raise
@@ -172,7 +176,7 @@ def write_run(path: str | Path, *, run: dict, stages: list[dict], tables: dict[s
         tmp = _tmp_name(path)
         try:
             if path.exists():
-                connect(path).close()
+                connect(path, empty_ok=True).close()
                 shutil.copyfile(path, tmp)
             con = _create(tmp)
             try:
@@ -219,7 +223,7 @@ def find_run(path: str | Path, config_hash: str) -> str | None:
     """The newest complete run made from exactly this config and these stage results, if any."""
     if not Path(path).exists():
         return None
-    con = connect(path)
+    con = connect(path, empty_ok=True)
     try:
         if _schema_version(con) == 0:
             return None

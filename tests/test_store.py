@@ -188,3 +188,15 @@ def test_schema_readme_documents_every_column():
     for table, column in con.execute("SELECT table_name, column_name FROM duckdb_columns() WHERE NOT internal").fetchall():
         assert f"`{table}`" in readme, f"store/README.md does not document table {table}"
         assert f"`{column}`" in readme, f"store/README.md does not document {table}.{column}"
+
+
+def test_an_empty_duckdb_file_is_no_store_to_read_but_one_to_write(tmp_path):
+    path = tmp_path / "s.duckdb"
+    duckdb.connect(str(path)).close()  # what `duckdb s.duckdb` without -readonly leaves behind
+    with pytest.raises(store.StoreError, match="holds no runs yet") as e:
+        store.connect(path)
+    assert "\n" not in str(e.value)
+    with pytest.raises(store.StoreError, match="holds no runs yet"):
+        store.export_run(path, "any", tmp_path / "share.duckdb")
+    run_id = store.write_run(path, run=a_run(), stages=STAGE, tables={"generations": gens(2)})
+    assert rows(path)["runs"][0][0] == run_id
