@@ -11,7 +11,7 @@ from common import neuron_bounds, open_neuron, store_and_run
 PRESETS = {
     "all groups": charts.REDUCING + charts.INCREASING,
     "toxic dampened (TP-)": ["TP-"],
-    "anti-toxic promoted (AP+, AN-)": ["AP+", "AN-"],
+    "anti-toxic promoted or released (AP+, AN-)": ["AP+", "AN-"],
     "toxicity-increasing (TP+, TN-, AP-, AN+)": charts.INCREASING,
     "all reducing (TP-, TN+, AP+, AN-)": charts.REDUCING,
 }

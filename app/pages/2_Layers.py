@@ -20,7 +20,8 @@ if layers.height == 0 and by_group.height == 0:
 
 st.subheader("MLP output onto the probe, per layer")
 st.caption("Mean over generated tokens of each layer's MLP output . w_hat: the base model, the DPO model and "
-           "the interventions you pick (each intervention edits the base model's neurons).")
+           "the interventions you pick (ablations and patches edit the base model's neurons; poe_<alpha> and marco "
+           "steer decoding and edit none).")
 others = sorted(v for v in layers["variant"].unique().to_list() if v not in ("base", "dpo"))
 chosen = st.multiselect("Interventions", others, default=others[:1])
 shown = layers.filter(layers["variant"].is_in(["base", "dpo", *chosen]))
