@@ -1,7 +1,7 @@
 """The small runner: runs stages in order, caches each under a hash of what determines it.
 
 A stage's cache key hashes its name, its modules' source, the config sections (or fields) its
-result depends on and its upstream stages' keys, so changing one setting reruns that stage and exactly what depends on it.
+result depends on, with the size and mtime of local files they name, and its upstream stages' keys, so changing one setting reruns that stage and exactly what depends on it.
 A stage writes into a temporary folder that is renamed into place when it finishes: an interrupted
 stage leaves nothing that looks done, and a rerun resumes after the last finished stage.
 """
@@ -73,11 +73,30 @@ def _section_names(s: Stage) -> list[str]:
     return list(dict.fromkeys(sec.split(".")[0] for sec in s.sections))
 
 
+# Loaded pairs depend on their file alone: a dtype or prompt setting must not retrain DPO on them.
+LOADED_PAIRS = ("data.pairs", "pairs.max_pairs", *SCORES)
+
+
+def _fingerprint(value):
+    """A config value with every string that names a local file or folder (data files, a checkpoint, a
+    model folder) stamped with size and mtime of what is there, so that a file replaced at the same
+    path reruns what read it. Hub names and 'world' are kept as they are."""
+    if isinstance(value, dict):
+        return {k: _fingerprint(v) for k, v in value.items()}
+    if not isinstance(value, str) or not value or not os.path.exists(value):
+        return value
+    p = Path(value)
+    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+    return {"path": value, "files": [[str(f.relative_to(p)) if p.is_dir() else "", f.stat().st_size,
+                                      f.stat().st_mtime_ns] for f in files]}
+
+
 def _hashed_config(cfg: config_mod.Config, s: Stage) -> dict:
+    sections = LOADED_PAIRS if s.name == "pairs" and cfg.data.pairs != "self" else s.sections
     out = {}
-    for sec in s.sections:
+    for sec in sections:
         name, _, key = sec.partition(".")
-        out[sec] = cfg.section(name)[key] if key else cfg.section(name)
+        out[sec] = _fingerprint(cfg.section(name)[key] if key else cfg.section(name))
     return out
 
 

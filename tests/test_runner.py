@@ -149,3 +149,49 @@ def test_two_stages_may_write_rows_of_one_table(fake_pipeline, monkeypatch):
     rows = store.connect(fake_pipeline / "s.duckdb").execute(
         "SELECT variant FROM layers WHERE run_id = ? ORDER BY variant", [run_id]).fetchall()
     assert rows == [("a",), ("b",)]
+
+
+def real_model_config(tmp, **changes):
+    """A real-model config over local files, as the paper's preset is: the real stage list computes its keys."""
+    for name in ("probe.csv", "prompts.jsonl", "pairs.jsonl", "heldout.txt"):
+        if not (tmp / name).exists():
+            (tmp / name).write_text(f"contents of {name}\n")
+    (tmp / "model").mkdir(exist_ok=True)
+    if not (tmp / "model" / "model.safetensors").exists():
+        (tmp / "model" / "model.safetensors").write_bytes(b"weights")
+    raw = {"run": {"cache_dir": str(tmp / "cache"), "store": str(tmp / "s.duckdb")},
+           "model": {"path": str(tmp / "model")},
+           "data": {"probe": str(tmp / "probe.csv"), "prompts": str(tmp / "prompts.jsonl"),
+                    "pairs": str(tmp / "pairs.jsonl"), "heldout": str(tmp / "heldout.txt")}}
+    for dotted, value in changes.items():
+        section, key = dotted.split("__")
+        raw.setdefault(section, {})[key] = value
+    return config.from_dict(raw)
+
+
+def changed(before: dict, after: dict) -> set[str]:
+    return {s for s in before if before[s] != after[s]}
+
+
+def test_loaded_pairs_and_dpo_ignore_inference_settings(tmp_path):
+    base = runner.cache_keys(real_model_config(tmp_path))
+    for setting in ({"model__dtype": "bfloat16"}, {"data__max_prompts": 7}, {"data__challenging_only": False},
+                    {"pairs__k": 4}):
+        after = runner.cache_keys(real_model_config(tmp_path, **setting))
+        assert not {"pairs", "dpo"} & changed(base, after), setting
+    assert changed(base, runner.cache_keys(real_model_config(tmp_path, model__dtype="bfloat16"))) >= {"probe", "record"}
+    self_made = runner.cache_keys(real_model_config(tmp_path, data__pairs="self"))
+    assert changed(self_made, runner.cache_keys(real_model_config(tmp_path, data__pairs="self", model__dtype="bfloat16"))) \
+        >= {"pairs", "dpo"}
+
+
+@pytest.mark.parametrize("replaced, reruns", [
+    ("pairs.jsonl", {"pairs", "dpo", "record", "attribute", "intervene"}),
+    ("probe.csv", {"probe", "record", "attribute", "intervene"}),
+    ("heldout.txt", {"intervene"}),
+    ("model/model.safetensors", {"probe", "dpo", "record", "attribute", "intervene"}),  # loaded pairs read no model
+])
+def test_a_file_replaced_at_the_same_path_reruns_what_read_it(tmp_path, replaced, reruns):
+    before = runner.cache_keys(real_model_config(tmp_path))
+    (tmp_path / replaced).write_text("new contents, another length\n")
+    assert changed(before, runner.cache_keys(real_model_config(tmp_path))) == reruns
