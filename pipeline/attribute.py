@@ -27,8 +27,10 @@ GROUPS = REDUCING + INCREASING
 
 
 def cosines(W_out: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """(L, d_mlp): cos(v_i, w)."""
-    return (W_out @ w) / (np.linalg.norm(W_out, axis=-1) * np.linalg.norm(w))
+    """(L, d_mlp): cos(v_i, w); 0 for a neuron whose value vector is zero (pruned): it writes nothing, so it is
+    "unchanged" and never ranked as the most toxic, where 0/0 = NaN sorts first."""
+    norms = np.linalg.norm(W_out, axis=-1) * np.linalg.norm(w)
+    return np.divide(W_out @ w, norms, out=np.zeros(norms.shape), where=norms > 0)
 
 
 def projections(act: np.ndarray, W_out: np.ndarray, w_hat: np.ndarray) -> np.ndarray:

@@ -191,3 +191,11 @@ def test_stored_numbers_match_checkpoint_and_direction(tiny_run):
                                 [TINY_WORLD["n_prompts"], run_id]).fetchall())
     for group, total in con.execute("SELECT group_code, sum_delta FROM group_summary WHERE run_id = ?", [run_id]).fetchall():
         assert by_group[group] == pytest.approx(total, rel=2e-2, abs=1e-4)
+
+
+def test_a_neuron_with_a_zero_value_vector_has_cos_zero_and_is_unchanged():
+    W_out = np.array([[[1.0, 0.0], [0.0, 0.0], [-2.0, 0.0]]])  # (L=1, d_mlp=3, d_model=2); neuron 1 is pruned
+    cos = attribute.cosines(W_out, np.array([3.0, 0.0]))
+    assert cos.tolist() == [[1.0, 0.0, -1.0]]
+    codes = attribute.group_codes(cos, act=np.array([[1.0, 1.0, 1.0]]), dact=np.array([[0.5, 0.5, -0.5]]))
+    assert codes.tolist() == [["TP-", "unchanged", "AP+"]]
