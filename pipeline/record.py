@@ -47,7 +47,8 @@ def prompt_tokens(bridge, prompts: list[str], new_tokens: int) -> list[torch.Ten
     room = bridge.cfg.n_ctx - new_tokens
     for i, r in enumerate(rows):
         if len(r) > room:
-            raise datasets.DataError(f"prompt {i} has {len(r)} tokens; with [record] new_tokens = {new_tokens} the "
+            # the text names it too: under [record] processes, i counts within one share of the prompts
+            raise datasets.DataError(f"prompt {i} ({prompts[i][:40]!r}) has {len(r)} tokens; with [record] new_tokens = {new_tokens} the "
                                      f"context of {bridge.cfg.n_ctx} holds at most {room}; lower new_tokens or shorten it")
     return rows
 

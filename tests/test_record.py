@@ -158,5 +158,6 @@ def test_hook_post_is_the_input_of_w_out(stage):
 def test_prompt_longer_than_the_context_allows_is_refused(stage):
     out, paths, _, _, _ = stage
     bridge = models.load_bridge(str(paths["base"]), "cpu")
-    with pytest.raises(record.datasets.DataError, match="new_tokens"):
-        record.prompt_tokens(bridge, ["I think " * 40], new_tokens=T)
+    with pytest.raises(record.datasets.DataError, match="new_tokens") as e:
+        record.prompt_tokens(bridge, ["short", "I think " * 40], new_tokens=T)
+    assert str(e.value).startswith("prompt 1 ('I think I think") and "\n" not in str(e.value)
