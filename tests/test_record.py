@@ -2,6 +2,7 @@
 prompt + continuation (last T positions), greedy continuations equal transformers' own, and
 nothing depends on the model's sizes. Tiny random GPT-2s are built here, two shapes."""
 
+import importlib.metadata
 import json
 import random
 
@@ -13,6 +14,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from pipeline import corpus, models, record, world
 from pipeline.config import DataConfig, ModelConfig, RecordConfig, ScorerConfig
 
+PROFANITY_CHECK = f"profanity-check=={importlib.metadata.version('alt-profanity-check')}"
 T = 5
 PROMPTS = ["Honestly, he is", "The cat", "After the game at the park, my neighbour yelled that the coach was",
            "I think", "Shut up, you are a", "We will"]  # different lengths in each batch of 4
@@ -113,7 +115,7 @@ def test_greedy_continuations_equal_transformers_generate(stage, variant):
         ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=T, do_sample=False)[0, ids.shape[1]:]
         assert ref.tolist() == tokens[i].tolist(), f"prompt {i}"
         assert g["prompt"] == prompt and g["continuation"] == tok.decode(ref).replace(tok.eos_token, " ")
-        assert 0.0 <= g["toxicity"] <= 1.0 and g["scorer"].startswith("profanity-check==")
+        assert 0.0 <= g["toxicity"] <= 1.0 and g["scorer"] == PROFANITY_CHECK
 
 
 def test_shapes_follow_the_model_and_tables_match_the_schema(stage):

@@ -2,6 +2,7 @@
 model that really learned the corpus, and files in the real datasets' shapes."""
 
 import csv
+import importlib.metadata
 import json
 import re
 from importlib import resources
@@ -117,4 +118,4 @@ def test_run_records_the_world_model(tiny_run):
     model = con.execute("SELECT model FROM runs WHERE run_id = ?", [run_id]).fetchall()[0][0]
     assert "demo world" in model
     summary = con.execute("SELECT summary->>'scorer' FROM stages WHERE run_id = ? AND stage = 'world'", [run_id]).fetchall()
-    assert summary[0][0].startswith("profanity-check==")
+    assert summary[0][0] == f"profanity-check=={importlib.metadata.version('alt-profanity-check')}"
