@@ -65,6 +65,7 @@ def _check_version(con, path: Path, empty_ok: bool) -> None:
 # The sandbox of the SQL console (store/console.py): what one user query may use at most.
 SANDBOX_MEMORY_LIMIT = "1GB"
 SANDBOX_THREADS = 2
+SANDBOX_RESULT_BYTES = 100_000_000  # the memory limit is DuckDB's own; this caps what reaches Python
 
 
 def _attached(path: Path, config: dict | None = None) -> duckdb.DuckDBPyConnection:

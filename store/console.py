@@ -14,8 +14,9 @@ import threading
 
 import duckdb
 import polars as pl
+import pyarrow as pa
 
-from store import SANDBOX_MEMORY_LIMIT, connect
+from store import SANDBOX_MEMORY_LIMIT, SANDBOX_RESULT_BYTES, connect
 
 
 class SqlRefused(ValueError):
@@ -148,7 +149,17 @@ def run_user_sql(path, sql: str, max_rows: int, timeout_s: float) -> tuple[pl.Da
     def work():
         # The worker owns the connection: it closes it, so a timed-out query never races a close.
         try:
-            outcome["frame"] = con.sql(query).limit(max_rows + 1).pl()
+            # Streamed in small batches and stopped at the byte cap: 10,000 rows of 10 MB strings would otherwise
+            # all land in the app's memory, far past DuckDB's own limit, which does not cover the result.
+            reader = con.sql(query).limit(max_rows + 1).to_arrow_reader(64)
+            batches, size = [], 0
+            for batch in reader:
+                size += batch.nbytes
+                if size > SANDBOX_RESULT_BYTES:
+                    outcome["too_large"] = True
+                    return
+                batches.append(batch)
+            outcome["frame"] = pl.from_arrow(pa.Table.from_batches(batches, schema=reader.schema))
         except Exception as e:
             outcome["error"] = e
         finally:
@@ -165,6 +176,9 @@ def run_user_sql(path, sql: str, max_rows: int, timeout_s: float) -> tuple[pl.Da
             pass
         worker.join(timeout_s)  # a grace period: DuckDB stops at its next interrupt check
     error = outcome.get("error")
+    if outcome.get("too_large"):
+        raise SqlRefused(f"the result is larger than the console's {SANDBOX_RESULT_BYTES // 10**6} MB; select fewer "
+                         "or shorter columns, aggregate or add a LIMIT")
     if timed_out or isinstance(error, duckdb.InterruptException):
         raise SqlRefused(f"the query ran longer than the console's {timeout_s:g} s and was stopped; "
                          "filter by run_id, aggregate or add a LIMIT")

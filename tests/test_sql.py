@@ -348,3 +348,11 @@ def test_page_offers_csv_of_a_result_with_list_and_struct_columns(page_store):
     at.button[0].click().run()
     assert not at.exception and not at.error
     assert result(at)["i"].to_list() == [7]
+
+
+def test_a_result_over_the_byte_cap_is_refused_before_it_reaches_the_app(small_store):
+    path, _ = small_store
+    rows = store.SANDBOX_RESULT_BYTES // 1_000_000 + 20  # 1 MB strings: well inside DuckDB's memory limit each
+    with pytest.raises(store.SqlRefused, match=f"larger than the console's {store.SANDBOX_RESULT_BYTES // 10**6} MB"):
+        run(path, f"SELECT repeat('x', 1000000) AS s FROM range({rows})")
+    assert run(path, "SELECT repeat('x', 1000000) AS s FROM range(3)")[0]["s"].str.len_bytes().to_list() == [10**6] * 3
