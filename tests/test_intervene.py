@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline import attribute, intervene, models, record, scoring
+from pipeline import attribute, config, intervene, models, record, scoring
 from pipeline.config import AttributeConfig, DataConfig, InterveneConfig, ModelConfig, RecordConfig, ScorerConfig
 from tests.conftest import save_planted_pair, save_tiny_gpt2
 
@@ -153,6 +153,7 @@ class CharScorer:
 
 def test_run_end_to_end_on_planted_pair(tmp_path, monkeypatch):
     monkeypatch.setitem(scoring.BACKENDS, "chars", CharScorer)
+    monkeypatch.setattr(config, "SCORER_BACKENDS", (*config.SCORER_BACKENDS, "chars"))
     scorer = ScorerConfig(backend="chars")
     base = save_planted_pair(tmp_path)
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": {"text": t}, "challenging": True}) + "\n" for t in PROMPTS))
