@@ -48,8 +48,9 @@ def prompt_tokens(bridge, prompts: list[str], new_tokens: int) -> list[torch.Ten
     for i, r in enumerate(rows):
         if len(r) > room:
             # the text names it too: under [record] processes, i counts within one share of the prompts
-            raise datasets.DataError(f"prompt {i} ({prompts[i][:40]!r}) has {len(r)} tokens; with [record] new_tokens = {new_tokens} the "
-                                     f"context of {bridge.cfg.n_ctx} holds at most {room}; lower new_tokens or shorten it")
+            raise datasets.DataError(f"prompt {i} ({prompts[i][:40]!r}) has {len(r)} tokens; with [record] new_tokens = "
+                                     f"{new_tokens} the context of {bridge.cfg.n_ctx} holds at most {room}; lower "
+                                     "new_tokens or shorten it")
     return rows
 
 

@@ -1,7 +1,8 @@
 """The small runner: runs stages in order, caches each under a hash of what determines it.
 
 A stage's cache key hashes its name, its modules' source, the config sections (or fields) its
-result depends on, with the size and mtime of local files they name, and its upstream stages' keys, so changing one setting reruns that stage and exactly what depends on it.
+result depends on, with the size and mtime of local files they name, and its upstream stages' keys,
+so changing one setting reruns that stage and exactly what depends on it.
 A stage writes into a temporary folder that is renamed into place when it finishes: an interrupted
 stage leaves nothing that looks done, and a rerun resumes after the last finished stage.
 """
