@@ -60,6 +60,12 @@ def bootstrap_shares(per_prompt: np.ndarray, n: int, seed: int) -> tuple[np.ndar
     return np.quantile(shares, 0.025, axis=0), np.quantile(shares, 0.975, axis=0)
 
 
+def share(part: float, total: float) -> float:
+    """part / total; NaN for a share of nothing, e.g. when DPO rewrote value vectors but moved no
+    activation, so that no neuron is in a reducing group."""
+    return part / total if total else float("nan")
+
+
 def neurons_needed(delta_sorted: np.ndarray, fraction: float) -> int:
     """Fewest top neurons (by delta) whose summed delta reaches `fraction` of the net reduction."""
     reached = np.nonzero(np.cumsum(delta_sorted) >= fraction * delta_sorted.sum())[0]
@@ -142,7 +148,7 @@ def run(out: Path, *, device: str, model: ModelConfig, attribute: AttributeConfi
     G = sum(sums[g] for g in REDUCING)
     summary_rows = [{
         "group_code": g, "effect": "reduces" if g in REDUCING else "increases", "n_neurons": int((codes == g).sum()),
-        "sum_delta": sums[g], "share_gross": sums[g] / G, "share_net": sums[g] / R,
+        "sum_delta": sums[g], "share_gross": share(sums[g], G), "share_net": share(sums[g], R),
         "ci_low": float(lo[j]), "ci_high": float(hi[j]),
     } for j, g in enumerate(GROUPS)]
     pl.DataFrame(summary_rows).write_parquet(out / "group_summary.parquet")
@@ -179,8 +185,7 @@ def run(out: Path, *, device: str, model: ModelConfig, attribute: AttributeConfi
     ]).write_parquet(out / "neuron_top_prompts.parquet")
 
     (out / "attribution.json").write_text(json.dumps(attribution))
-    share_tp = sums["TP-"] / G
-    return attribution | {"share_TP-": share_tp, "n_layers": n_layers, "d_mlp": d_mlp}
+    return attribution | {"share_TP-": share(sums["TP-"], G), "n_layers": n_layers, "d_mlp": d_mlp}
 
 
 def tables(out: Path) -> dict[str, pl.DataFrame]:

@@ -133,6 +133,42 @@ def test_proj_and_cos_match_the_checkpoint_weights(tiny_gpt2, tmp_path):
     assert tokens.group_by("layer", "neuron").len()["len"].unique().to_list() == [10]
 
 
+def test_proj_dpo_uses_the_dpo_models_own_value_vectors(tiny_gpt2, tmp_path):
+    """DPO may rewrite W_out as well as the activations: a copy with one value vector shrunk to a fifth and
+    the same activations moves that neuron's proj_dpo alone, by exactly act x (v - v') . w_hat."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    V = hf_value_vectors(tiny_gpt2)
+    L, d_mlp, d_model = V.shape
+    rng = np.random.default_rng(4)
+    w = rng.normal(size=d_model)
+    (tmp_path / "probe").mkdir()
+    np.save(tmp_path / "probe" / "w.npy", w.astype(np.float32))
+    l, i = 1, 5
+    m = AutoModelForCausalLM.from_pretrained(tiny_gpt2)
+    with torch.no_grad():
+        m.transformer.h[l].mlp.c_proj.weight[i] *= 0.2
+    m.save_pretrained(tmp_path / "dpo" / "model")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_gpt2 / name, tmp_path / "dpo" / "model")
+    act = rng.normal(size=(L, d_mlp))
+    rec = fake_record(tmp_path, act, act)
+    (tmp_path / "out").mkdir()
+    attribute.run(tmp_path / "out", device="cpu", model=ModelConfig(path=str(tiny_gpt2)), attribute=AttributeConfig(n_bootstrap=10),
+                  world_dir=None, probe_dir=tmp_path / "probe", dpo_dir=tmp_path / "dpo", record_dir=rec)
+    neurons = pl.read_parquet(tmp_path / "out" / "neurons.parquet")
+    row = neurons.filter((pl.col("layer") == l) & (pl.col("neuron") == i)).row(0, named=True)
+    a, along = np.float32(act[l, i]), V[l, i] @ w / np.linalg.norm(w)
+    assert row["proj_dpo"] == pytest.approx(a * 0.2 * along, rel=1e-5)
+    assert row["delta"] == pytest.approx(a * 0.8 * along, rel=1e-5)
+    assert row["dact"] == 0 and row["group_code"] == "unchanged"  # method.md: the activation did not change
+    others = neurons.filter((pl.col("layer") != l) | (pl.col("neuron") != i))
+    assert others["delta"].abs().max() < 1e-6 * abs(row["delta"])
+    shares = pl.read_parquet(tmp_path / "out" / "group_summary.parquet")["share_gross"]
+    assert shares.is_nan().all()  # no neuron is in a reducing group: a share of nothing is undefined
+
+
 def test_planted_dpo_copy_is_recovered_end_to_end(tmp_path):
     """A 'DPO' copy that differs only in the MLP input biases of six chosen last-layer neurons:
     three toxic-aligned neurons are switched off (TP-), three anti-toxic ones switched further on
