@@ -64,17 +64,26 @@ def hf_value_vectors(path) -> np.ndarray:
     return np.stack([blk.mlp.c_proj.weight.detach().numpy() for blk in m.transformer.h]).astype(np.float64)
 
 
+def attribute_on(tmp, base, w, act, act_dpo, n_bootstrap=10) -> tuple:
+    """attribute.run on checkpoint `base` with probe direction w and recorded means act / act_dpo; the DPO
+    checkpoint must be in tmp/dpo/model already. Returns the output folder and the stage summary."""
+    (tmp / "probe").mkdir()
+    np.save(tmp / "probe" / "w.npy", w.astype(np.float32))
+    rec = fake_record(tmp, act, act_dpo)
+    out = tmp / "out"
+    out.mkdir()
+    summary = attribute.run(out, device="cpu", model=ModelConfig(path=str(base)),
+                            attribute=AttributeConfig(n_bootstrap=n_bootstrap), world_dir=None,
+                            probe_dir=tmp / "probe", dpo_dir=tmp / "dpo", record_dir=rec)
+    return out, summary
+
+
 def test_planted_neurons_rank_first_with_their_groups(tiny_gpt2, tmp_path):
     V = hf_value_vectors(tiny_gpt2)  # (L, d_mlp, d_model)
     L, d_mlp, d_model = V.shape
     rng = np.random.default_rng(1)
     w = rng.normal(size=d_model)
-    probe = tmp_path / "probe"
-    probe.mkdir()
-    np.save(probe / "w.npy", w.astype(np.float32))
-    dpo = tmp_path / "dpo"
-    dpo.mkdir()
-    shutil.copytree(tiny_gpt2, dpo / "model")
+    shutil.copytree(tiny_gpt2, tmp_path / "dpo" / "model")
 
     align = V @ (w / np.linalg.norm(w))  # (L, d_mlp)
     act = rng.uniform(-0.2, 0.2, (L, d_mlp)) * 0.01
@@ -91,11 +100,7 @@ def test_planted_neurons_rank_first_with_their_groups(tiny_gpt2, tmp_path):
     for (l, i), start, change in plants.values():
         act[l, i] = start
         act_dpo[l, i] = start + change * 0.8
-    rec = fake_record(tmp_path, act, act_dpo)
-    out = tmp_path / "out"
-    out.mkdir()
-    summary = attribute.run(out, device="cpu", model=ModelConfig(path=str(tiny_gpt2)), attribute=AttributeConfig(n_bootstrap=50),
-                            world_dir=None, probe_dir=probe, dpo_dir=dpo, record_dir=rec)
+    out, summary = attribute_on(tmp_path, tiny_gpt2, w, act, act_dpo, n_bootstrap=50)
     neurons = pl.read_parquet(out / "neurons.parquet")
     top = neurons.sort("delta_rank").head(4)
     assert {(r["layer"], r["neuron"]) for r in top.iter_rows(named=True)} == {p[0] for p in plants.values()}
@@ -114,22 +119,16 @@ def test_proj_and_cos_match_the_checkpoint_weights(tiny_gpt2, tmp_path):
     L, d_mlp, d_model = V.shape
     rng = np.random.default_rng(2)
     w = rng.normal(size=d_model)
-    (tmp_path / "probe").mkdir()
-    np.save(tmp_path / "probe" / "w.npy", w.astype(np.float32))
-    (tmp_path / "dpo").mkdir()
     shutil.copytree(tiny_gpt2, tmp_path / "dpo" / "model")
     act = rng.normal(size=(L, d_mlp))
-    rec = fake_record(tmp_path, act, act * 0.5)
-    (tmp_path / "out").mkdir()
-    attribute.run(tmp_path / "out", device="cpu", model=ModelConfig(path=str(tiny_gpt2)), attribute=AttributeConfig(n_bootstrap=10),
-                  world_dir=None, probe_dir=tmp_path / "probe", dpo_dir=tmp_path / "dpo", record_dir=rec)
-    neurons = pl.read_parquet(tmp_path / "out" / "neurons.parquet")
+    out, _ = attribute_on(tmp_path, tiny_gpt2, w, act, act * 0.5)
+    neurons = pl.read_parquet(out / "neurons.parquet")
     for l, i in [(0, 0), (L - 1, d_mlp - 1), (1, 7)]:
         row = neurons.filter((pl.col("layer") == l) & (pl.col("neuron") == i)).row(0, named=True)
         v = V[l, i]
         assert row["proj"] == pytest.approx(np.float32(act[l, i]) * v @ w / np.linalg.norm(w), rel=1e-5)
         assert row["cos"] == pytest.approx(v @ w / np.linalg.norm(v) / np.linalg.norm(w), rel=1e-6)
-    tokens = pl.read_parquet(tmp_path / "out" / "neuron_tokens.parquet")
+    tokens = pl.read_parquet(out / "neuron_tokens.parquet")
     assert tokens.group_by("layer", "neuron").len()["len"].unique().to_list() == [10]
 
 
@@ -143,8 +142,6 @@ def test_proj_dpo_uses_the_dpo_models_own_value_vectors(tiny_gpt2, tmp_path):
     L, d_mlp, d_model = V.shape
     rng = np.random.default_rng(4)
     w = rng.normal(size=d_model)
-    (tmp_path / "probe").mkdir()
-    np.save(tmp_path / "probe" / "w.npy", w.astype(np.float32))
     l, i = 1, 5
     m = AutoModelForCausalLM.from_pretrained(tiny_gpt2)
     with torch.no_grad():
@@ -153,11 +150,8 @@ def test_proj_dpo_uses_the_dpo_models_own_value_vectors(tiny_gpt2, tmp_path):
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tiny_gpt2 / name, tmp_path / "dpo" / "model")
     act = rng.normal(size=(L, d_mlp))
-    rec = fake_record(tmp_path, act, act)
-    (tmp_path / "out").mkdir()
-    attribute.run(tmp_path / "out", device="cpu", model=ModelConfig(path=str(tiny_gpt2)), attribute=AttributeConfig(n_bootstrap=10),
-                  world_dir=None, probe_dir=tmp_path / "probe", dpo_dir=tmp_path / "dpo", record_dir=rec)
-    neurons = pl.read_parquet(tmp_path / "out" / "neurons.parquet")
+    out, _ = attribute_on(tmp_path, tiny_gpt2, w, act, act)
+    neurons = pl.read_parquet(out / "neurons.parquet")
     row = neurons.filter((pl.col("layer") == l) & (pl.col("neuron") == i)).row(0, named=True)
     a, along = np.float32(act[l, i]), V[l, i] @ w / np.linalg.norm(w)
     assert row["proj_dpo"] == pytest.approx(a * 0.2 * along, rel=1e-5)
@@ -165,7 +159,7 @@ def test_proj_dpo_uses_the_dpo_models_own_value_vectors(tiny_gpt2, tmp_path):
     assert row["dact"] == 0 and row["group_code"] == "unchanged"  # method.md: the activation did not change
     others = neurons.filter((pl.col("layer") != l) | (pl.col("neuron") != i))
     assert others["delta"].abs().max() < 1e-6 * abs(row["delta"])
-    shares = pl.read_parquet(tmp_path / "out" / "group_summary.parquet")["share_gross"]
+    shares = pl.read_parquet(out / "group_summary.parquet")["share_gross"]
     assert shares.is_nan().all()  # no neuron is in a reducing group: a share of nothing is undefined
 
 
