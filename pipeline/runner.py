@@ -1,8 +1,8 @@
 """The small runner: runs stages in order, caches each under a hash of what determines it.
 
 A stage's cache key hashes its name, its modules' source, the config sections (or fields) its
-result depends on, with the size and mtime of local files they name, and its upstream stages' keys,
-so changing one setting reruns that stage and exactly what depends on it.
+result depends on, with the size and mtime of local files they name, and its upstream stages' keys
+(of loaded pairs, DPO takes a key of their text alone), so changing one setting reruns that stage and exactly what depends on it.
 A stage writes into a temporary folder that is renamed into place when it finishes: an interrupted
 stage leaves nothing that looks done, and a rerun resumes after the last finished stage.
 """
@@ -74,8 +74,10 @@ def _section_names(s: Stage) -> list[str]:
     return list(dict.fromkeys(sec.split(".")[0] for sec in s.sections))
 
 
-# Loaded pairs depend on their file alone: a dtype or prompt setting must not retrain DPO on them.
-LOADED_PAIRS = ("data.pairs", "pairs.max_pairs", *SCORES)
+# Loaded pairs depend on their file alone: a dtype or prompt setting must not retrain DPO on them. Their
+# text depends on the file alone: the scorer only adds the scores the store keeps, and DPO reads the text.
+LOADED_PAIRS_TEXT = ("data.pairs", "pairs.max_pairs")
+LOADED_PAIRS = (*LOADED_PAIRS_TEXT, *SCORES)
 
 
 def _fingerprint(value):
@@ -92,8 +94,7 @@ def _fingerprint(value):
                                       f.stat().st_mtime_ns] for f in files]}
 
 
-def _hashed_config(cfg: config_mod.Config, s: Stage) -> dict:
-    sections = LOADED_PAIRS if s.name == "pairs" and cfg.data.pairs != "self" else s.sections
+def _hashed_config(cfg: config_mod.Config, sections: tuple[str, ...]) -> dict:
     out = {}
     for sec in sections:
         name, _, key = sec.partition(".")
@@ -110,15 +111,23 @@ def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _source(modules) -> str:
+    return hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in modules)).hexdigest()
+
+
 def cache_keys(cfg: config_mod.Config) -> dict[str, str]:
     keys: dict[str, str] = {}
+    loaded = cfg.data.pairs != "self"
     for s in active_stages(cfg):
-        source = b"".join(Path(m.__file__).read_bytes() for m in (s.module, *s.code))
+        upstream = {d: keys[d] for d in s.deps if d in keys}
+        if s.name == "dpo" and loaded:  # DPO trains on the pairs' text, which a [scorer] change leaves as it is
+            upstream["pairs"] = _digest({"pairs text": _hashed_config(cfg, LOADED_PAIRS_TEXT),
+                                         "code": _source((pairs, data)), "world": keys.get("world")})
         keys[s.name] = _digest({
             "stage": s.name,
-            "code": hashlib.sha256(source).hexdigest(),
-            "config": _hashed_config(cfg, s),
-            "upstream": {d: keys[d] for d in s.deps if d in keys},
+            "code": _source((s.module, *s.code)),
+            "config": _hashed_config(cfg, LOADED_PAIRS if s.name == "pairs" and loaded else s.sections),
+            "upstream": upstream,
         })
     return keys
 

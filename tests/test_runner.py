@@ -185,6 +185,16 @@ def test_loaded_pairs_and_dpo_ignore_inference_settings(tmp_path):
         >= {"pairs", "dpo"}
 
 
+def test_a_scorer_change_rescores_loaded_pairs_without_retraining_dpo(tmp_path):
+    scorer = {"scorer__backend": "detoxify", "scorer__checkpoint": str(tmp_path / "model")}
+    base = runner.cache_keys(real_model_config(tmp_path))
+    assert changed(base, runner.cache_keys(real_model_config(tmp_path, **scorer))) == {"pairs", "record", "attribute",
+                                                                                       "intervene"}
+    self_made = runner.cache_keys(real_model_config(tmp_path, data__pairs="self"))
+    assert changed(self_made, runner.cache_keys(real_model_config(tmp_path, data__pairs="self", **scorer))) \
+        == {"pairs", "dpo", "record", "attribute", "intervene"}  # the scorer picks which sample is chosen
+
+
 @pytest.mark.parametrize("replaced, reruns", [
     ("pairs.jsonl", {"pairs", "dpo", "record", "attribute", "intervene"}),
     ("probe.csv", {"probe", "record", "attribute", "intervene"}),
