@@ -62,6 +62,21 @@ def _check_version(con, path: Path, empty_ok: bool) -> None:
                          f"reads {SCHEMA_VERSION}); update this checkout, or write new runs to a new store file")
 
 
+# DuckDB's file starts with three 4 KiB headers, then its blocks; a file shorter than that was cut off.
+FILE_HEADERS = 3 * 4096
+
+
+def _check_length(con, path: Path) -> None:
+    """A store cut off while copied opens and lists its tables, then fails on the first read of a missing
+    block; refuse it when it is opened instead. Free blocks may be missing at the end of the file."""
+    block_size, total, free = con.execute("SELECT block_size, total_blocks, free_blocks FROM pragma_database_size() "
+                                          "WHERE database_name = current_database()").fetchall()[0]
+    need, size = FILE_HEADERS + (total - free) * block_size, path.stat().st_size
+    if size < need:
+        raise StoreError(f"store {path} is truncated ({size:,} bytes, its blocks need at least {need:,}): it was cut off "
+                         "while copied or written; copy it again or rerun the pipeline into a new file")
+
+
 # The sandbox of the SQL console (store/console.py): what one user query may use at most.
 SANDBOX_MEMORY_LIMIT = "1GB"
 SANDBOX_THREADS = 2
@@ -135,6 +150,7 @@ def connect(path: str | Path, read_only: bool = True, sandbox: bool = False, sna
                          "restore it or point STORE at another file") from None
     try:
         _check_version(con, path, empty_ok)
+        _check_length(con, path)
     except BaseException:
         con.close()
         raise

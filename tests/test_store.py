@@ -150,13 +150,23 @@ def test_corrupt_store_is_a_clear_error_and_is_not_overwritten(tmp_path, content
     assert path.read_bytes() == content
 
 
-def test_truncated_store_is_refused(tmp_path):
+@pytest.mark.parametrize("keep, error", [
+    (lambda n: n // 10, "cannot be opened"),  # DuckDB's own metadata is gone
+    (lambda n: n - 4096, "truncated"),  # opens and lists its tables; reading the last block would fail later
+    (lambda n: n - 300_000, "truncated"),
+])
+def test_truncated_store_is_refused_when_opened(tmp_path, keep, error):
     path = tmp_path / "s.duckdb"
-    store.write_run(path, run=a_run(), stages=STAGE, tables={"generations": gens(2000)})
+    store.write_run(path, run=a_run(), stages=STAGE, tables={"generations": gens(20_000)})
     data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 10])
-    with pytest.raises(store.StoreError, match="cannot be opened"):
-        store.connect(path)
+    path.write_bytes(data[:keep(len(data))])
+    for how in ({}, {"snapshot": True}, {"sandbox": True}):
+        with pytest.raises(store.StoreError, match=error) as e:
+            store.connect(path, **how)
+        assert "\n" not in str(e.value)
+    with pytest.raises(store.StoreError):
+        store.write_run(path, run=a_run("b"), stages=STAGE, tables={})
+    assert path.read_bytes() == data[:keep(len(data))]
 
 
 def test_other_schema_version_is_refused(tmp_path):
