@@ -52,6 +52,14 @@ def test_poe_avoids_the_token_the_anti_expert_wants_and_jsd_ranks_it_first():
     for row, f, new in zip(base, first, revised):
         assert (new[:f] == row[:f]).all() and TOXIC not in new
 
+    # From 6 the base counts 7, 8, 9, 0, 1, 2, 3, 4: the trigger comes last, so nothing is masked and the
+    # continuation stays as it is (every continuation of the tiny world gets revised, so only this checks it)
+    clean = detox.greedy(constructed_poe(0.0), [torch.tensor([6])], 8, batch_size=1)
+    assert TOXIC not in clean
+    _, first, revised = detox.revise(constructed_poe(1.0), [*prompts, torch.tensor([6])], np.concatenate([base, clean]),
+                                     threshold=0.5, batch_size=2)
+    assert first[-1] == 8 and (revised[-1] == clean[0]).all() and (first[:2] < 8).all()
+
 
 def test_poe_is_the_normalised_product_of_the_three_distributions():
     g = torch.Generator().manual_seed(0)
@@ -177,8 +185,6 @@ def test_revisions_keep_the_text_before_the_first_masked_token(tiny_store):
     check = per_prompt.join(texts, on="prompt_id")
     assert (check["original"] == check["base"]).all() and (check["revised"] == check["marco"]).all()
     assert (check["joined"] == check["original"]).all()
-    unrevised = check.filter(pl.col("first") == T)
-    assert (unrevised["revised"] == unrevised["original"]).all()
 
 
 def test_insults_are_where_expert_and_anti_expert_disagree(tiny_store):
