@@ -132,6 +132,47 @@ def test_proj_and_cos_match_the_checkpoint_weights(tiny_gpt2, tmp_path):
     assert tokens.group_by("layer", "neuron").len()["len"].unique().to_list() == [10]
 
 
+def test_logit_lens_and_top_prompts_match_the_checkpoint_and_the_record(tiny_gpt2, tmp_path):
+    """Logit lens: the tokens that each listed value vector, scaled by ln_f's weight, promotes through
+    lm_head, read from the HF checkpoint and decoded by its tokenizer. Top prompts: the prompts with the
+    largest recorded base activation of each listed neuron, in order, with both models' activations."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    rng = np.random.default_rng(5)
+    m, tok = AutoModelForCausalLM.from_pretrained(tiny_gpt2), AutoTokenizer.from_pretrained(tiny_gpt2)
+    with torch.no_grad():  # a trained ln_f scales each direction differently; random init leaves it at 1
+        m.transformer.ln_f.weight.copy_(torch.from_numpy(rng.uniform(0.2, 3.0, m.config.n_embd)))
+    base = tmp_path / "base"
+    m.save_pretrained(base)
+    tok.save_pretrained(base)
+    shutil.copytree(base, tmp_path / "dpo" / "model")
+    V = hf_value_vectors(base)
+    L, d_mlp, d_model = V.shape
+    w = rng.normal(size=d_model)
+    act = rng.normal(size=(L, d_mlp))
+    out, _ = attribute_on(tmp_path, base, w, act, act * 0.5)
+    scale, W_U = m.transformer.ln_f.weight.detach().double().numpy(), m.lm_head.weight.detach().double().numpy()
+
+    lens = pl.read_parquet(out / "neuron_tokens.parquet").sort("layer", "neuron", "rank")
+    assert lens.select("layer", "neuron").n_unique() >= 50
+    for (l, i), rows in lens.group_by("layer", "neuron", maintain_order=True):
+        logits = W_U @ (V[l, i] * scale)  # (vocab,)
+        top = np.argsort(-logits)[:10]
+        assert rows["token"].to_list() == [tok.decode([int(t)]) for t in top]
+        np.testing.assert_allclose(rows["logit"], logits[top], rtol=1e-4, atol=1e-6)
+
+    a_p = np.load(tmp_path / "record" / "base_act_prompt.npy").astype(np.float64)  # (P, L, d_mlp)
+    a_dpo_p = np.load(tmp_path / "record" / "dpo_act_prompt.npy").astype(np.float64)
+    best = pl.read_parquet(out / "neuron_top_prompts.parquet").sort("layer", "neuron", "rank")
+    assert best.select("layer", "neuron").n_unique() >= 20
+    for (l, i), rows in best.group_by("layer", "neuron", maintain_order=True):
+        want = np.argsort(-a_p[:, l, i], kind="stable")[:5]  # ties: the lower prompt_id first
+        assert rows["prompt_id"].to_list() == want.tolist()
+        np.testing.assert_allclose(rows["act"], a_p[want, l, i])
+        np.testing.assert_allclose(rows["act_dpo"], a_dpo_p[want, l, i])
+
+
 def test_proj_dpo_uses_the_dpo_models_own_value_vectors(tiny_gpt2, tmp_path):
     """DPO may rewrite W_out as well as the activations: a copy with one value vector shrunk to a fifth and
     the same activations moves that neuron's proj_dpo alone, by exactly act x (v - v') . w_hat."""
