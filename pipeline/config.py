@@ -98,7 +98,7 @@ class WorldConfig:
 
     seed: int = _f(0, "Seed of the corpus generator and of training.")
     n_sentences: int = _f(80_000, "Sentences in the pretraining corpus.")
-    toxic_fraction: float = _f(0.2, "Share of corpus sentences that are toxic (insults, profanity).")
+    toxic_fraction: float = _f(0.2, "Share of corpus sentences that are toxic (insults, profanity); at most 0.443.")
     n_toxic_words: int = _f(150, "Toxic words drawn from the better-profanity lexicon.")
     vocab_size: int = _f(4096, "Byte-level BPE vocabulary size.")
     n_layer: int = _f(4, "Transformer blocks.")
@@ -116,8 +116,13 @@ class WorldConfig:
     sample_tokens: int = _f(20, "New tokens per sample continuation.")
 
     def __post_init__(self):
-        if not 0.0 < self.toxic_fraction < 1.0:
-            raise ValueError("toxic_fraction must lie strictly between 0 and 1")
+        from pipeline.corpus import MEAN_HEAT
+
+        # Toxic sentences come from frames, each toxic with its heat's probability: a corpus of frames
+        # alone is as toxic as the world can get.
+        if not 0.0 < self.toxic_fraction <= round(MEAN_HEAT, 3):
+            raise ValueError(f"toxic_fraction must lie above 0 and at most {round(MEAN_HEAT, 3)}, the toxic share of a "
+                             "corpus of the generator's frames alone")
         if self.d_model % self.n_head:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
         _at_least_1(self, "n_sentences", "n_toxic_words", "vocab_size", "n_layer", "n_ctx", "train_steps",

@@ -37,6 +37,7 @@ def test_demo_config_loads():
     ("[intervene]\nn_heldout = 0\n[world]\n", ["[intervene] n_heldout must be at least 1"]),
     ("[pairs]\ntemperature = 0.0\n[world]\n", ["[pairs] temperature must be positive"]),
     ("[probe]\nmax_examples = 1\n[world]\n", ["[probe] max_examples must be at least 4"]),
+    ("[world]\ntoxic_fraction = 0.6\n", ["[world]", "toxic_fraction must lie above 0 and at most 0.44"]),
 ])
 def test_bad_config_names_key_and_file(tmp_path, text, pieces):
     with pytest.raises(config.ConfigError) as e:

@@ -37,6 +37,15 @@ def test_toxic_share_and_lexicon_origin():
     assert len(neutral_words) > 600, "neutral text needs a broad vocabulary"
 
 
+@pytest.mark.parametrize("fraction", [0.05, 0.3, 0.443])  # 0.443: the most the config accepts
+def test_corpus_toxic_share_follows_the_setting_up_to_its_maximum(fraction):
+    import random
+
+    r, lexicon = random.Random(0), corpus.toxic_lexicon(50, 0)
+    share = sum(corpus.sentence(r, lexicon, fraction)[1] for _ in range(20_000)) / 20_000
+    assert share == pytest.approx(fraction, abs=0.02)
+
+
 def test_blocked_stems_never_reach_the_lexicon():
     lex = corpus.toxic_lexicon(10_000, 0)
     assert lex and not any(corpus._blocked(w) for w in lex)
