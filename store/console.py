@@ -58,6 +58,19 @@ TABLE_FUNCTIONS = frozenset({
     "pragma_version", "pg_timezone_names", "icu_calendar_names",
 })
 _SQL_RUNNERS = frozenset({"query", "query_table", "json_execute_serialized_sql"})
+# DuckDB's system views that a query may read: the catalog's description of the store. Refused: the rest
+# (duckdb_databases, pragma_database_list and pg_settings show the server's paths and settings, duckdb_logs
+# its log) and any view a later DuckDB adds. current_setting() would show the same settings.
+SYSTEM_VIEWS = frozenset({
+    "duckdb_columns", "duckdb_constraints", "duckdb_indexes", "duckdb_schemas", "duckdb_tables", "duckdb_types",
+    "duckdb_views", "sqlite_master", "sqlite_schema", "sqlite_temp_master", "sqlite_temp_schema",
+    "character_sets", "check_constraints", "columns", "constraint_column_usage", "constraint_table_usage",
+    "key_column_usage", "referential_constraints", "schemata", "table_constraints", "tables", "views",
+    "pg_am", "pg_attrdef", "pg_attribute", "pg_class", "pg_collation", "pg_constraint", "pg_database", "pg_depend",
+    "pg_description", "pg_enum", "pg_index", "pg_indexes", "pg_namespace", "pg_proc", "pg_sequence",
+    "pg_sequences", "pg_tables", "pg_tablespace", "pg_type", "pg_views",
+})
+_SETTING_READERS = frozenset({"current_setting"})
 
 
 def _reads_files(name: str) -> bool:
@@ -86,10 +99,17 @@ def _check_tree(parser: duckdb.DuckDBPyConnection, query: str) -> None:
     tree = json.loads(parser.execute("SELECT json_serialize_sql(?)", [query]).fetchone()[0])
     if tree.get("error"):
         raise SqlRefused(f"only a query ({QUERY_FORMS}) can run here ({tree.get('error_message', '')})")
+    system_views = {r[0] for r in parser.execute("SELECT view_name FROM duckdb_views() WHERE internal").fetchall()}
     for node in _nodes(tree):
         if node.get("type") in ("BASE_TABLE", "SHOW_REF") and _looks_like_a_file(node.get("table_name", "")):
             raise SqlRefused(f"FROM '{node['table_name']}' reads a file, and the console reads only the store's "
                              f"tables; {ELSEWHERE}")
+        name = node.get("table_name", "").lower()
+        if node.get("type") == "BASE_TABLE" and name in system_views - SYSTEM_VIEWS:
+            raise SqlRefused(f"the system view {name} shows the server's files or settings, not the store; for the "
+                             "store's schema query duckdb_tables or duckdb_columns")
+        if node.get("class") == "FUNCTION" and node.get("function_name", "").lower() in _SETTING_READERS:
+            raise SqlRefused(f"{node['function_name']}() shows the server's settings, not the store; {ELSEWHERE}")
         if node.get("type") == "TABLE_FUNCTION":
             name = node["function"]["function_name"].lower()
             if name in TABLE_FUNCTIONS:

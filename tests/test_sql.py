@@ -81,6 +81,8 @@ def test_good_queries_return_the_planted_rows(small_store):
     pivot, _ = run(path, f"FROM neurons PIVOT (count(*) FOR group_code IN ('TP-', 'AP+')) WHERE run_id = '{run_id}'")
     assert pivot["TP-"].sum() == frame.filter(pl.col("group_code") == "TP-").height
     assert "neurons" in run(path, "SELECT table_name FROM duckdb_columns() WHERE column_name = 'delta'")[0]["table_name"]
+    for view in ("duckdb_tables", "information_schema.columns", "sqlite_master", "pg_catalog.pg_tables"):
+        assert run(path, f"SELECT count(*) AS n FROM {view}")[0]["n"].item() > 0, view  # the catalog's own views
 
 
 def test_the_store_readmes_example_queries_run_in_the_console(small_store):
@@ -129,6 +131,11 @@ def refusals(tmp: Path) -> list[tuple[str, str]]:
         ("DESCRIBE SELECT * FROM read_csv('x.csv')", "read_csv"),
         ("SELECT * FROM query('SELECT * FROM read_csv(''x.csv'')')", "query"),
         ("FROM checkpoint()", "checkpoint"),
+        ("SELECT path FROM duckdb_databases", "duckdb_databases"),
+        ("SELECT * FROM system.main.pragma_database_list", "pragma_database_list"),
+        ("SELECT name, setting FROM pg_catalog.pg_settings", "pg_settings"),
+        ("SELECT * FROM neurons WHERE EXISTS (FROM DuckDB_Logs)", "duckdb_logs"),
+        ("SELECT current_setting('allowed_paths')", "current_setting"),
         (f"ATTACH '{tmp / 'new.duckdb'}' AS other", "ATTACH"),
         ("DETACH store", "ATTACH"),
         (f"COPY neurons TO '{tmp / 'leak.csv'}'", "COPY"),
