@@ -13,13 +13,12 @@ st.title("dpo-neurons")
 st.caption("How DPO safety fine-tuning reduces toxicity inside a language model, neuron by neuron.")
 
 path, version, run_id = store_and_run()
-with st.spinner("Loading the run..."):
-    info = queries.run_info(path, version, run_id)
-    world = queries.world_summary(path, version, run_id)
-    probe = queries.probe_metrics(path, version, run_id)
-    tox = queries.toxicity_by_variant(path, version, run_id)
-    attr = queries.attribution(path, version, run_id)
-    groups = queries.group_summary(path, version, run_id)
+info = queries.run_info(path, version, run_id)
+world = queries.world_summary(path, version, run_id)
+probe = queries.probe_metrics(path, version, run_id)
+tox = queries.toxicity_by_variant(path, version, run_id)
+attr = queries.attribution(path, version, run_id)
+groups = queries.group_summary(path, version, run_id)
 
 st.subheader(f"Run {run_id} · {info['name']}")
 data = json.loads(info["data"]) if info["data"] else {}

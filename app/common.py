@@ -14,9 +14,8 @@ def store_and_run() -> tuple[str, float, str]:
     """Render the sidebar run picker; stop the page with a clear message when there is nothing to show."""
     path = queries.store_path()
     try:
-        with st.spinner("Reading the store..."):
-            version = queries.store_version(path)
-            runs = queries.runs(path, version)
+        version = queries.store_version(path)
+        runs = queries.runs(path, version)
     except queries.store.StoreError as e:
         st.error(str(e))
         st.stop()

@@ -17,6 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `store` lives be
 import store  # noqa: E402
 
 DEFAULT_STORE = "store/dpo_neurons.duckdb"
+# Shown while a query runs; a cached result shows nothing, so no page ever waits without one.
+SPINNER = "Reading the store..."
 
 
 def store_path() -> str:
@@ -28,7 +30,7 @@ def store_version(path: str) -> float:
     return os.stat(path).st_mtime_ns if os.path.exists(path) else 0.0
 
 
-@st.cache_resource(show_spinner=False, max_entries=4)
+@st.cache_resource(show_spinner=False, max_entries=4)  # opened inside a query, under its spinner
 def _database(path: str, version: float):
     """Opening a file and checking its schema costs more than most queries (bench/app_queries.py)."""
     return store.connect(path, snapshot=True)
@@ -43,18 +45,18 @@ def _frame(path: str, version: float, sql: str, params: list | None = None) -> p
         cursor.close()
 
 
-@st.cache_data(show_spinner=False)
+@st.cache_data(show_spinner=SPINNER)
 def runs(path: str, version: float) -> pl.DataFrame:
     return _frame(path, version, "SELECT run_id, created_at, name, model, status, config_hash FROM runs ORDER BY created_at DESC")
 
 
-@st.cache_data(show_spinner=False)
+@st.cache_data(show_spinner=SPINNER)
 def stages(path: str, version: float, run_id: str) -> pl.DataFrame:
     return _frame(path, version, "SELECT stage, cache_key, seconds, CAST(summary AS VARCHAR) AS summary FROM stages "
                         "WHERE run_id = ? ORDER BY stage", [run_id])
 
 
-@st.cache_data(show_spinner=False)
+@st.cache_data(show_spinner=SPINNER)
 def world_summary(path: str, version: float, run_id: str) -> dict | None:
     df = _frame(path, version, """
         SELECT summary->>'ppl_model' AS ppl_model, summary->>'ppl_unigram' AS ppl_unigram,
@@ -64,20 +66,20 @@ def world_summary(path: str, version: float, run_id: str) -> dict | None:
     return df.row(0, named=True) if df.height else None
 
 
-@st.cache_data(show_spinner=False)
+@st.cache_data(show_spinner=SPINNER)
 def generations(path: str, version: float, run_id: str, variant: str, min_toxicity: float) -> pl.DataFrame:
     return _frame(path, version, """
         SELECT prompt_id, prompt, continuation, toxicity, scorer FROM generations
         WHERE run_id = ? AND variant = ? AND toxicity >= ? ORDER BY prompt_id""", [run_id, variant, min_toxicity])
 
 
-@st.cache_data(show_spinner=False)
+@st.cache_data(show_spinner=SPINNER)
 def variants(path: str, version: float, run_id: str) -> list[str]:
     return _frame(path, version, "SELECT DISTINCT variant FROM generations WHERE run_id = ? ORDER BY variant",
                   [run_id])["variant"].to_list()
 
 
-@st.cache_data(show_spinner=False)
+@st.cache_data(show_spinner=SPINNER)
 def toxicity_by_variant(path: str, version: float, run_id: str) -> pl.DataFrame:
     return _frame(path, version, """
         SELECT variant, avg(toxicity) AS toxicity, avg((toxicity > 0.5)::INT) AS toxic_share, count(*) AS n,
@@ -85,20 +87,20 @@ def toxicity_by_variant(path: str, version: float, run_id: str) -> pl.DataFrame:
         FROM generations WHERE run_id = ? GROUP BY variant ORDER BY variant""", [run_id])
 
 
-@st.cache_data(show_spinner=False)
+@st.cache_data(show_spinner=SPINNER)
 def probe_metrics(path: str, version: float, run_id: str) -> dict | None:
     df = _frame(path, version, "SELECT n_train, n_val, train_accuracy, val_accuracy, val_roc_auc, layer FROM probe_metrics "
                       "WHERE run_id = ?", [run_id])
     return df.row(0, named=True) if df.height else None
 
 
-@st.cache_data(show_spinner=False)
+@st.cache_data(show_spinner=SPINNER)
 def attribution(path: str, version: float, run_id: str) -> dict | None:
     df = _frame(path, version, "SELECT * EXCLUDE (run_id) FROM attribution WHERE run_id = ?", [run_id])
     return df.row(0, named=True) if df.height else None
 
 
-@st.cache_data(show_spinner=False)
+@st.cache_data(show_spinner=SPINNER)
 def group_summary(path: str, version: float, run_id: str) -> pl.DataFrame:
     return _frame(path, version, """
         SELECT group_code, effect, n_neurons, sum_delta, share_gross, share_net, ci_low, ci_high
@@ -106,7 +108,7 @@ def group_summary(path: str, version: float, run_id: str) -> pl.DataFrame:
         ORDER BY effect DESC, share_gross DESC""", [run_id])
 
 
-@st.cache_data(show_spinner=False)
+@st.cache_data(show_spinner=SPINNER)
 def cumulative(path: str, version: float, run_id: str, max_points: int = 2000) -> pl.DataFrame:
     """The cumulative curve, thinned to about max_points rows for drawing (every top-ranked neuron
     is kept, the long tail is sampled evenly)."""
@@ -118,24 +120,24 @@ def cumulative(path: str, version: float, run_id: str, max_points: int = 2000) -
         ORDER BY delta_rank""", [run_id, run_id, max_points, max_points])
 
 
-@st.cache_data(show_spinner=False)
+@st.cache_data(show_spinner=SPINNER)
 def layer_groups(path: str, version: float, run_id: str) -> pl.DataFrame:
     return _frame(path, version, "SELECT layer, group_code, n_neurons, sum_delta FROM layer_groups WHERE run_id = ? "
                         "ORDER BY layer, group_code", [run_id])
 
 
-@st.cache_data(show_spinner=False)
+@st.cache_data(show_spinner=SPINNER)
 def layers(path: str, version: float, run_id: str) -> pl.DataFrame:
     return _frame(path, version, "SELECT variant, layer, mlp_proj FROM layers WHERE run_id = ? ORDER BY variant, layer", [run_id])
 
 
-@st.cache_data(show_spinner=False)
+@st.cache_data(show_spinner=SPINNER)
 def dpo_curve(path: str, version: float, run_id: str) -> pl.DataFrame:
     return _frame(path, version, "SELECT step, loss, reward_margin, reward_accuracy FROM dpo_curve WHERE run_id = ? ORDER BY step",
                   [run_id])
 
 
-@st.cache_data(show_spinner=False)
+@st.cache_data(show_spinner=SPINNER)
 def interventions(path: str, version: float, run_id: str) -> pl.DataFrame:
     """Paper Table 1 order: the base and DPO models first, then each kind by size."""
     return _frame(path, version, """
@@ -144,7 +146,7 @@ def interventions(path: str, version: float, run_id: str) -> pl.DataFrame:
         ORDER BY kind NOT IN ('base', 'dpo'), kind = 'dpo', kind, n_neurons, intervention_id""", [run_id])
 
 
-@st.cache_data(show_spinner=False)
+@st.cache_data(show_spinner=SPINNER)
 def run_info(path: str, version: float, run_id: str) -> dict:
     """The run's model and data sources, read from the config it was made from."""
     return _frame(path, version, """
@@ -153,7 +155,7 @@ def run_info(path: str, version: float, run_id: str) -> dict:
         FROM runs WHERE run_id = ?""", [run_id]).row(0, named=True)
 
 
-@st.cache_data(show_spinner=False)
+@st.cache_data(show_spinner=SPINNER)
 def neuron_bounds(path: str, version: float, run_id: str) -> dict | None:
     """Ranges the neuron filters start from."""
     df = _frame(path, version, """
@@ -167,7 +169,7 @@ def neuron_bounds(path: str, version: float, run_id: str) -> dict | None:
 NEURON_COLUMNS = "layer, neuron, group_code, cos, act, act_dpo, dact, proj, proj_dpo, delta, delta_rank"
 
 
-@st.cache_data(show_spinner=False)
+@st.cache_data(show_spinner=SPINNER)
 def neurons(path: str, version: float, run_id: str, groups: tuple[str, ...], layers: tuple[int, int],
             cos: tuple[float, float], min_abs_act: float, top_n: int) -> pl.DataFrame:
     """The top_n neurons by |delta| among those passing the filters; n_match counts all that pass."""
@@ -179,7 +181,7 @@ def neurons(path: str, version: float, run_id: str, groups: tuple[str, ...], lay
                   [run_id, list(groups), *layers, *cos, min_abs_act, top_n])
 
 
-@st.cache_data(show_spinner=False)
+@st.cache_data(show_spinner=SPINNER)
 def neuron(path: str, version: float, run_id: str, layer: int, neuron: int) -> dict | None:
     df = _frame(path, version, f"""
         SELECT {NEURON_COLUMNS}, (SELECT count(*) FROM neurons WHERE run_id = ?) AS n_neurons,
@@ -188,13 +190,13 @@ def neuron(path: str, version: float, run_id: str, layer: int, neuron: int) -> d
     return df.row(0, named=True) if df.height else None
 
 
-@st.cache_data(show_spinner=False)
+@st.cache_data(show_spinner=SPINNER)
 def neuron_tokens(path: str, version: float, run_id: str, layer: int, neuron: int) -> pl.DataFrame:
     return _frame(path, version, "SELECT rank, token, logit FROM neuron_tokens WHERE run_id = ? AND layer = ? AND neuron = ? "
                         "ORDER BY rank", [run_id, layer, neuron])
 
 
-@st.cache_data(show_spinner=False)
+@st.cache_data(show_spinner=SPINNER)
 def neuron_top_prompts(path: str, version: float, run_id: str, layer: int, neuron: int) -> pl.DataFrame:
     """The prompts where the neuron fires most under the base model, with both models' continuations."""
     return _frame(path, version, """
@@ -206,7 +208,7 @@ def neuron_top_prompts(path: str, version: float, run_id: str, layer: int, neuro
         WHERE t.run_id = ? AND t.layer = ? AND t.neuron = ? ORDER BY t.rank""", [run_id, layer, neuron])
 
 
-@st.cache_data(show_spinner=False)
+@st.cache_data(show_spinner=SPINNER)
 def group_shares_of(path: str, version: float, run_ids: tuple[str, ...]) -> pl.DataFrame:
     """Group shares of several runs, one row per run and group, for side-by-side bars."""
     return _frame(path, version, """
@@ -215,7 +217,7 @@ def group_shares_of(path: str, version: float, run_ids: tuple[str, ...]) -> pl.D
         WHERE list_contains(?, g.run_id) ORDER BY g.run_id, g.effect DESC, g.group_code""", [list(run_ids)])
 
 
-@st.cache_data(show_spinner=False)
+@st.cache_data(show_spinner=SPINNER)
 def top_overlap(path: str, version: float, run_a: str, run_b: str, k: int) -> pl.DataFrame:
     """Each neuron in either run's top k by delta, with its rank, delta and group in both runs (null where
     the other run has no such neuron, e.g. a model of another shape)."""
@@ -243,7 +245,7 @@ def user_sql(path: str, sql: str) -> tuple[pl.DataFrame, bool]:
     return store.run_user_sql(path, sql, max_rows=SQL_MAX_ROWS, timeout_s=SQL_TIMEOUT_S)
 
 
-@st.cache_data(show_spinner=False)
+@st.cache_data(show_spinner=SPINNER)
 def schema(path: str, version: float) -> pl.DataFrame:
     """Every table and view of the store with its columns, in schema order."""
     return _frame(path, version, """
@@ -262,7 +264,7 @@ ORDER BY delta DESC
 LIMIT 20"""
 
 
-@st.cache_data(show_spinner=False)
+@st.cache_data(show_spinner=SPINNER)
 def revised_continuations(path: str, version: float, run_id: str) -> pl.DataFrame:
     """One row per continuation read by a MaRCo-style revision (stage detox), the most divergent first:
     its largest expert/anti-expert JS divergence and how many tokens were masked. Empty for runs
@@ -272,7 +274,7 @@ def revised_continuations(path: str, version: float, run_id: str) -> pl.DataFram
         FROM revisions WHERE run_id = ? GROUP BY variant, prompt_id ORDER BY max_jsd DESC, prompt_id""", [run_id])
 
 
-@st.cache_data(show_spinner=False)
+@st.cache_data(show_spinner=SPINNER)
 def revision(path: str, version: float, run_id: str, variant: str, prompt_id: int) -> pl.DataFrame:
     """The tokens of one revised continuation with their divergence, and the prompt and both texts."""
     return _frame(path, version, """

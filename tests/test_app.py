@@ -34,6 +34,19 @@ def table_with(at: AppTest, column: str):
     return next(d.value for d in at.dataframe if column in d.value.columns)
 
 
+def test_every_cached_query_shows_a_spinner_while_it_runs():
+    """Pages call the cached queries bare: the cache's spinner is what a reader sees while one runs."""
+    import ast
+
+    tree = ast.parse((ROOT / "app" / "queries.py").read_text())
+    spinners = {}
+    for f in tree.body:
+        for d in getattr(f, "decorator_list", []):
+            if isinstance(d, ast.Call) and ast.unparse(d.func) == "st.cache_data":
+                spinners[f.name] = next(ast.unparse(k.value) for k in d.keywords if k.arg == "show_spinner")
+    assert len(spinners) > 20 and set(spinners.values()) == {"SPINNER"}
+
+
 def test_home_lists_runs_and_samples(two_run_store):
     first, second = two_run_store
     at = AppTest.from_file(HOME, default_timeout=60).run()

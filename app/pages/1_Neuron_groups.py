@@ -39,8 +39,7 @@ with st.sidebar:
                                   help="Base-model mean activation over generated tokens.")
     top_n = st.number_input("Top N by |delta|", 1, bounds["n_neurons"], min(1000, bounds["n_neurons"]), step=100)
 
-with st.spinner("Filtering neurons..."):
-    rows = queries.neurons(path, version, run_id, tuple(groups), tuple(layers), tuple(cos), min_abs_act, int(top_n))
+rows = queries.neurons(path, version, run_id, tuple(groups), tuple(layers), tuple(cos), min_abs_act, int(top_n))
 n_match = rows["n_match"][0] if rows.height else 0
 rows = rows.drop("n_match")
 st.markdown(f"**{n_match:,}** of {bounds['n_neurons']:,} neurons pass the filters; showing the top **{rows.height:,}** "

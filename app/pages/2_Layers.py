@@ -11,9 +11,8 @@ st.set_page_config(page_title="Layers · dpo-neurons", layout="wide")
 st.title("Layers")
 path, version, run_id = store_and_run()
 
-with st.spinner("Loading layers..."):
-    layers = queries.layers(path, version, run_id)
-    by_group = queries.layer_groups(path, version, run_id)
+layers = queries.layers(path, version, run_id)
+by_group = queries.layer_groups(path, version, run_id)
 if layers.height == 0 and by_group.height == 0:
     st.info("This run has no per-layer results: its pipeline stopped before the `record` stage.")
     st.stop()

@@ -10,8 +10,7 @@ st.set_page_config(page_title="Interventions · dpo-neurons", layout="wide")
 st.title("Interventions")
 path, version, run_id = store_and_run()
 
-with st.spinner("Loading the interventions..."):
-    table = queries.interventions(path, version, run_id)
+table = queries.interventions(path, version, run_id)
 if table.height == 0:
     st.info("This run has no interventions: its pipeline stopped before the `intervene` stage.")
     st.stop()

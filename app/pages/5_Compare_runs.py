@@ -19,8 +19,7 @@ if len(ids) < 2:
 others = [r for r in ids if r != run_a]
 run_b = st.selectbox("Compare run A (the sidebar's run) with run B", others, format_func=lambda r: f"{r} · {names[r]}")
 
-with st.spinner("Comparing..."):
-    shares = queries.group_shares_of(path, version, (run_a, run_b))
+shares = queries.group_shares_of(path, version, (run_a, run_b))
 if shares.filter(shares["run_id"] == run_a).height == 0 or shares.filter(shares["run_id"] == run_b).height == 0:
     st.info("Both runs need an attribution (the `attribute` stage) to be compared.")
     st.stop()
