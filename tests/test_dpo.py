@@ -106,6 +106,24 @@ def test_dpo_learns_to_avoid_the_planted_word_on_unseen_prompts(base_dir, traine
     assert after < before - 2.0, (before, after)
 
 
+@pytest.mark.parametrize("optimizer, step_over_lr", [("rmsprop", 10.0), ("adamw_torch", 1.0)])
+def test_the_configured_optimizer_takes_the_step(base_dir, tmp_path, optimizer, step_over_lr):
+    """One step from the base weights tells the optimizers apart: Adam's first step moves every weight by
+    lr, RMSprop's (torch's alpha 0.99) by lr / sqrt(1 - 0.99) = 10 lr, whatever the gradient's size."""
+    from transformers import AutoModelForCausalLM
+
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in TRAIN[:8]))
+    lr = 1e-4
+    cfg = DPOStageConfig(lr=lr, optimizer=optimizer, epochs=1.0, batch_size=8, max_length=32)
+    summary = dpo.run(tmp_path, device="cpu", model=ModelConfig(path=str(base_dir)), dpo=cfg, world_dir=None,
+                      pairs_dir=tmp_path)
+    assert summary["n_steps"] == 1
+    before = AutoModelForCausalLM.from_pretrained(base_dir).transformer.h[0].mlp.c_fc.weight
+    after = AutoModelForCausalLM.from_pretrained(tmp_path / "model").transformer.h[0].mlp.c_fc.weight
+    moved = (after - before).abs().flatten()
+    assert moved.median().item() / lr == pytest.approx(step_over_lr, rel=0.1)
+
+
 def test_curve_has_one_finite_row_per_step(trained):
     out, summary = trained
     steps = 2 * math.ceil(len(TRAIN) / 8)  # epochs * batches per epoch

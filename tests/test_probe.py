@@ -23,6 +23,10 @@ def test_fit_recovers_a_planted_direction():
     assert cos > 0.9
     _, shuffled = probe.fit(x, rng.permutation(y), ProbeConfig())
     assert shuffled["val_roc_auc"] < 0.65
+    # [probe] l2 is sklearn's C, the inverse strength: a small C shrinks w, and the direction survives
+    shrunk, _ = probe.fit(x, y, ProbeConfig(l2=1e-3))
+    assert np.linalg.norm(shrunk) < 0.5 * np.linalg.norm(w)
+    assert shrunk @ w / np.linalg.norm(shrunk) / np.linalg.norm(w) > 0.9
 
 
 def test_mean_residual_matches_a_plain_hf_forward(tiny_gpt2):
