@@ -32,6 +32,10 @@ def resolve(kind: str, value: str, world_dir: Path | None) -> Path:
         return Path(world_dir) / WORLD_FILES[kind]
     if value.startswith(HUB):
         return from_hub(kind, value)
+    return local_file(kind, value)
+
+
+def local_file(kind: str, value: str) -> Path:
     path = Path(value)
     if not path.is_file():
         raise DataError(f"[data] {kind} file {path} not found; give an existing file or 'world'")

@@ -94,6 +94,10 @@ def _fingerprint(value):
                                       f.stat().st_mtime_ns] for f in files]}
 
 
+def _reads(cfg: config_mod.Config, s: Stage) -> tuple[str, ...]:
+    return LOADED_PAIRS if s.name == "pairs" and cfg.data.pairs != "self" else s.sections
+
+
 def _hashed_config(cfg: config_mod.Config, sections: tuple[str, ...]) -> dict:
     out = {}
     for sec in sections:
@@ -126,7 +130,7 @@ def cache_keys(cfg: config_mod.Config) -> dict[str, str]:
         keys[s.name] = _digest({
             "stage": s.name,
             "code": _source((s.module, *s.code)),
-            "config": _hashed_config(cfg, LOADED_PAIRS if s.name == "pairs" and loaded else s.sections),
+            "config": _hashed_config(cfg, _reads(cfg, s)),
             "upstream": upstream,
         })
     return keys
@@ -177,6 +181,8 @@ def run(cfg: config_mod.Config, force: set[str] = frozenset(), only: str | None 
     keys = cache_keys(cfg)
     forced = descendants(stages, set(force))
     needed = ancestors(stages, only) if only else set()
+    _check_inputs(cfg, [s for s in stages if (not only or s.name == only)
+                        and (s.name in forced or not _is_done(stage_dir(cfg, s.name, keys[s.name])))])
     dirs: dict[str, Path] = {}
     ran_any = False
     for s in stages:
@@ -197,6 +203,19 @@ def run(cfg: config_mod.Config, force: set[str] = frozenset(), only: str | None 
         log("--only: stage results cached, store not written")
         return None
     return _publish(cfg, stages, keys, dirs, ran_any, log)
+
+
+def _check_inputs(cfg: config_mod.Config, to_run: list[Stage]) -> None:
+    """The local data files and the scorer that the stages about to run need, checked before the first
+    one starts: a missing pairs file or API key is found before hours of probe and record, not after."""
+    for s in to_run:
+        for sec in _reads(cfg, s):
+            section, _, kind = sec.partition(".")
+            value = getattr(cfg.data, kind) if section == "data" and kind in data.WORLD_FILES else None
+            if value is not None and value not in ("world", "self") and not value.startswith(data.HUB):
+                data.local_file(kind, value)
+    if any("scorer.backend" in _reads(cfg, s) for s in to_run):
+        scoring.check(cfg.scorer)
 
 
 def _run_stage(s: Stage, cfg: config_mod.Config, out: Path, upstream: dict[str, Path]) -> float:

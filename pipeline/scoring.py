@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import importlib.util
 import json
 import math
 import os
@@ -68,15 +69,20 @@ class ProfanityCheck:
 class Detoxify:
     name = "detoxify"
 
-    def __init__(self, batch_size: int = 256, model: str = "original", checkpoint: str = "", device: str = "cpu"):
-        try:
-            from detoxify import Detoxify as Model
-        except ImportError:
+    @staticmethod
+    def check(checkpoint: str) -> None:
+        """What can be known before loading: the package is there, and so is a checkpoint that is named."""
+        if importlib.util.find_spec("detoxify") is None:
             raise ConfigError("[scorer] backend = 'detoxify' needs the detoxify package; pip install detoxify, "
-                              "or choose profanity-check") from None
+                              "or choose profanity-check")
         if checkpoint and not Path(checkpoint).is_file():
             raise ConfigError(f"[scorer] checkpoint {checkpoint!r} is not a file; give the path of a Detoxify .ckpt, "
                               "or leave it empty to download detoxify_model")
+
+    def __init__(self, batch_size: int = 256, model: str = "original", checkpoint: str = "", device: str = "cpu"):
+        self.check(checkpoint)
+        from detoxify import Detoxify as Model
+
         try:
             self._model = Model(model, checkpoint=checkpoint or None, device=device)
         except (OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as e:  # offline, damaged, foreign
@@ -109,12 +115,18 @@ class Perspective:
     url = "https://commentanalyzer.googleapis.com/v1alpha1/comments:analyze"
     KEY_VAR = "PERSPECTIVE_API_KEY"
 
+    @classmethod
+    def check(cls) -> str:
+        """The API key, or a one-line error before any request."""
+        key = os.environ.get(cls.KEY_VAR, "").strip()
+        if not key:
+            raise ConfigError(f"[scorer] backend = 'perspective' needs an API key in the environment variable "
+                              f"{cls.KEY_VAR}; set it, or choose detoxify or profanity-check")
+        return key
+
     def __init__(self, batch_size: int = 256, rate_limit: float = 1.0, max_retries: int = 5, retry_wait: float = 1.0,
                  url: str | None = None, timeout: float = 30.0):
-        self.key = os.environ.get(self.KEY_VAR, "").strip()
-        if not self.key:
-            raise ConfigError(f"[scorer] backend = 'perspective' needs an API key in the environment variable "
-                              f"{self.KEY_VAR}; set it, or choose detoxify or profanity-check")
+        self.key = self.check()
         self.url = url or self.url
         self.interval, self.max_retries, self.retry_wait, self.timeout = 1.0 / rate_limit, max_retries, retry_wait, timeout
         # Requests overlap, so a quota above 1/s is used even when one answer takes longer than the spacing:
@@ -185,6 +197,15 @@ def get_scorer(cfg: ScorerConfig, device: str = "cpu") -> Scorer:
     if cfg.backend == Detoxify.name:
         return Detoxify(batch_size=cfg.batch_size, model=cfg.detoxify_model, checkpoint=cfg.checkpoint, device=device)
     return BACKENDS[cfg.backend](batch_size=cfg.batch_size)
+
+
+def check(cfg: ScorerConfig) -> None:
+    """Refuse a scorer that cannot work (no API key, no detoxify package, a named checkpoint missing) before
+    any stage runs; a Detoxify download can only be tried by loading it."""
+    if cfg.backend == Perspective.name:
+        Perspective.check()
+    elif cfg.backend == Detoxify.name:
+        Detoxify.check(cfg.checkpoint)
 
 
 def label(scorer: Scorer) -> str:

@@ -192,3 +192,29 @@ def test_missing_gpu_or_unknown_optimizer_is_refused_before_any_stage_runs(tmp_p
     assert code == 2 and err.startswith("error: ") and all(p in err for p in pieces), err
     assert not (tmp_path / "cache").exists(), "a stage ran before the config was checked"
     assert digest(path) == before
+
+
+@pytest.mark.parametrize("change, pieces", [
+    ({"data": {"pairs": "missing-pairs.jsonl"}}, ["[data] pairs file missing-pairs.jsonl not found"]),
+    ({"data": {"heldout": "missing.txt"}}, ["[data] heldout file missing.txt not found"]),
+    ({"scorer": {"backend": "perspective"}}, ["PERSPECTIVE_API_KEY", "set it"]),
+    ({"scorer": {"backend": "detoxify", "checkpoint": "no.ckpt"}}, ["checkpoint 'no.ckpt' is not a file"]),
+])
+def test_a_missing_input_of_a_later_stage_is_refused_before_any_stage_runs(tmp_path, capsys, monkeypatch, tiny_gpt2,
+                                                                           change, pieces):
+    """Probe would run for hours on a real model before pairs, record or intervene found these."""
+    monkeypatch.delenv("PERSPECTIVE_API_KEY", raising=False)
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "s.duckdb"
+    a_store(path)
+    before = digest(path)
+    data = {"probe": probe_csv(tmp_path / "probe.csv"), "prompts": prompts_jsonl(tmp_path / "p.jsonl", True),
+            "pairs": "self", "heldout": str(tmp_path / "p.jsonl")}
+    sections = {"run": {"store": str(path), "cache_dir": str(tmp_path / "cache"), "device": "cpu"},
+                "model": {"path": str(tiny_gpt2)}, "data": data}
+    for name, body in change.items():
+        sections[name] = {**sections.get(name, {}), **body}
+    code, err = cli(["run", "--config", toml(tmp_path / "c.toml", sections)], capsys)
+    assert code == 2 and err.startswith("error: ") and all(p in err for p in pieces), err
+    assert not (tmp_path / "cache").exists(), "a stage ran before its inputs were checked"
+    assert digest(path) == before
