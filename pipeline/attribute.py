@@ -56,7 +56,8 @@ def bootstrap_shares(per_prompt: np.ndarray, n: int, seed: int) -> tuple[np.ndar
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, len(per_prompt), size=(n, len(per_prompt)))
     sums = per_prompt[idx].mean(1)  # (n, 8)
-    shares = sums / sums[:, : len(REDUCING)].sum(1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):  # a share of nothing is NaN, as in share()
+        shares = sums / sums[:, : len(REDUCING)].sum(1, keepdims=True)
     return np.quantile(shares, 0.025, axis=0), np.quantile(shares, 0.975, axis=0)
 
 
@@ -177,7 +178,7 @@ def run(out: Path, *, device: str, model: ModelConfig, attribute: AttributeConfi
     flat_p = a_p.reshape(a_p.shape[0], -1)[:, top_ids].astype(np.float64)  # (P, n_top)
     flat_dpo_p = a_dpo_p.reshape(a_dpo_p.shape[0], -1)[:, top_ids].astype(np.float64)
     k = min(attribute.top_prompts, flat_p.shape[0])
-    best = np.argsort(-flat_p, axis=0, kind="stable")[:k]  # (k, n_top); float16 means tie often: lower prompt_id first
+    best = np.argsort(-flat_p, axis=0, kind="stable")[:k]  # (k, n_top); float16 means often tie: lower prompt_id first
     pl.DataFrame([
         {"layer": int(i // d_mlp), "neuron": int(i % d_mlp), "rank": r + 1, "prompt_id": int(best[r, j]),
          "act": float(flat_p[best[r, j], j]), "act_dpo": float(flat_dpo_p[best[r, j], j])}

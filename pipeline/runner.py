@@ -2,7 +2,8 @@
 
 A stage's cache key hashes its name, its modules' source, the config sections (or fields) its
 result depends on, with the size and mtime of local files they name, and its upstream stages' keys
-(of loaded pairs, DPO takes a key of their text alone), so changing one setting reruns that stage and exactly what depends on it.
+(of loaded pairs, DPO takes a key of their text alone), so changing one setting reruns that stage and
+exactly what depends on it.
 A stage writes into a temporary folder that is renamed into place when it finishes: an interrupted
 stage leaves nothing that looks done, and a rerun resumes after the last finished stage.
 """
