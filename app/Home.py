@@ -8,6 +8,8 @@ import charts
 import queries
 from common import store_and_run
 
+PAIRS_SHOWN = 500
+
 st.set_page_config(page_title="dpo-neurons", layout="wide")
 st.title("dpo-neurons")
 st.caption("How DPO safety fine-tuning reduces toxicity inside a language model, neuron by neuron.")
@@ -69,9 +71,19 @@ if world:
                     help=f"Mean toxicity of greedy continuations of challenge prompts ({world['scorer']}).")
 
 curve = queries.dpo_curve(path, version, run_id)
-if curve.height:
+trained_on = queries.pairs_summary(path, version, run_id)
+if curve.height or trained_on:
     with st.expander("DPO training"):
-        st.altair_chart(charts.dpo_curve(curve), width="stretch")
+        if curve.height:
+            st.altair_chart(charts.dpo_curve(curve), width="stretch")
+        if trained_on:
+            shown = queries.pairs(path, version, run_id, PAIRS_SHOWN)
+            st.markdown(f"**{trained_on['n']:,} preference pairs.** Mean toxicity: chosen "
+                        f"{trained_on['chosen']:.3f}, rejected {trained_on['rejected']:.3f}; the rejected side is "
+                        f"the more toxic in {trained_on['ordered']:.0%} of pairs ({info['scorer'] or 'the scorer'}).")
+            if shown.height < trained_on["n"]:
+                st.caption(f"The first {shown.height:,} pairs; the SQL page reads all of them (table `pairs`).")
+            st.dataframe(shown, hide_index=True, width="stretch")
 
 variants = queries.variants(path, version, run_id)
 if variants:

@@ -138,6 +138,24 @@ def dpo_curve(path: str, version: float, run_id: str) -> pl.DataFrame:
 
 
 @st.cache_data(show_spinner=SPINNER)
+def pairs_summary(path: str, version: float, run_id: str) -> dict | None:
+    """What DPO trained on: how many pairs, and how far apart the scorer puts their two sides."""
+    df = _frame(path, version, """
+        SELECT count(*) AS n, avg(chosen_toxicity) AS chosen, avg(rejected_toxicity) AS rejected,
+               avg((rejected_toxicity > chosen_toxicity)::INT) AS ordered
+        FROM pairs WHERE run_id = ? HAVING count(*) > 0""", [run_id])
+    return df.row(0, named=True) if df.height else None
+
+
+@st.cache_data(show_spinner=SPINNER)
+def pairs(path: str, version: float, run_id: str, limit: int) -> pl.DataFrame:
+    """The first `limit` pairs (the paper's data has 24,576: a table of all of them is no use to read)."""
+    return _frame(path, version, """
+        SELECT pair_id, prompt, chosen, rejected, chosen_toxicity, rejected_toxicity FROM pairs
+        WHERE run_id = ? ORDER BY pair_id LIMIT ?""", [run_id, limit])
+
+
+@st.cache_data(show_spinner=SPINNER)
 def interventions(path: str, version: float, run_id: str) -> pl.DataFrame:
     """Paper Table 1 order: the base and DPO models first, then each kind by size."""
     return _frame(path, version, """

@@ -34,6 +34,7 @@ SIZES = {"gpt2-medium": (24, 4096, 100.0), "llama-8b": (32, 14336, 250.0)}
 N_PROMPTS, T = 1200, 20
 N_VARIANTS = 16  # base, dpo and the interventions' generations
 N_LENS, N_TOKENS, N_TOP_PROMPTS = 200, 10, 10
+N_PAIRS = 24_576  # the paper's pairwise data
 
 
 def synthetic_tables(n_layers: int, d_mlp: int, seed: int) -> dict[str, pl.DataFrame]:
@@ -113,6 +114,10 @@ def synthetic_tables(n_layers: int, d_mlp: int, seed: int) -> dict[str, pl.DataF
                                        "w_norm": [1.0], "direction": [rng.normal(size=64).tolist()]}),
         "dpo_curve": pl.DataFrame({"step": np.arange(300), "loss": rng.uniform(0, 1, 300),
                                    "reward_margin": rng.normal(size=300), "reward_accuracy": rng.uniform(0, 1, 300)}),
+        "pairs": pl.DataFrame({"pair_id": np.arange(N_PAIRS), "prompt": [f"prompt {i} " * 4 for i in range(N_PAIRS)],
+                               "chosen": " word" * T, "rejected": " other" * T,
+                               "chosen_toxicity": rng.uniform(0, 0.5, N_PAIRS),
+                               "rejected_toxicity": rng.uniform(0.3, 1, N_PAIRS)}),
     }
 
 
@@ -145,6 +150,8 @@ def app_calls(path: str, run_a: str, run_b: str, n_layers: int) -> dict[str, tup
         "group_summary": (queries.group_summary, path, v, run_a),
         "cumulative": (queries.cumulative, path, v, run_a),
         "dpo_curve": (queries.dpo_curve, path, v, run_a),
+        "pairs_summary": (queries.pairs_summary, path, v, run_a),
+        "pairs (first 500)": (queries.pairs, path, v, run_a, 500),
         "variants": (queries.variants, path, v, run_a),
         "generations": (queries.generations, path, v, run_a, "base", 0.0),
         "neuron_bounds": (queries.neuron_bounds, path, v, run_a),

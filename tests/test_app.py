@@ -66,6 +66,32 @@ def test_picking_a_run_shows_its_model_and_samples(two_run_store):
     assert table_with(at, "continuation").shape[0] == TINY_WORLD["n_prompts"]
 
 
+def test_home_shows_the_pairs_dpo_trained_on(two_run_store):
+    first, second = two_run_store
+    path = os.environ["STORE"]
+    with store.connect(path) as con:
+        n, chosen, rejected = con.execute("SELECT count(*), avg(chosen_toxicity), avg(rejected_toxicity) FROM pairs "
+                                          "WHERE run_id = ?", [first]).fetchall()[0]
+    assert n == TINY_WORLD["n_pairs"]
+    at = AppTest.from_file(HOME, default_timeout=60).run()
+    at.sidebar.selectbox[0].set_value(first).run()
+    assert not at.exception
+    assert table_with(at, "rejected").shape[0] == n
+    text = next(m.value for m in at.markdown if "preference pairs" in m.value)
+    assert f"**{n:,} preference pairs.**" in text and f"chosen {chosen:.3f}, rejected {rejected:.3f}" in text
+
+    many = pl.DataFrame({"pair_id": range(700), "prompt": ["p"] * 700, "chosen": ["c"] * 700, "rejected": ["r"] * 700,
+                         "chosen_toxicity": [0.1] * 700, "rejected_toxicity": [0.9] * 700})
+    big = store.write_run(path, run={"name": "many pairs", "model": "m3", "config": {}, "config_hash": "h3",
+                                     "packages": {}}, stages=[], tables={"pairs": many})
+    at = AppTest.from_file(HOME, default_timeout=60).run()
+    assert at.sidebar.selectbox[0].value == big
+    assert table_with(at, "rejected")["pair_id"].to_list() == list(range(500))
+    assert any("**700 preference pairs.**" in m.value and "more toxic in 100%" in m.value for m in at.markdown)
+    at.sidebar.selectbox[0].set_value(second).run()
+    assert not any("preference pairs" in m.value for m in at.markdown)  # a run without the stage shows none
+
+
 def test_toxicity_filter_changes_the_table(two_run_store):
     first, _ = two_run_store
     at = AppTest.from_file(HOME, default_timeout=60).run()
