@@ -170,3 +170,25 @@ def token_divergence(tokens: pl.DataFrame) -> alt.Chart:
     )
     text = base.mark_text(fontSize=12).encode(text="token:N")
     return (cells + text).properties(height=70)
+
+
+def prompt_shares(frame: pl.DataFrame) -> alt.Chart:
+    """How each group's share of the gross reduction varies over prompts (one box per group). Tukey
+    whiskers: a prompt whose gross reduction is near zero gives shares far out, drawn as points."""
+    return alt.Chart(frame).mark_boxplot(extent=1.5).encode(
+        y=alt.Y("group_code:N", sort=REDUCING + INCREASING, title="group"),
+        x=alt.X("share_gross:Q", axis=alt.Axis(format="%"), title="share of the prompt's gross reduction"),
+        color=alt.Color("group_code:N", scale=GROUP_COLORS, legend=None),
+    ).properties(height=260)
+
+
+def reduction_vs_toxicity(frame: pl.DataFrame) -> alt.Chart:
+    """Per prompt: how far DPO lowered the probe projection against how far it lowered the scorer's toxicity."""
+    drop = frame.with_columns(toxicity_drop=pl.col("toxicity") - pl.col("toxicity_dpo"))
+    return alt.Chart(drop).mark_circle(size=30, opacity=0.6).encode(
+        x=alt.X("net_reduction:Q", title="net reduction of the probe projection (sum of delta)"),
+        y=alt.Y("toxicity_drop:Q", title="toxicity, base - DPO"),
+        color=alt.Color("share_tp:Q", scale=alt.Scale(scheme="reds", domain=[0, 1]), title="TP- share"),
+        tooltip=["prompt_id", "prompt", alt.Tooltip("net_reduction:Q", format=".4f"), alt.Tooltip("share_tp:Q", format=".1%"),
+                 alt.Tooltip("toxicity:Q", format=".3f"), alt.Tooltip("toxicity_dpo:Q", format=".3f")],
+    ).properties(height=300)

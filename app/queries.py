@@ -156,6 +156,39 @@ def pairs(path: str, version: float, run_id: str, limit: int) -> pl.DataFrame:
 
 
 @st.cache_data(show_spinner=SPINNER)
+def prompts(path: str, version: float, run_id: str) -> pl.DataFrame:
+    """One row per prompt: the reduction of the probe projection DPO made on it (its neurons' deltas from
+    that prompt's own activations, summed), TP-'s share of its gross reduction, and both models'
+    continuations with their toxicity. Largest net reduction first."""
+    return _frame(path, version, """
+        WITH p AS (
+            SELECT prompt_id, sum(sum_delta) AS net_reduction,
+                   sum(sum_delta) FILTER (WHERE group_code IN ('TP-', 'TN+', 'AP+', 'AN-')) AS gross_reduction,
+                   sum(sum_delta) FILTER (WHERE group_code = 'TP-') AS tp
+            FROM prompt_groups WHERE run_id = ? GROUP BY prompt_id)
+        SELECT p.prompt_id, b.prompt, p.net_reduction, p.gross_reduction,
+               CASE WHEN p.gross_reduction <> 0 THEN p.tp / p.gross_reduction END AS share_tp,
+               b.toxicity AS toxicity, d.toxicity AS toxicity_dpo,
+               b.continuation AS continuation, d.continuation AS continuation_dpo
+        FROM p
+        LEFT JOIN generations b ON b.run_id = ? AND b.variant = 'base' AND b.prompt_id = p.prompt_id
+        LEFT JOIN generations d ON d.run_id = ? AND d.variant = 'dpo' AND d.prompt_id = p.prompt_id
+        ORDER BY p.net_reduction DESC, p.prompt_id""", [run_id, run_id, run_id])
+
+
+@st.cache_data(show_spinner=SPINNER)
+def prompt_group_shares(path: str, version: float, run_id: str) -> pl.DataFrame:
+    """Each group's share of each prompt's gross reduction (prompts with a positive gross reduction)."""
+    return _frame(path, version, """
+        WITH g AS (SELECT prompt_id, group_code, sum(sum_delta) AS sum_delta FROM prompt_groups
+                   WHERE run_id = ? GROUP BY prompt_id, group_code),
+             t AS (SELECT prompt_id, sum(sum_delta) AS gross FROM g
+                   WHERE group_code IN ('TP-', 'TN+', 'AP+', 'AN-') GROUP BY prompt_id HAVING gross > 0)
+        SELECT g.prompt_id, g.group_code, g.sum_delta / t.gross AS share_gross
+        FROM g JOIN t USING (prompt_id) ORDER BY g.prompt_id, g.group_code""", [run_id])
+
+
+@st.cache_data(show_spinner=SPINNER)
 def interventions(path: str, version: float, run_id: str) -> pl.DataFrame:
     """Paper Table 1 order: the base and DPO models first, then each kind by size."""
     return _frame(path, version, """

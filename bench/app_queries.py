@@ -165,6 +165,8 @@ def app_calls(path: str, run_a: str, run_b: str, n_layers: int) -> dict[str, tup
         "neuron_tokens": (queries.neuron_tokens, path, v, run_a, layer, neuron),
         "neuron_top_prompts": (queries.neuron_top_prompts, path, v, run_a, layer, neuron),
         "interventions": (queries.interventions, path, v, run_a),
+        "prompts": (queries.prompts, path, v, run_a),
+        "prompt_group_shares": (queries.prompt_group_shares, path, v, run_a),
         "group_shares_of": (queries.group_shares_of, path, v, (run_a, run_b)),
         "top_overlap (k=100)": (queries.top_overlap, path, v, run_a, run_b, 100),
         "revised_continuations": (queries.revised_continuations, path, v, run_a),

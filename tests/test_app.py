@@ -69,9 +69,8 @@ def test_picking_a_run_shows_its_model_and_samples(two_run_store):
 def test_home_shows_the_pairs_dpo_trained_on(two_run_store):
     first, second = two_run_store
     path = os.environ["STORE"]
-    with store.connect(path) as con:
-        n, chosen, rejected = con.execute("SELECT count(*), avg(chosen_toxicity), avg(rejected_toxicity) FROM pairs "
-                                          "WHERE run_id = ?", [first]).fetchall()[0]
+    (n, chosen, rejected), = sql("SELECT count(*), avg(chosen_toxicity), avg(rejected_toxicity) FROM pairs "
+                                 "WHERE run_id = ?", [first])
     assert n == TINY_WORLD["n_pairs"]
     at = AppTest.from_file(HOME, default_timeout=60).run()
     at.sidebar.selectbox[0].set_value(first).run()
@@ -219,6 +218,34 @@ def test_neuron_groups_min_activation_and_cos_filters(two_run_store, app_on_path
     shown = at.dataframe[0].value
     (n,), = sql("SELECT count(*) FROM neurons WHERE run_id = ? AND cos >= 0 AND abs(act) >= 0.05", [first])
     assert (shown["act"].abs() >= 0.05).all() and len(shown) == min(n, 1000)
+
+
+def test_prompts_page_adds_up_to_the_run_and_shows_both_models(two_run_store, app_on_path):
+    """Per-prompt deltas come from float16 per-prompt means; their mean must still give the net reduction
+    attribute computed from the full-precision means over all prompts."""
+    first, second = two_run_store
+    at = open_page(str(PAGES / "7_Prompts.py"), first)
+    assert not at.exception
+    rows = table_with(at, "net_reduction")
+    assert len(rows) == TINY_WORLD["n_prompts"] and rows["net_reduction"].is_monotonic_decreasing
+    (net,), = sql("SELECT net_reduction FROM attribution WHERE run_id = ?", [first])
+    assert rows["net_reduction"].mean() == pytest.approx(net, rel=1e-2)
+    gens = dict(((v, i), (c, t)) for v, i, c, t in sql(
+        "SELECT variant, prompt_id, continuation, toxicity FROM generations WHERE run_id = ?", [first]))
+    for r in rows.head(5).itertuples():
+        assert (r.continuation, r.toxicity) == gens[("base", r.prompt_id)]
+        assert (r.continuation_dpo, r.toxicity_dpo) == gens[("dpo", r.prompt_id)]
+    import queries  # app/, on the path as for the pages
+
+    shares = queries.prompt_group_shares(os.environ["STORE"], 0.0, first)
+    reducing = shares.filter(pl.col("group_code").is_in(["TP-", "TN+", "AP+", "AN-"]))
+    assert reducing.group_by("prompt_id").agg(pl.col("share_gross").sum())["share_gross"].to_list() == \
+        pytest.approx([1.0] * reducing["prompt_id"].n_unique())
+    tp = dict(shares.filter(pl.col("group_code") == "TP-").select("prompt_id", "share_gross").iter_rows())
+    assert [tp[i] for i in rows["prompt_id"]] == pytest.approx(rows["share_tp"].to_list())
+
+    at = open_page(str(PAGES / "7_Prompts.py"), second)  # a run without attribution
+    assert not at.exception and "before the `attribute` stage" in at.info[0].value
 
 
 def test_layers_page_interventions_and_groups(two_run_store, app_on_path):

@@ -22,7 +22,7 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SHOTS = ROOT / "test-artifacts" / "browser"
 PAGES = {  # URL path -> the page's title
     "": "dpo-neurons", "Neuron_groups": "Neuron groups", "Layers": "Layers", "Neuron": "Neuron detail",
-    "Interventions": "Interventions", "Compare_runs": "Compare runs", "SQL": "SQL",
+    "Interventions": "Interventions", "Compare_runs": "Compare runs", "SQL": "SQL", "Prompts": "Prompts",
 }
 
 if not Path(CHROMIUM).exists():
@@ -84,6 +84,7 @@ def settled(page: Page) -> None:
 
 
 def test_every_page_renders_without_an_exception(page, app_url):
+    assert {f.stem.split("_", 1)[1] for f in (ROOT / "app" / "pages").glob("*.py")} == set(PAGES) - {""}
     for path, title in PAGES.items():
         page.goto(f"{app_url}/{path}")
         expect(page.get_by_role("heading", name=title, exact=True)).to_be_visible(timeout=60_000)
