@@ -66,15 +66,31 @@ def _check_version(con, path: Path, empty_ok: bool) -> None:
 FILE_HEADERS = 3 * 4096
 
 
-def _check_length(con, path: Path) -> None:
+def _check_length(path: Path) -> None:
     """A store cut off while copied opens and lists its tables, then fails on the first read of a missing
-    block; refuse it when it is opened instead. Free blocks may be missing at the end of the file."""
-    block_size, total, free = con.execute("SELECT block_size, total_blocks, free_blocks FROM pragma_database_size() "
-                                          "WHERE database_name = current_database()").fetchall()[0]
-    need, size = FILE_HEADERS + (total - free) * block_size, path.stat().st_size
-    if size < need:
-        raise StoreError(f"store {path} is truncated ({size:,} bytes, its blocks need at least {need:,}): it was cut off "
-                         "while copied or written; copy it again or rerun the pipeline into a new file")
+    block; refuse it when it is opened instead. The file must hold every block in use and the highest
+    block a table's data lives in (free blocks can sit below it, and at its end they may be gone).
+    Checked on a private attach of the file held open here, so the size read is that file's even when
+    the pipeline swaps in a new one meanwhile (a connection of the caller's might be another file's:
+    duckdb.connect shares an instance per path in a process)."""
+    with open(path, "rb") as f:
+        st = os.fstat(f.fileno())
+        con = _attached(path)
+        try:
+            if os.stat(path).st_ino != st.st_ino:
+                return  # swapped while attaching: the pipeline renames in only a finished file
+            block_size, total, free = con.execute("SELECT block_size, total_blocks, free_blocks FROM "
+                                                  "pragma_database_size() WHERE database_name = 'store'").fetchall()[0]
+            blocks = total - free
+            if tables := _tables(con):
+                union = " UNION ALL ".join(f"SELECT max(block_id) AS b FROM pragma_storage_info('{t}')" for t in tables)
+                blocks = max(blocks, (con.execute(f"SELECT max(b) FROM ({union})").fetchall()[0][0] or 0) + 1)
+        finally:
+            con.close()
+    need = FILE_HEADERS + blocks * block_size
+    if st.st_size < need:
+        raise StoreError(f"store {path} is truncated ({st.st_size:,} bytes, its blocks need at least {need:,}): it was "
+                         "cut off while copied or written; copy it again or rerun the pipeline into a new file")
 
 
 # The sandbox of the SQL console (store/console.py): what one user query may use at most.
@@ -150,7 +166,8 @@ def connect(path: str | Path, read_only: bool = True, sandbox: bool = False, sna
                          "restore it or point STORE at another file") from None
     try:
         _check_version(con, path, empty_ok)
-        _check_length(con, path)
+        if not sandbox:  # the console opens the file per query, after the app's own open checked it
+            _check_length(path)
     except BaseException:
         con.close()
         raise

@@ -160,13 +160,35 @@ def test_truncated_store_is_refused_when_opened(tmp_path, keep, error):
     store.write_run(path, run=a_run(), stages=STAGE, tables={"generations": gens(20_000)})
     data = path.read_bytes()
     path.write_bytes(data[:keep(len(data))])
-    for how in ({}, {"snapshot": True}, {"sandbox": True}):
+    for how in ({}, {"snapshot": True}):  # the console's sandbox opens per query, after the app's open checked
         with pytest.raises(store.StoreError, match=error) as e:
             store.connect(path, **how)
         assert "\n" not in str(e.value)
     with pytest.raises(store.StoreError):
         store.write_run(path, run=a_run("b"), stages=STAGE, tables={})
     assert path.read_bytes() == data[:keep(len(data))]
+
+
+def test_a_store_cut_inside_its_data_is_refused_though_its_free_blocks_would_cover_the_cut(tmp_path):
+    """A second run leaves free blocks below the highest block of table data: cut just that block off and
+    the file still holds as many blocks as are in use, yet a read fails."""
+    path = tmp_path / "s.duckdb"
+    for name in ("a", "b"):
+        store.write_run(path, run=a_run(name), stages=STAGE, tables={"generations": gens(20_000)})
+    with duckdb.connect(str(path), read_only=True) as con:
+        block_size, total, free = con.execute("SELECT block_size, total_blocks, free_blocks FROM pragma_database_size() "
+                                              "WHERE database_name = current_database()").fetchall()[0]
+        highest, table = max((con.execute(f"SELECT max(block_id) FROM pragma_storage_info('{t}')").fetchall()[0][0] or 0, t)
+                             for t in store._tables(con))
+    assert highest + 1 > total - free  # the layout this test is about
+    cut = path.read_bytes()[:store.FILE_HEADERS + highest * block_size]
+    path.write_bytes(cut)
+    with duckdb.connect(str(path), read_only=True) as con, pytest.raises(duckdb.IOException):
+        con.execute(f"SELECT * FROM {table}").fetchall()  # the file really is broken
+    for how in ({}, {"snapshot": True}):
+        with pytest.raises(store.StoreError, match="truncated"):
+            store.connect(path, **how)
+    assert path.read_bytes() == cut
 
 
 def test_other_schema_version_is_refused(tmp_path):
