@@ -174,10 +174,12 @@ def token_divergence(tokens: pl.DataFrame) -> alt.Chart:
 
 def prompt_shares(frame: pl.DataFrame) -> alt.Chart:
     """How each group's share of the gross reduction varies over prompts (one box per group). Tukey
-    whiskers: a prompt whose gross reduction is near zero gives shares far out, drawn as points."""
+    whiskers: a prompt whose gross reduction is near zero gives shares far out, drawn as points, and
+    those beyond -100% or 200% at the edge."""
     return alt.Chart(frame).mark_boxplot(extent=1.5).encode(
         y=alt.Y("group_code:N", sort=REDUCING + INCREASING, title="group"),
-        x=alt.X("share_gross:Q", axis=alt.Axis(format="%"), title="share of the prompt's gross reduction"),
+        x=alt.X("share_gross:Q", axis=alt.Axis(format="%"), title="share of the prompt's gross reduction",
+                scale=alt.Scale(domain=[-1, 2], clamp=True)),
         color=alt.Color("group_code:N", scale=GROUP_COLORS, legend=None),
     ).properties(height=260)
 

@@ -19,6 +19,7 @@ import store  # noqa: E402
 DEFAULT_STORE = "store/dpo_neurons.duckdb"
 # Shown while a query runs; a cached result shows nothing, so no page ever waits without one.
 SPINNER = "Reading the store..."
+REDUCING = ["TP-", "TN+", "AP+", "AN-"]  # method.md: the groups whose delta is positive by construction
 
 
 def store_path() -> str:
@@ -158,22 +159,23 @@ def pairs(path: str, version: float, run_id: str, limit: int) -> pl.DataFrame:
 @st.cache_data(show_spinner=SPINNER)
 def prompts(path: str, version: float, run_id: str) -> pl.DataFrame:
     """One row per prompt: the reduction of the probe projection DPO made on it (its neurons' deltas from
-    that prompt's own activations, summed), TP-'s share of its gross reduction, and both models'
+    that prompt's own activations, summed), TP-'s share of its gross reduction (none where the reducing
+    groups, fixed by the means over all prompts, add up to no reduction on this prompt), and both models'
     continuations with their toxicity. Largest net reduction first."""
     return _frame(path, version, """
         WITH p AS (
             SELECT prompt_id, sum(sum_delta) AS net_reduction,
-                   sum(sum_delta) FILTER (WHERE group_code IN ('TP-', 'TN+', 'AP+', 'AN-')) AS gross_reduction,
+                   sum(sum_delta) FILTER (WHERE list_contains(?, group_code)) AS gross_reduction,
                    sum(sum_delta) FILTER (WHERE group_code = 'TP-') AS tp
             FROM prompt_groups WHERE run_id = ? GROUP BY prompt_id)
         SELECT p.prompt_id, b.prompt, p.net_reduction, p.gross_reduction,
-               CASE WHEN p.gross_reduction <> 0 THEN p.tp / p.gross_reduction END AS share_tp,
+               CASE WHEN p.gross_reduction > 0 THEN coalesce(p.tp, 0) / p.gross_reduction END AS share_tp,
                b.toxicity AS toxicity, d.toxicity AS toxicity_dpo,
                b.continuation AS continuation, d.continuation AS continuation_dpo
         FROM p
         LEFT JOIN generations b ON b.run_id = ? AND b.variant = 'base' AND b.prompt_id = p.prompt_id
         LEFT JOIN generations d ON d.run_id = ? AND d.variant = 'dpo' AND d.prompt_id = p.prompt_id
-        ORDER BY p.net_reduction DESC, p.prompt_id""", [run_id, run_id, run_id])
+        ORDER BY p.net_reduction DESC, p.prompt_id""", [REDUCING, run_id, run_id, run_id])
 
 
 @st.cache_data(show_spinner=SPINNER)
@@ -183,9 +185,9 @@ def prompt_group_shares(path: str, version: float, run_id: str) -> pl.DataFrame:
         WITH g AS (SELECT prompt_id, group_code, sum(sum_delta) AS sum_delta FROM prompt_groups
                    WHERE run_id = ? GROUP BY prompt_id, group_code),
              t AS (SELECT prompt_id, sum(sum_delta) AS gross FROM g
-                   WHERE group_code IN ('TP-', 'TN+', 'AP+', 'AN-') GROUP BY prompt_id HAVING gross > 0)
+                   WHERE list_contains(?, group_code) GROUP BY prompt_id HAVING gross > 0)
         SELECT g.prompt_id, g.group_code, g.sum_delta / t.gross AS share_gross
-        FROM g JOIN t USING (prompt_id) ORDER BY g.prompt_id, g.group_code""", [run_id])
+        FROM g JOIN t USING (prompt_id) ORDER BY g.prompt_id, g.group_code""", [run_id, REDUCING])
 
 
 @st.cache_data(show_spinner=SPINNER)

@@ -235,17 +235,38 @@ def test_prompts_page_adds_up_to_the_run_and_shows_both_models(two_run_store, ap
     for r in rows.head(5).itertuples():
         assert (r.continuation, r.toxicity) == gens[("base", r.prompt_id)]
         assert (r.continuation_dpo, r.toxicity_dpo) == gens[("dpo", r.prompt_id)]
-    import queries  # app/, on the path as for the pages
-
-    shares = queries.prompt_group_shares(os.environ["STORE"], 0.0, first)
-    reducing = shares.filter(pl.col("group_code").is_in(["TP-", "TN+", "AP+", "AN-"]))
-    assert reducing.group_by("prompt_id").agg(pl.col("share_gross").sum())["share_gross"].to_list() == \
-        pytest.approx([1.0] * reducing["prompt_id"].n_unique())
-    tp = dict(shares.filter(pl.col("group_code") == "TP-").select("prompt_id", "share_gross").iter_rows())
-    assert [tp[i] for i in rows["prompt_id"]] == pytest.approx(rows["share_tp"].to_list())
 
     at = open_page(str(PAGES / "7_Prompts.py"), second)  # a run without attribution
     assert not at.exception and "before the `attribute` stage" in at.info[0].value
+
+
+def test_prompts_page_on_planted_per_prompt_sums(two_run_store, app_on_path):
+    """Prompt 0: TP- 2 and AP+ 2 reduce, AP- -1 increases (net 3, gross 4, TP- share 50%). Prompt 1: its
+    reducing groups add up to -0.5 (groups are fixed by the means over all prompts, so this happens on
+    real models): no share. Prompt 2: TN+ alone."""
+    import queries  # app/, on the path as for the pages
+
+    planted = [(0, 0, "TP-", 2.0), (0, 1, "AP+", 2.0), (0, 0, "AP-", -1.0), (1, 0, "TP-", -1.0), (1, 1, "AN-", 0.5),
+               (2, 1, "TN+", 1.0)]
+    groups = pl.DataFrame(planted, schema=["prompt_id", "layer", "group_code", "sum_delta"], orient="row")
+    gens = pl.DataFrame({"variant": ["base"] * 3 + ["dpo"] * 3, "prompt_id": [0, 1, 2] * 2, "prompt": ["a", "b", "c"] * 2,
+                         "continuation": ["x0", "x1", "x2", "y0", "y1", "y2"], "toxicity": [0.9, 0.8, 0.7, 0.1, 0.2, 0.3],
+                         "scorer": ["s==1"] * 6})
+    run = store.write_run(os.environ["STORE"], run={"name": "planted", "model": "m", "config": {}, "config_hash": "h4",
+                                                    "packages": {}}, stages=[],
+                          tables={"prompt_groups": groups, "generations": gens})
+    at = open_page(str(PAGES / "7_Prompts.py"), run)
+    assert not at.exception
+    rows = table_with(at, "net_reduction")
+    assert rows["prompt_id"].tolist() == [0, 2, 1]
+    assert rows["net_reduction"].tolist() == pytest.approx([3.0, 1.0, -0.5])
+    assert rows["gross_reduction"].tolist() == pytest.approx([4.0, 1.0, -0.5])
+    assert rows["share_tp"].isna().tolist() == [False, False, True]
+    assert rows["share_tp"].tolist()[:2] == pytest.approx([0.5, 0.0])
+    assert rows["continuation"].tolist() == ["x0", "x2", "x1"] and rows["toxicity_dpo"].tolist() == [0.1, 0.3, 0.2]
+    shares = queries.prompt_group_shares(os.environ["STORE"], 0.0, run)
+    assert sorted(shares.select("prompt_id", "group_code", "share_gross").rows()) == \
+        [(0, "AP+", 0.5), (0, "AP-", -0.25), (0, "TP-", 0.5), (2, "TN+", 1.0)]  # prompt 1 has no gross reduction
 
 
 def test_layers_page_interventions_and_groups(two_run_store, app_on_path):

@@ -24,7 +24,7 @@ with left:
     st.subheader("Group shares across prompts")
     st.altair_chart(charts.prompt_shares(queries.prompt_group_shares(path, version, run_id)), width="stretch")
     st.caption("One box per group: its share of each prompt's gross reduction (quartiles, whiskers at 1.5 times the "
-               "interquartile range, prompts beyond them as points).")
+               "interquartile range, prompts beyond them as points; shares past -100% or 200% sit on the edge).")
 with right:
     st.subheader("Probe projection against the scorer")
     st.altair_chart(charts.reduction_vs_toxicity(rows), width="stretch")
