@@ -81,8 +81,10 @@ class Detoxify:
 
     def __init__(self, batch_size: int = 256, model: str = "original", checkpoint: str = "", device: str = "cpu"):
         self.check(checkpoint)
-        from detoxify import Detoxify as Model
-
+        try:
+            from detoxify import Detoxify as Model
+        except ImportError as e:  # installed, but its own imports fail
+            raise ConfigError(f"the detoxify package does not import ({e}); reinstall it, or choose profanity-check") from None
         try:
             self._model = Model(model, checkpoint=checkpoint or None, device=device)
         except (OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as e:  # offline, damaged, foreign
