@@ -182,18 +182,17 @@ def run(cfg: config_mod.Config, force: set[str] = frozenset(), only: str | None 
     keys = cache_keys(cfg)
     forced = descendants(stages, set(force))
     needed = ancestors(stages, only) if only else set()
-    _check_inputs(cfg, [s for s in stages if (not only or s.name == only)
-                        and (s.name in forced or not _is_done(stage_dir(cfg, s.name, keys[s.name])))])
-    dirs: dict[str, Path] = {}
+    dirs = {s.name: stage_dir(cfg, s.name, keys[s.name]) for s in stages}
+    to_run = {s.name for s in stages if (not only or s.name == only) and (s.name in forced or not _is_done(dirs[s.name]))}
+    _check_inputs(cfg, [s for s in stages if s.name in to_run])
     ran_any = False
     for s in stages:
-        out = stage_dir(cfg, s.name, keys[s.name])
-        dirs[s.name] = out
+        out = dirs[s.name]
         if only and s.name != only:
             if s.name in needed and not _is_done(out):
                 raise config_mod.ConfigError(f"--only {only} needs stage {s.name} cached first; run without --only")
             continue
-        if _is_done(out) and s.name not in forced:
+        if s.name not in to_run:
             log(f"[{s.name}] cached ({keys[s.name]}), nothing to do")
             continue
         log(f"[{s.name}] running ({keys[s.name]})")
