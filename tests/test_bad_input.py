@@ -182,15 +182,21 @@ def test_disk_full_inside_a_stage_exits_two_with_the_store_intact(tmp_path, caps
 ])
 def test_missing_gpu_or_unknown_optimizer_is_refused_before_any_stage_runs(tmp_path, capsys, monkeypatch, section, pieces):
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)  # the same on a machine that has a GPU
+    refused_before_any_stage(tmp_path, capsys, {"world": {}}, section, pieces)
+
+
+def refused_before_any_stage(tmp_path, capsys, sections: dict, change: dict, pieces: list[str]) -> None:
+    """`run` on sections with change merged in exits 2 with one error line naming pieces, before any
+    stage ran and with the store as it was."""
     path = tmp_path / "s.duckdb"
     a_store(path)
     before = digest(path)
-    sections = {"run": {"store": str(path), "cache_dir": str(tmp_path / "cache")}, "world": {}}
-    for name, body in section.items():
+    sections = {**sections, "run": {"store": str(path), "cache_dir": str(tmp_path / "cache"), **sections.get("run", {})}}
+    for name, body in change.items():
         sections[name] = {**sections.get(name, {}), **body}
     code, err = cli(["run", "--config", toml(tmp_path / "c.toml", sections)], capsys)
     assert code == 2 and err.startswith("error: ") and all(p in err for p in pieces), err
-    assert not (tmp_path / "cache").exists(), "a stage ran before the config was checked"
+    assert not (tmp_path / "cache").exists(), "a stage ran before the check"
     assert digest(path) == before
 
 
@@ -205,16 +211,7 @@ def test_a_missing_input_of_a_later_stage_is_refused_before_any_stage_runs(tmp_p
     """Probe would run for hours on a real model before pairs, record or intervene found these."""
     monkeypatch.delenv("PERSPECTIVE_API_KEY", raising=False)
     monkeypatch.chdir(tmp_path)
-    path = tmp_path / "s.duckdb"
-    a_store(path)
-    before = digest(path)
     data = {"probe": probe_csv(tmp_path / "probe.csv"), "prompts": prompts_jsonl(tmp_path / "p.jsonl", True),
             "pairs": "self", "heldout": str(tmp_path / "p.jsonl")}
-    sections = {"run": {"store": str(path), "cache_dir": str(tmp_path / "cache"), "device": "cpu"},
-                "model": {"path": str(tiny_gpt2)}, "data": data}
-    for name, body in change.items():
-        sections[name] = {**sections.get(name, {}), **body}
-    code, err = cli(["run", "--config", toml(tmp_path / "c.toml", sections)], capsys)
-    assert code == 2 and err.startswith("error: ") and all(p in err for p in pieces), err
-    assert not (tmp_path / "cache").exists(), "a stage ran before its inputs were checked"
-    assert digest(path) == before
+    refused_before_any_stage(tmp_path, capsys, {"run": {"device": "cpu"}, "model": {"path": str(tiny_gpt2)}, "data": data},
+                             change, pieces)
