@@ -207,7 +207,7 @@ class RecordConfig:
     """Greedy generation of both models on the challenge prompts, with neuron activations recorded."""
 
     new_tokens: int = _f(20, "T: tokens generated per prompt; activations are averaged over these positions.")
-    batch_size: int = _f(32, "Prompts per generation batch (left padded).")
+    batch_size: int = _f(32, "Prompts per generation batch (left padded), here and in intervene's generations.")
     processes: int = _f(1, "Processes that record shares of the prompts in parallel (one GPU each with device "
                         "cuda, round robin); their sums are reduced before attribute.")
 
@@ -244,7 +244,8 @@ class InterveneConfig:
     patch_top: list[int] = _f([10, 30, 100, 300, 1000], "Patching sweep: the top-N neurons by delta patched to act_dpo.")
     n_heldout: int = _f(200, "Held-out passages for perplexity and for F1 of continuations against gold ones.")
     f1_tokens: int = _f(20, "Tokens generated (and gold tokens compared) per F1 sample.")
-    batch_size: int = _f(32, "Prompts or passages per batch.")
+    batch_size: int = _f(32, "Held-out passages per batch. The challenge prompts go in [record] batch_size batches, as "
+                         "in record, so that the rows compare like with like.")
 
     def __post_init__(self):
         for union in self.patch_groups:

@@ -17,8 +17,11 @@ Each is scored with the same code on one loaded base model:
                            against its gold second half (both `f1_tokens` tokens)
     mlp_proj[l]            mean over the generated positions of hook_mlp_out . w_hat, read as record.py does
     recovered              (tox_base - tox) / (tox_base - tox_dpo)
-The base and DPO rows take their toxicity from stage record (same prompts, same generation code);
-their perplexity and F1 are measured here, the DPO model loaded after the base model is dropped.
+The base and DPO rows take their toxicity from stage record. The challenge prompts are generated here
+in record's batches ([record] batch_size) with record's code, so an intervention that changes nothing
+gives record's base continuations token for token and its mlp_proj bit for bit: batch shape moves the
+float sums, and at scale a moved sum can flip a greedy token. Perplexity and F1 of every row are
+measured here, in [intervene] batch_size batches, the DPO model loaded after the base model is dropped.
 
 Outputs: interventions.parquet (base and dpo included), generations.parquet and layers.parquet
 (interventions only: record already wrote base and dpo).
@@ -230,7 +233,7 @@ def run(out: Path, *, device: str, model: ModelConfig, data: DataConfig, record:
     prompt_rows = prompt_tokens(bridge, prompts, T)
     ends = {"base": quality(bridge, held, [], intervene, w_hat, "base")}
     for iv in tqdm(todo, desc="interventions", unit="intervention"):
-        tokens, proj = generate(bridge, prompt_rows, T, intervene.batch_size, iv.hooks, w_hat, iv.id)
+        tokens, proj = generate(bridge, prompt_rows, T, record.batch_size, iv.hooks, w_hat, iv.id)
         texts = decode(bridge, tokens)
         tox = sc.score(texts)
         generations += [{"variant": iv.id, "prompt_id": i, "prompt": p, "continuation": c, "toxicity": t, "scorer": scoring.label(sc)}

@@ -168,8 +168,12 @@ def test_run_end_to_end_on_planted_pair(tmp_path, monkeypatch):
     attribute.run(dirs["attribute"], attribute=AttributeConfig(n_bootstrap=20), record_dir=dirs["record"], **common)
     cfg = InterveneConfig(ablate_top=[3], ablate_top_positive=[3, 100_000], patch_groups=["TP- AP+"], patch_top=[6, 6],
                           n_heldout=4, f1_tokens=5, batch_size=3)
+    batches = []  # (rows, batch size) of every generation run makes
+    generate = intervene.generate
+    monkeypatch.setattr(intervene, "generate", lambda bridge, rows, *a: batches.append((len(rows), a[1])) or generate(bridge, rows, *a))
     summary = intervene.run(dirs["out"], data=data, record=rec_cfg, intervene=cfg, scorer=scorer,
                             record_dir=dirs["record"], attribute_dir=dirs["attribute"], **common)
+    monkeypatch.undo()
     t = intervene.tables(dirs["out"])
 
     n_neurons = pl.read_parquet(dirs["attribute"] / "neurons.parquet").height
@@ -213,10 +217,13 @@ def test_run_end_to_end_on_planted_pair(tmp_path, monkeypatch):
                               pad_token_id=tok.eos_token_id)
             assert tok.decode(out[0, ids_p.shape[1]:]).replace(tok.eos_token, " ") == got
 
-    # With no hooks the shared generation path reproduces stage record's base tokens and mlp_proj.
+    # The challenge prompts go in record's batches, the held-out prefixes in intervene's.
+    assert sorted(set(batches)) == sorted({(len(PROMPTS), rec_cfg.batch_size), (len(HELDOUT), cfg.batch_size)})
+    # With no hooks, in record's batches, the shared generation path reproduces stage record's base
+    # tokens and its mlp_proj bit for bit (in other batches its sums differ in their last bits).
     bridge = models.load_bridge(str(base), "cpu")
     w = np.load(tmp_path / "probe" / "w.npy")
     rows = record.prompt_tokens(bridge, PROMPTS, rec_cfg.new_tokens)
-    tokens, proj = intervene.generate(bridge, rows, rec_cfg.new_tokens, 3, [], w / np.linalg.norm(w), "check")
+    tokens, proj = intervene.generate(bridge, rows, rec_cfg.new_tokens, rec_cfg.batch_size, [], w / np.linalg.norm(w), "check")
     assert (tokens == np.load(dirs["record"] / "base_tokens.npy")).all()
-    assert np.allclose(proj, np.load(dirs["record"] / "base_mlp_proj.npy"), atol=1e-5)
+    assert (proj == np.load(dirs["record"] / "base_mlp_proj.npy")).all()
