@@ -77,6 +77,8 @@ class ScorerConfig:
     rate_limit: float = _f(1.0, "Perspective: requests per second at most (the API's default quota is 1); "
                            "requests overlap, so a larger quota is used in full.")
     max_retries: int = _f(5, "Perspective: retries of a request answered 429 or 5xx, with doubling waits from 1 s.")
+    cache_dir: str = _f("~/.cache/dpo-neurons/scores", "Perspective: every answer is appended here, keyed by the text's "
+                        "SHA-256, so no text is requested twice, across rows, stages and runs; empty: keep them in memory only.")
     detoxify_model: str = _f("original", "Detoxify: which released model (original, unbiased, multilingual, "
                              "original-small, unbiased-small).")
     checkpoint: str = _f("", "Detoxify: a local .ckpt file to score with instead of downloading detoxify_model "

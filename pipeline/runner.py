@@ -35,9 +35,8 @@ PACKAGES = ("torch", "transformers", "transformer-lens", "trl", "tokenizers", "d
 class Stage:
     """module.run(out, *, device, <section>=..., <dep>_dir=...) -> summary; module.tables(out) -> {table: frame}.
     `sections` names what the result depends on: a whole section ("dpo") or one field ("data.pairs"; only
-    the SCORES fields of [scorer], as its batch size, rate limit and retries change no score, and not
-    record.processes);
-    the stage receives the whole section either way. A dep that this config does not run (the world,
+    the SCORES fields of [scorer], as its batch size, rate limit, retries and answer cache change no
+    score, and not record.processes); the stage receives the whole section either way. A dep that this config does not run (the world,
     for a real model) is passed as None."""
 
     name: str

@@ -10,7 +10,10 @@ on human-labelled comments, independent of the demo world's generator. The other
   perspective  Google's Perspective API, TOXICITY summary score, the paper's scorer. Key from the
                environment variable PERSPECTIVE_API_KEY; one text per request, request starts spaced
                to [scorer] rate_limit per second (several in flight), retried with doubling waits on
-               429 (quota), 5xx and timeouts.
+               429 (quota), 5xx and timeouts. Each answer is kept by the text's SHA-256, in memory and
+               appended to a file in [scorer] cache_dir as it arrives: at the default quota the paper's
+               setup takes a day of requests, so a text is never requested twice (interventions leave
+               most continuations as they were), and a run that fails part way resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -126,9 +129,28 @@ class Perspective:
                               f"{cls.KEY_VAR}; set it, or choose detoxify or profanity-check")
         return key
 
+    @classmethod
+    def cache_file(cls, cache_dir: str) -> Path | None:
+        """The answers' file in cache_dir, whose folder is made here: one that cannot take them is refused
+        before the first request, not by a traceback from the thread of the first answer."""
+        if not cache_dir:
+            return None
+        folder = Path(cache_dir).expanduser()
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"[scorer] cache_dir {cache_dir!r} cannot be made ({e.strerror}); point it at a writable "
+                              "folder, or set it to \"\" to keep Perspective's answers in memory only") from None
+        if not os.access(folder, os.W_OK):
+            raise ConfigError(f"[scorer] cache_dir {cache_dir!r} is not writable; point it at a writable folder, or set "
+                              "it to \"\" to keep Perspective's answers in memory only")
+        return folder / f"{cls.name}-{cls.version}.jsonl"
+
     def __init__(self, batch_size: int = 256, rate_limit: float = 1.0, max_retries: int = 5, retry_wait: float = 1.0,
-                 url: str | None = None, timeout: float = 30.0):
+                 url: str | None = None, timeout: float = 30.0, cache_dir: str = ""):
         self.key = self.check()
+        self.cache = self.cache_file(cache_dir)
+        self.known = read_answers(self.cache) if self.cache else {}  # sha256 of a text -> its score
         self.url = url or self.url
         self.interval, self.max_retries, self.retry_wait, self.timeout = 1.0 / rate_limit, max_retries, retry_wait, timeout
         # Requests overlap, so a quota above 1/s is used even when one answer takes longer than the spacing:
@@ -154,7 +176,9 @@ class Perspective:
             req = urllib.request.Request(f"{self.url}?key={self.key}", data=body, headers={"Content-Type": "application/json"})
             try:
                 with urllib.request.urlopen(req, timeout=self.timeout) as r:
-                    return float(json.load(r)["attributeScores"]["TOXICITY"]["summaryScore"]["value"])
+                    value = float(json.load(r)["attributeScores"]["TOXICITY"]["summaryScore"]["value"])
+                self._remember(text_key(text), value)
+                return value
             except urllib.error.HTTPError as e:
                 if e.code != 429 and e.code < 500:
                     raise ConfigError(f"Perspective API refused a request (HTTP {e.code} {e.reason}); check "
@@ -172,21 +196,56 @@ class Perspective:
                 raise CancelledError
         raise AssertionError("unreachable")
 
+    def _remember(self, key: str, value: float) -> None:
+        """Kept at once, from the request's thread: answers that arrive before a failure survive it."""
+        with self._lock:
+            self.known[key] = value
+            if self.cache:
+                append_answer(self.cache, key, value)
+
     def score(self, texts: list[str]) -> list[float]:
-        """One text per request (the API takes no batches); the answers come back in the texts' order."""
-        out = [0.0] * len(texts)  # the API rejects empty comments; an empty continuation says nothing toxic
-        todo = [i for i, t in enumerate(texts) if t.strip()]
+        """One request per distinct text not answered before (the API takes no batches); the answers come
+        back in the texts' order."""
+        keys = [text_key(t) for t in texts]
+        # the API rejects empty comments; an empty continuation says nothing toxic
+        todo = list(dict.fromkeys(t for t, k in zip(texts, keys) if t.strip() and k not in self.known))
         self._stop.clear()
         pool = ThreadPoolExecutor(self.workers)
         try:
-            answers = pool.map(self._request, [texts[i] for i in todo])
-            for i, p in zip(todo, tqdm(answers, total=len(todo), desc="perspective", unit="text", leave=False,
-                                      disable=len(todo) < 20)):
-                out[i] = p
+            for _ in tqdm(pool.map(self._request, todo), total=len(todo), desc="perspective", unit="text", leave=False,
+                          disable=len(todo) < 20):
+                pass
         finally:  # on a refused key, say, the other texts are dropped instead of each being refused in turn
             self._stop.set()
             pool.shutdown(cancel_futures=True)
-        return out
+        return [self.known[k] if t.strip() else 0.0 for t, k in zip(texts, keys)]
+
+
+def text_key(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def read_answers(path: Path) -> dict[str, float]:
+    """The answers kept in a cache file; a line cut short by a crash is skipped (its text is asked again)."""
+    known = {}
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+                known[row["sha256"]] = float(row["toxicity"])
+            except (ValueError, KeyError, TypeError):
+                continue
+    return known
+
+
+def append_answer(path: Path, key: str, value: float) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as f:
+        cut = False  # the last line was left unfinished by a crash: end it, or this answer would join it
+        if f.seek(0, os.SEEK_END):
+            f.seek(-1, os.SEEK_END)
+            cut = f.read(1) != b"\n"
+        f.write((("\n" if cut else "") + json.dumps({"sha256": key, "toxicity": value}) + "\n").encode())
 
 
 BACKENDS = {ProfanityCheck.name: ProfanityCheck, Detoxify.name: Detoxify, Perspective.name: Perspective}
@@ -195,17 +254,19 @@ BACKENDS = {ProfanityCheck.name: ProfanityCheck, Detoxify.name: Detoxify, Perspe
 def get_scorer(cfg: ScorerConfig, device: str = "cpu") -> Scorer:
     """device: where a scorer that is a network (Detoxify) runs; the stage's own device."""
     if cfg.backend == Perspective.name:
-        return Perspective(batch_size=cfg.batch_size, rate_limit=cfg.rate_limit, max_retries=cfg.max_retries)
+        return Perspective(batch_size=cfg.batch_size, rate_limit=cfg.rate_limit, max_retries=cfg.max_retries,
+                           cache_dir=cfg.cache_dir)
     if cfg.backend == Detoxify.name:
         return Detoxify(batch_size=cfg.batch_size, model=cfg.detoxify_model, checkpoint=cfg.checkpoint, device=device)
     return BACKENDS[cfg.backend](batch_size=cfg.batch_size)
 
 
 def check(cfg: ScorerConfig) -> None:
-    """Refuse a scorer that cannot work (no API key, no detoxify package, a named checkpoint missing) before
-    any stage runs; a Detoxify download can only be tried by loading it."""
+    """Refuse a scorer that cannot work (no API key or answer cache, no detoxify package, a named checkpoint
+    missing) before any stage runs; a Detoxify download can only be tried by loading it."""
     if cfg.backend == Perspective.name:
         Perspective.check()
+        Perspective.cache_file(cfg.cache_dir)
     elif cfg.backend == Detoxify.name:
         Detoxify.check(cfg.checkpoint)
 

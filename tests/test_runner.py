@@ -185,6 +185,16 @@ def test_loaded_pairs_and_dpo_ignore_inference_settings(tmp_path):
         >= {"pairs", "dpo"}
 
 
+def test_settings_that_change_no_result_are_in_no_key(tmp_path):
+    base = runner.cache_keys(real_model_config(tmp_path))
+    for setting in ({"scorer__batch_size": 3}, {"scorer__rate_limit": 9.0}, {"scorer__max_retries": 0},
+                    {"scorer__cache_dir": str(tmp_path / "answers")}, {"record__processes": 2}, {"run__device": "cpu"},
+                    {"run__store": str(tmp_path / "other.duckdb")}):
+        assert not changed(base, runner.cache_keys(real_model_config(tmp_path, **setting))), setting
+    assert changed(base, runner.cache_keys(real_model_config(tmp_path, record__batch_size=3))) == {"record", "attribute",
+                                                                                                  "intervene"}
+
+
 def test_a_scorer_change_rescores_loaded_pairs_without_retraining_dpo(tmp_path):
     scorer = {"scorer__backend": "detoxify", "scorer__checkpoint": str(tmp_path / "model")}
     base = runner.cache_keys(real_model_config(tmp_path))

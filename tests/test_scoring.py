@@ -14,8 +14,9 @@ from pipeline.config import ConfigError, ScorerConfig, from_dict
 
 
 class FakePerspective(BaseHTTPRequestHandler):
-    """Scores a text by its share of the letter x; answers 429 to the server's first n_429 requests; takes
-    `delay` seconds over each answer and counts the most requests it held at once."""
+    """Scores a text by its share of the letter x; answers 429 to the server's first n_429 requests and 403
+    once it has scored n_ok texts; takes `delay` seconds over each answer and counts the most requests it
+    held at once."""
 
     def do_POST(self):
         srv = self.server
@@ -38,8 +39,12 @@ class FakePerspective(BaseHTTPRequestHandler):
             self.send_response(429)
             self.end_headers()
             return
-        if srv.status != 200:
-            self.send_response(srv.status)
+        with srv.lock:
+            status = srv.status if len(srv.scored) < srv.n_ok else 403
+            if status == 200:
+                srv.scored.append(body["comment"]["text"])
+        if status != 200:
+            self.send_response(status)
             self.end_headers()
             return
         text = body["comment"]["text"]
@@ -58,7 +63,7 @@ class FakePerspective(BaseHTTPRequestHandler):
 @pytest.fixture
 def server():
     srv = ThreadingHTTPServer(("127.0.0.1", 0), FakePerspective)
-    srv.seen, srv.n_429, srv.n_slow, srv.status, srv.delay = [], 0, 0, 200, 0.0
+    srv.seen, srv.scored, srv.n_429, srv.n_slow, srv.n_ok, srv.status, srv.delay = [], [], 0, 0, float("inf"), 200, 0.0
     srv.lock, srv.in_flight, srv.most_in_flight = threading.Lock(), 0, 0
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     yield srv
@@ -99,8 +104,39 @@ def test_perspective_refused_key_stops_the_queue(server, monkeypatch):
     server.status, server.delay = 403, 0.05
     sc = perspective(server, monkeypatch, rate_limit=10.0)
     with pytest.raises(ConfigError, match="HTTP 403"):
-        sc.score(["x"] * 200)
+        sc.score(["x" * (i + 1) for i in range(200)])
     assert len(server.seen) < 10  # the texts still queued were dropped, not sent to be refused one by one
+
+
+def test_perspective_requests_each_distinct_text_once(server, monkeypatch):
+    sc = perspective(server, monkeypatch, rate_limit=1000.0)
+    assert sc.score(["xa", "bb", "xa", "", "bb", "xa"]) == [0.5, 0.0, 0.5, 0.0, 0.0, 0.5]
+    assert sorted(server.scored) == ["bb", "xa"]
+    assert sc.score(["xx", "xa"]) == [1.0, 0.5]  # a later call asks only for what is new
+    assert sorted(server.scored) == ["bb", "xa", "xx"]
+
+
+def test_perspective_run_that_failed_part_way_resumes_from_the_cache(server, monkeypatch, tmp_path):
+    """Answers that arrived before a failure are kept in cache_dir; a new scorer (a rerun) asks only for the
+    rest, past a cache line that the crash left unfinished, and gives what a run without failure gives."""
+    texts = ["x" * i + "a" * (8 - i) for i in range(8)]
+    server.n_ok, server.delay = 3, 0.02
+    with pytest.raises(ConfigError, match="HTTP 403"):
+        perspective(server, monkeypatch, rate_limit=1000.0, cache_dir=str(tmp_path / "cache")).score(texts)
+    first = list(server.scored)
+    assert len(first) == 3
+    cache = tmp_path / "cache" / "perspective-v1alpha1.jsonl"
+    assert len(scoring.read_answers(cache)) == 3
+    with open(cache, "a") as f:
+        f.write('{"sha256": "')  # killed while writing
+    server.scored, server.n_ok = [], float("inf")
+    sc = perspective(server, monkeypatch, rate_limit=1000.0, cache_dir=str(tmp_path / "cache"))
+    assert sc.score(texts) == [i / 8 for i in range(8)]
+    assert sorted(server.scored) == sorted(set(texts) - set(first))
+    assert sorted(scoring.read_answers(cache).values()) == [i / 8 for i in range(8)]
+    server.scored = []
+    assert perspective(server, monkeypatch, cache_dir=str(tmp_path / "cache")).score(texts[::-1]) == [i / 8 for i in range(8)][::-1]
+    assert server.scored == []
 
 
 def test_perspective_retries_429_with_doubling_waits(server, monkeypatch):
@@ -136,6 +172,16 @@ def test_perspective_refused_key_is_not_retried(server, monkeypatch):
     with pytest.raises(ConfigError, match="HTTP 403.*PERSPECTIVE_API_KEY"):
         sc.score(["x"])
     assert len(server.seen) == 1
+
+
+def test_perspective_cache_dir_that_cannot_be_made_is_a_one_line_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("PERSPECTIVE_API_KEY", "test-key")
+    (tmp_path / "file").write_text("")
+    cfg = ScorerConfig(backend="perspective", cache_dir=str(tmp_path / "file" / "scores"))
+    for call in (scoring.check, scoring.get_scorer):  # the runner's check before any stage, and the stage's own
+        with pytest.raises(ConfigError) as e:
+            call(cfg)
+        assert "cache_dir" in str(e.value) and "writable folder" in str(e.value) and "\n" not in str(e.value)
 
 
 def test_perspective_without_key_is_a_one_line_error(monkeypatch):
