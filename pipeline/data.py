@@ -8,8 +8,10 @@ problem and the fix.
 from __future__ import annotations
 
 import csv
+import gzip
 import io
 import json
+import math
 import random
 import re
 from pathlib import Path
@@ -37,6 +39,8 @@ def resolve(kind: str, value: str, world_dir: Path | None) -> Path:
 
 def local_file(kind: str, value: str) -> Path:
     path = Path(value)
+    if path.is_dir():
+        raise DataError(f"[data] {kind} = {value!r} is a folder; give the data file inside it")
     if not path.is_file():
         raise DataError(f"[data] {kind} file {path} not found; give an existing file or 'world'")
     return path
@@ -49,6 +53,8 @@ def from_hub(kind: str, value: str) -> Path:
     import datasets
 
     name, config, split = (value[len(HUB):].split(":") + ["", ""])[:3]
+    if not name:
+        raise DataError(f"[data] {kind} = {value!r} names no dataset; write hf:NAME[:CONFIG[:SPLIT]]")
     out = Path(datasets.config.HF_DATASETS_CACHE) / "dpo-neurons" / (
         re.sub(r"[^A-Za-z0-9._-]+", "_", f"{name}_{config}_{split or 'train'}") + Path(WORLD_FILES[kind]).suffix)
     if out.is_file():
@@ -83,22 +89,64 @@ def model_path(value: str, world_dir: Path | None) -> str:
 
 
 def _read(path: Path) -> str:
+    """The file's text: UTF-8, with or without the byte-order mark that Excel and Windows tools write;
+    gzip-compressed files (.jsonl.gz as datasets are shipped) are read through."""
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as e:
+            raise DataError(f"{path} is a damaged gzip file ({e}); download it again") from None
+    elif raw[:4] == b"PK\x03\x04":
+        raise DataError(f"{path} is a zip archive; unzip it and give the file inside")
     try:
-        return path.read_text(encoding="utf-8")
+        return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise DataError(f"{path} is not UTF-8 text (byte {e.start}); re-encode it as UTF-8") from None
 
 
-def _jsonl(path: Path) -> list[dict]:
-    rows = []
+def _lines(text: str) -> list[str]:
     # split on "\n" only: splitlines() also breaks at U+2028/U+2029/U+0085, which hub datasets write unescaped
-    for n, line in enumerate(_read(path).split("\n"), 1):
+    return [line.removesuffix("\r") for line in text.split("\n")]
+
+
+def _jsonl(path: Path) -> list[tuple[int, dict]]:
+    """(line number, object) of every non-blank line."""
+    rows = []
+    for n, line in enumerate(_lines(_read(path)), 1):
         if line.strip():
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError:
-                raise DataError(f"{path} line {n} is not valid JSON; fix or remove that line") from None
+                hint = " (a JSON array converts to JSONL with jq -c '.[]')" if n == 1 and line.lstrip().startswith("[") else ""
+                raise DataError(f"{path} line {n} is not valid JSON; fix or remove that line{hint}") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path} line {n} is a JSON {type(row).__name__}, not an object; JSONL needs one "
+                                "object per line (a JSON array converts with jq -c '.[]')")
+            rows.append((n, row))
     return rows
+
+
+_TRUE, _FALSE = {"true", "yes", "1"}, {"false", "no", "0", ""}
+
+
+def _label(value: str) -> int | None:
+    """0/1 from a label cell: 0/1, a probability in [0, 1] (>= 0.5 is toxic), or true/false/yes/no;
+    None for an empty cell (an unlabelled row)."""
+    text = (value or "").strip().lower()
+    if not text:
+        return None
+    if text in ("true", "yes"):
+        return 1
+    if text in ("false", "no"):
+        return 0
+    try:
+        x = float(text)
+    except ValueError:
+        x = math.nan
+    if not 0.0 <= x <= 1.0:  # NaN too
+        raise ValueError(value)
+    return int(x >= 0.5)
 
 
 def load_probe(path: Path, max_examples: int, seed: int) -> tuple[list[str], list[int]]:
@@ -106,18 +154,26 @@ def load_probe(path: Path, max_examples: int, seed: int) -> tuple[list[str], lis
     reader = csv.DictReader(io.StringIO(_read(path), newline=""))  # keeps newlines inside quoted comments
     missing = {"comment_text", "toxic"} - set(reader.fieldnames or [])
     if missing:
-        raise DataError(f"{path} lacks column(s) {', '.join(sorted(missing))}; the probe CSV needs comment_text and toxic")
+        found = ", ".join(reader.fieldnames or []) or "nothing"
+        hint = "; Jigsaw's unintended-bias file calls it target: rename that column" if "target" in (reader.fieldnames or []) else ""
+        raise DataError(f"{path} lacks column(s) {', '.join(sorted(missing))} (found: {found[:200]}); the probe CSV needs "
+                        f"comma-separated comment_text and toxic{hint}")
     by_label: dict[int, list[str]] = {0: [], 1: []}
-    for row in reader:
-        text = (row["comment_text"] or "").strip()
-        try:
-            label = int(float(row["toxic"]) >= 0.5)
-        except (TypeError, ValueError):
-            continue
-        if text:
-            by_label[label].append(text)
-    if not by_label[0] or not by_label[1]:
-        raise DataError(f"{path} needs both toxic and non-toxic rows with text; found {len(by_label[1])} toxic, {len(by_label[0])} not")
+    try:
+        for row in reader:
+            text = (row["comment_text"] or "").strip()
+            try:
+                label = _label(row["toxic"])
+            except ValueError:
+                raise DataError(f"{path} line {reader.line_num}: toxic = {row['toxic']!r} is not a label; give 0/1, "
+                                "a probability in [0, 1] or true/false") from None
+            if text and label is not None:
+                by_label[label].append(text)
+    except csv.Error as e:  # an unbalanced quote swallows the rest of the file into one field
+        raise DataError(f"{path} line {reader.line_num} is not valid CSV ({e}); look for an unbalanced quote") from None
+    if len(by_label[0]) < 2 or len(by_label[1]) < 2:
+        raise DataError(f"{path} needs at least two toxic and two non-toxic rows with text, to train and validate the "
+                        f"probe; found {len(by_label[1])} toxic, {len(by_label[0])} not")
     r = random.Random(seed)
     half = max_examples // 2
     picked = [(t, 1) for t in r.sample(by_label[1], min(half, len(by_label[1])))]
@@ -129,12 +185,17 @@ def load_probe(path: Path, max_examples: int, seed: int) -> tuple[list[str], lis
 def load_prompts(path: Path, challenging_only: bool, max_prompts: int) -> list[str]:
     """Prompt texts from RealToxicityPrompts-style JSONL ({"prompt": {"text": ...}, "challenging": ...})."""
     prompts = []
-    for row in _jsonl(path):
+    for n, row in _jsonl(path):
         prompt = row.get("prompt")
         text = prompt.get("text") if isinstance(prompt, dict) else prompt
         if not isinstance(text, str):
-            raise DataError(f"{path}: a row has no prompt text; each line needs {{\"prompt\": {{\"text\": ...}}}}")
-        if text.strip() and (row.get("challenging", False) or not challenging_only):
+            raise DataError(f"{path} line {n} has no prompt text; each line needs {{\"prompt\": {{\"text\": ...}}}}")
+        challenging = row.get("challenging")
+        if isinstance(challenging, str) and challenging.strip().lower() in _TRUE | _FALSE:
+            challenging = challenging.strip().lower() in _TRUE
+        if challenging not in (None, True, False, 0, 1):
+            raise DataError(f"{path} line {n}: challenging = {challenging!r}; give true, false or leave it out")
+        if text.strip() and (challenging or not challenging_only):
             prompts.append(text)
     if not prompts:
         raise DataError(f"{path} has no usable prompts" + (" flagged challenging; set [data] challenging_only = false" if challenging_only else ""))
@@ -150,24 +211,31 @@ def load_pairs(path: Path, max_pairs: int) -> list[dict]:
     """Preference pairs from JSONL with prompt, chosen, rejected (or Lee et al.'s prompt_text,
     unpert_gen_text, pert_gen_text)."""
     pairs = []
-    for n, r in enumerate(_jsonl(path), 1):
-        if set(LEE_FIELDS) <= set(r):
+    for n, r in _jsonl(path):
+        lee = set(LEE_FIELDS) <= set(r)
+        if lee:
             r = {new: r[old] for old, new in LEE_FIELDS.items()}
-            r.update({k: r[k][len(r["prompt"]):] for k in ("chosen", "rejected") if r[k].startswith(r["prompt"])})
         if not {"prompt", "chosen", "rejected"} <= set(r):
-            raise DataError(f"{path} row {n} needs keys prompt, chosen, rejected (or prompt_text, unpert_gen_text, "
+            raise DataError(f"{path} line {n} needs keys prompt, chosen, rejected (or prompt_text, unpert_gen_text, "
                             f"pert_gen_text); found {', '.join(sorted(r))}")
-        if r["chosen"] and r["rejected"]:  # a pair with an empty side teaches nothing
+        wrong = [k for k in ("prompt", "chosen", "rejected") if not isinstance(r[k], str)]
+        if wrong:
+            raise DataError(f"{path} line {n}: {', '.join(wrong)} must be text, not {type(r[wrong[0]]).__name__} (chat "
+                            "messages included); write each as one string")
+        if lee:
+            r.update({k: r[k][len(r["prompt"]):] for k in ("chosen", "rejected") if r[k].startswith(r["prompt"])})
+        # a pair with an empty side, or the same text on both, teaches nothing
+        if r["chosen"].strip() and r["rejected"].strip() and r["chosen"] != r["rejected"]:
             pairs.append({"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]})
     if not pairs:
-        raise DataError(f"{path} has no usable pairs (prompt, chosen, rejected all non-empty)")
+        raise DataError(f"{path} has no usable pairs (prompt, chosen, rejected non-empty, chosen != rejected)")
     return pairs[:max_pairs]
 
 
 def load_text(path: Path) -> list[str]:
-    """Non-empty lines of a text file (WikiText-2 style: headings and blank lines are skipped)."""
-    lines = [line.strip() for line in _read(path).splitlines()]
-    lines = [line for line in lines if line and not line.startswith("=")]
+    """Non-empty lines of a text file (WikiText-2 style: headings, " = Title = ", and blank lines are skipped)."""
+    lines = [line.strip() for line in _lines(_read(path))]
+    lines = [line for line in lines if line and not (line.startswith("=") and line.endswith("="))]
     if not lines:
         raise DataError(f"{path} has no text lines")
     return lines

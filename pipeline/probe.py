@@ -51,6 +51,13 @@ def fit(x: np.ndarray, y: np.ndarray, cfg: ProbeConfig) -> tuple[np.ndarray, dic
     order = np.random.default_rng(cfg.seed).permutation(len(y))
     n_val = max(1, int(len(y) * cfg.val_fraction))
     val, train = order[:n_val], order[n_val:]
+    if len(np.unique(y[val])) < 2 or len(np.unique(y[train])) < 2:
+        # A rare class fell all on one side (nothing to fit, or no ROC-AUC): split each class alike instead.
+        # Only then, so that a usual split, and every result downstream of it, stays what it was.
+        parts = [order[y[order] == c] for c in np.unique(y)]
+        cut = [min(len(p) - 1, max(1, round(len(p) * cfg.val_fraction))) for p in parts]
+        val = np.concatenate([p[:k] for p, k in zip(parts, cut)])
+        train = np.concatenate([p[k:] for p, k in zip(parts, cut)])
     mu, sigma = x[train].mean(0), x[train].std(0) + 1e-6
     clf = LogisticRegression(C=cfg.l2, max_iter=5000).fit((x[train] - mu) / sigma, y[train])
     w = clf.coef_[0] / sigma  # x . w = standardised logit up to a constant

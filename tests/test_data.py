@@ -34,8 +34,10 @@ def test_probe_csv_missing_column(tmp_path):
 
 
 def test_probe_csv_with_one_class_only(tmp_path):
-    with pytest.raises(DataError, match="both toxic and non-toxic"):
+    with pytest.raises(DataError, match="two toxic and two non-toxic"):
         data.load_probe(write(tmp_path, "p.csv", "comment_text,toxic\na,0\nb,0\n"), 10, 0)
+    with pytest.raises(DataError, match="found 1 toxic, 2 not"):  # one toxic row can be trained on or validated, not both
+        data.load_probe(write(tmp_path, "p.csv", "comment_text,toxic\na,0\nb,0\nc,1\n"), 10, 0)
 
 
 def test_rtp_jsonl_challenging_filter_and_limit(tmp_path):
@@ -100,9 +102,9 @@ def test_unknown_model_is_a_one_line_error(tmp_path):
 
 
 def test_jigsaw_csv_skips_blank_lines_and_unlabelled_rows(tmp_path):
-    rows = 'comment_text,toxic\n"you idiot",1\n\n"",0\n"nice day",\n"a fine day",0\n"what a moron",true\n'
+    rows = 'comment_text,toxic\n"you idiot",1\n\n"",0\n"nice day",\n"a fine day",0\n"what a moron",true\n"calm",0\n'
     texts, labels = data.load_probe(write(tmp_path, "train.csv", rows), max_examples=10, seed=0)
-    assert sorted(zip(texts, labels)) == [("a fine day", 0), ("you idiot", 1)]
+    assert sorted(zip(texts, labels)) == [("a fine day", 0), ("calm", 0), ("what a moron", 1), ("you idiot", 1)]
     with pytest.raises(DataError) as e:
         data.load_probe(write(tmp_path, "empty.csv", ""), 10, 0)
     assert "comment_text" in one_line(e)
@@ -167,9 +169,9 @@ def test_line_and_paragraph_separators_inside_json_strings_stay_in_the_text(tmp_
 
 
 def test_multi_line_quoted_comment_keeps_its_line_break(tmp_path):
-    rows = 'comment_text,toxic\n"first line\nsecond line",1\nplain,0\n'
+    rows = 'comment_text,toxic\n"first line\nsecond line",1\nplain,0\nrude,1\nfine,0\n'
     texts, labels = data.load_probe(write(tmp_path, "train.csv", rows), max_examples=10, seed=0)
-    assert dict(zip(texts, labels)) == {"first line\nsecond line": 1, "plain": 0}
+    assert dict(zip(texts, labels)) == {"first line\nsecond line": 1, "plain": 0, "rude": 1, "fine": 0}
 
 
 def test_lee_et_al_pairs_map_to_prompt_chosen_rejected_without_the_repeated_prompt(tmp_path):
@@ -179,3 +181,99 @@ def test_lee_et_al_pairs_map_to_prompt_chosen_rejected_without_the_repeated_prom
     path = write(tmp_path, "split_0.jsonl", "\n".join(json.dumps(r) for r in rows) + "\n")
     assert data.load_pairs(path, 10) == [{"prompt": "The cat", "chosen": " sat down.", "rejected": " is vile."},
                                          {"prompt": "A", "chosen": " fine", "rejected": " bad"}]
+
+
+def test_labels_read_as_written_and_bad_ones_named(tmp_path):
+    """Hub datasets written out as CSV say True/False; Jigsaw's unintended-bias scores are fractions."""
+    rows = "comment_text,toxic\na,True\nb,False\nc,yes\nd,no\ne,0.7\nf,0.2\ng,1.0\nh,0.0\n"
+    texts, labels = data.load_probe(write(tmp_path, "p.csv", rows), 10, 0)
+    assert sorted(zip(texts, labels)) == [("a", 1), ("b", 0), ("c", 1), ("d", 0), ("e", 1), ("f", 0), ("g", 1), ("h", 0)]
+    for bad in ("nan", "2", "-1", "toxic!"):
+        with pytest.raises(DataError) as e:
+            data.load_probe(write(tmp_path, "p.csv", rows + f"x,{bad}\n"), 10, 0)
+        assert "line 10" in one_line(e) and repr(bad) in str(e.value)
+
+
+def test_byte_order_mark_and_gzip_are_read_through_and_zip_is_named(tmp_path):
+    import gzip
+    import zipfile
+
+    csv_text = "comment_text,toxic\na,1\nb,1\nc,0\nd,0\n"
+    assert len(data.load_probe(write(tmp_path, "bom.csv", "\ufeff" + csv_text), 10, 0)[0]) == 4  # Excel's "CSV UTF-8"
+    jsonl = json.dumps({"prompt": {"text": "p"}, "challenging": True}) + "\n"
+    assert data.load_prompts(write(tmp_path, "bom.jsonl", "\ufeff" + jsonl), True, 10) == ["p"]
+    assert data.load_text(write(tmp_path, "bom.txt", "\ufeff = Heading =\nbody\n")) == ["body"]
+    assert data.load_prompts(write(tmp_path, "rtp.jsonl.gz", gzip.compress(jsonl.encode())), True, 10) == ["p"]
+    with zipfile.ZipFile(tmp_path / "train.csv.zip", "w") as z:
+        z.writestr("train.csv", csv_text)
+    with pytest.raises(DataError) as e:
+        data.load_probe(tmp_path / "train.csv.zip", 10, 0)
+    assert "zip archive; unzip it" in one_line(e)
+
+
+def test_csv_with_an_unbalanced_quote_names_the_line(tmp_path):
+    rows = 'comment_text,toxic\na,1\nb,0\n"broken,1\n' + "".join(f"text {i} " * 20 + ",0\n" for i in range(2000))
+    with pytest.raises(DataError) as e:
+        data.load_probe(write(tmp_path, "p.csv", rows), 10, 0)
+    assert "unbalanced quote" in one_line(e)
+
+
+def test_missing_column_says_what_was_found(tmp_path):
+    with pytest.raises(DataError) as e:
+        data.load_probe(write(tmp_path, "p.csv", "id,comment_text,target\n1,a,0.8\n"), 10, 0)
+    assert "found: id, comment_text, target" in one_line(e) and "rename" in str(e.value)
+    with pytest.raises(DataError) as e:
+        data.load_probe(write(tmp_path, "p.csv", "comment_text;toxic\na;1\n"), 10, 0)
+    assert "found: comment_text;toxic" in one_line(e) and "comma-separated" in str(e.value)
+
+
+@pytest.mark.parametrize("line", ["null", "[1, 2]", '"text"', "5"])
+def test_jsonl_line_that_is_not_an_object_is_named(tmp_path, line):
+    for load in (lambda p: data.load_prompts(p, False, 10), lambda p: data.load_pairs(p, 10)):
+        with pytest.raises(DataError) as e:
+            load(write(tmp_path, "x.jsonl", '{"prompt": "a", "chosen": "b", "rejected": "c"}\n' + line + "\n"))
+        assert "line 2" in one_line(e) and "not an object" in str(e.value)
+
+
+def test_a_json_array_file_says_how_to_convert_it(tmp_path):
+    path = write(tmp_path, "pairs.json", json.dumps([{"prompt": "a", "chosen": "b", "rejected": "c"}], indent=1))
+    with pytest.raises(DataError) as e:
+        data.load_pairs(path, 10)
+    assert "jq -c" in one_line(e)
+
+
+def test_pairs_need_text_on_both_sides_and_different_texts(tmp_path):
+    good = {"prompt": "p", "chosen": " kind", "rejected": " rude"}
+    rows = [good, {"prompt": "p", "chosen": " same", "rejected": " same"}, {"prompt": "p", "chosen": "  ", "rejected": " x"}]
+    path = write(tmp_path, "pairs.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    assert data.load_pairs(path, 10) == [good]
+    for bad in ({"prompt": "p", "chosen": 5, "rejected": "x"}, {"prompt": None, "chosen": "a", "rejected": "x"},
+                {"prompt": "p", "chosen": [{"role": "assistant", "content": "a"}], "rejected": "x"},
+                {"prompt_text": "p", "unpert_gen_text": None, "pert_gen_text": "p x"}):
+        with pytest.raises(DataError) as e:
+            data.load_pairs(write(tmp_path, "bad.jsonl", json.dumps(good) + "\n" + json.dumps(bad) + "\n"), 10)
+        assert "line 2" in one_line(e) and "must be text" in str(e.value)
+
+
+def test_challenging_written_as_a_string_is_read_as_meant(tmp_path):
+    rows = [{"prompt": {"text": "a"}, "challenging": "false"}, {"prompt": {"text": "b"}, "challenging": "True"},
+            {"prompt": {"text": "c"}, "challenging": None}, {"prompt": {"text": "d"}, "challenging": 1}]
+    path = write(tmp_path, "rtp.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    assert data.load_prompts(path, True, 10) == ["b", "d"]
+    with pytest.raises(DataError) as e:
+        data.load_prompts(write(tmp_path, "bad.jsonl", json.dumps({"prompt": {"text": "a"}, "challenging": "maybe"})), True, 10)
+    assert "line 1" in one_line(e) and "'maybe'" in str(e.value)
+
+
+def test_a_folder_or_an_empty_hub_name_is_named(tmp_path):
+    with pytest.raises(DataError) as e:
+        data.resolve("probe", str(tmp_path), None)
+    assert "is a folder" in one_line(e)
+    with pytest.raises(DataError) as e:
+        data.resolve("prompts", "hf:", None)
+    assert "names no dataset" in one_line(e)
+
+
+def test_only_whole_headings_are_skipped(tmp_path):
+    path = write(tmp_path, "wiki.txt", " = Valkyria Chronicles = \n = = Gameplay = = \n= 5 apples were sold .\nbody\r\n")
+    assert data.load_text(path) == ["= 5 apples were sold .", "body"]

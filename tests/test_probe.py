@@ -29,6 +29,16 @@ def test_fit_recovers_a_planted_direction():
     assert shrunk @ w / np.linalg.norm(shrunk) / np.linalg.norm(w) > 0.9
 
 
+def test_a_rare_class_lands_on_both_sides_of_the_split():
+    """Two toxic texts of ten, half held out: a plain random split puts both on one side for many seeds,
+    leaving nothing to fit or no ROC-AUC; every seed must give a probe with both."""
+    x = np.arange(10.0)[:, None] * np.array([[1.0, -0.5]])
+    y = np.array([1, 1, 0, 0, 0, 0, 0, 0, 0, 0])
+    for seed in range(20):
+        _, metrics = probe.fit(x, y, ProbeConfig(val_fraction=0.5, seed=seed))
+        assert np.isfinite(metrics["val_roc_auc"]) and metrics["n_train"] + metrics["n_val"] == 10, seed
+
+
 def test_mean_residual_matches_a_plain_hf_forward(tiny_gpt2):
     """Independent of the bridge: hook the HF model's last block output, average the text's tokens."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
