@@ -36,7 +36,8 @@ for col, row in zip(c[1:3], tox.filter(tox["variant"].is_in(["base", "dpo"])).it
     col.metric(f"Toxicity, {row['variant']} model", f"{row['toxicity']:.3f}",
                help=f"Mean over {row['n']} continuations ({row['scorer']}); {row['toxic_share']:.0%} above 0.5.")
 if attr:
-    c[3].metric("Neurons for 50% of the reduction", f"{attr['n_for_50']:,}", help=f"of {attr['n_neurons']:,} MLP neurons")
+    c[3].metric("Neurons for 50% of the net reduction", f"{attr['n_for_50']:,}",
+                help=f"of {attr['n_neurons']:,} MLP neurons, largest delta first (the cumulative curve, against R)")
 
 if attr is None or groups.height == 0:
     st.info("This run has no attribution yet: its pipeline stopped before the `attribute` stage.")

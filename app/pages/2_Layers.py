@@ -32,6 +32,8 @@ if by_group.height:
                             key="layer_groups")
     picked = by_group.filter(by_group["group_code"].is_in(groups))
     st.altair_chart(charts.layer_groups(picked), width="stretch")
-    st.caption("Sum of delta over each group's neurons in each layer; reducing groups are positive, increasing negative.")
+    st.caption("Sum of delta over each group's neurons in each layer; reducing groups are positive, increasing negative. "
+               "Groups follow the change of activation (dact) and delta also carries DPO's change of the value vectors, "
+               "so a neuron's delta can have the other sign (in the demo run one in ten, carrying 0.6% of |delta|).")
     st.dataframe(picked.pivot(on="group_code", index="layer", values="sum_delta").sort("layer"),
                  hide_index=True, width="stretch")

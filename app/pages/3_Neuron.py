@@ -42,7 +42,8 @@ st.markdown(f"### L{layer}.N{neuron} · group **{row['group_code']}** · rank {r
 c = st.columns(6)
 c[0].metric("cos", f"{row['cos']:.3f}", help=f"Rank {row['cos_rank']:,} by cos (most toxic-aligned first).")
 c[1].metric("act", f"{row['act']:.4f}", help="Mean activation over generated tokens, base model.")
-c[2].metric("act_dpo", f"{row['act_dpo']:.4f}", delta=f"{row['act_dpo'] - row['act']:+.4f}", delta_color="off")
+c[2].metric("act_dpo", f"{row['act_dpo']:.4f}", delta=f"{row['act_dpo'] - row['act']:+.4f}", delta_color="off",
+            help="Mean activation over generated tokens, DPO model; the arrow is act_dpo - act, that is -dact.")
 c[3].metric("proj", f"{row['proj']:.5f}")
 c[4].metric("proj_dpo", f"{row['proj_dpo']:.5f}")
 c[5].metric("delta", f"{row['delta']:.5f}", help="proj - proj_dpo: positive means this neuron lowered toxicity.")
