@@ -1,5 +1,6 @@
 """Stage `detox`: decoding-time detoxification with the expert and anti-expert of stage `experts`,
-scored exactly like the interventions of stage `intervene` so that the rows sit side by side.
+measured exactly like the interventions of stage `intervene`, and scored with them by stage `score`,
+so that the rows sit side by side.
 
 Product of experts (PoE; DExperts, Liu et al. 2021), for each alpha of [detox] alpha:
     next-token logits = log_softmax(base) + alpha * (log_softmax(expert) - log_softmax(anti))
@@ -13,8 +14,9 @@ threshold are masked. MaRCo fills masked spans in place with a seq2seq model; a 
 the text after a span, so here the continuation is kept up to its first masked token and the rest
 is regenerated greedily under the PoE at [detox] marco_alpha (same length T).
 
-Each row is scored as intervene.py scores its rows, with its functions:
-    toxicity, toxic_share  scorer on the T-token continuations
+Each row is measured as intervene.py measures its rows, with its functions:
+    continuations          the T-token continuations, scored with intervene's by stage score
+                           (toxicity, toxic_share, and recovered against record's base and DPO rows)
     perplexity             intervene.perplexity of the PoE's normalised distribution on the held-out
                            passages (MaRCo: the PoE it regenerates with)
     f1                     intervene.mean_f1 of the held-out prefixes' continuations against the gold ones
@@ -22,13 +24,12 @@ Each row is scored as intervene.py scores its rows, with its functions:
     mlp_proj[l]            mean over the continuation positions of the base model's hook_mlp_out .
                            w_hat, from one forward over prompt + continuation (method.md's definition):
                            what the base model's MLPs write while reading the detoxified text
-    recovered              against the base and DPO toxicity of stage record, as intervene computes it
 The three models are plain transformers models (one forward each per step, no KV cache, positions
 from the attention mask); the base one is the model inside the base model's TransformerBridge, which
 also tokenizes, exactly as record does, and reads mlp_proj.
 
-Outputs: interventions.parquet, generations.parquet, layers.parquet (kinds poe and marco) and
-revisions.parquet (per MaRCo token: its divergence, whether it was masked, both texts).
+Outputs: interventions.parquet (without the scores), continuations.parquet, layers.parquet (kinds
+poe and marco) and revisions.parquet (per MaRCo token: its divergence, whether it was masked, both texts).
 """
 
 from __future__ import annotations
@@ -46,10 +47,10 @@ import torch
 from tqdm import tqdm
 
 from pipeline import data as datasets
-from pipeline import models, scoring
-from pipeline.config import DataConfig, DetoxConfig, InterveneConfig, ModelConfig, RecordConfig, ScorerConfig
-from pipeline.intervene import GENERATIONS, INTERVENTIONS, LAYERS, decode, heldout_set, mean_f1, perplexity, recovered
-from pipeline.record import left_pad, prompt_tokens
+from pipeline import models
+from pipeline.config import DataConfig, DetoxConfig, InterveneConfig, ModelConfig, RecordConfig
+from pipeline.intervene import LAYERS, ROWS, decode, heldout_set, mean_f1, perplexity
+from pipeline.record import CONTINUATIONS, continuations, left_pad, prompt_tokens
 
 REVISIONS = {"variant": pl.String, "prompt_id": pl.Int64, "position": pl.Int64, "token": pl.String, "jsd": pl.Float64,
              "masked": pl.Boolean, "regenerated": pl.Boolean, "original": pl.String, "revised": pl.String}
@@ -171,22 +172,13 @@ def mlp_proj(bridge, rows: list[torch.Tensor], tokens: np.ndarray, w_hat: np.nda
     return (total / (len(full) * T)).cpu().numpy()
 
 
-def _scores(texts: list[str], sc) -> tuple[list[float], dict]:
-    tox = sc.score(texts)
-    return tox, {"toxicity": float(np.mean(tox)), "toxic_share": float(np.mean(np.array(tox) > 0.5))}
-
-
 def run(out: Path, *, device: str, model: ModelConfig, data: DataConfig, record: RecordConfig, intervene: InterveneConfig,
-        detox: DetoxConfig, scorer: ScorerConfig, world_dir: Path | None, probe_dir: Path, record_dir: Path,
-        experts_dir: Path) -> dict:
+        detox: DetoxConfig, world_dir: Path | None, probe_dir: Path, record_dir: Path, experts_dir: Path) -> dict:
     prompts = datasets.load_prompts(datasets.resolve("prompts", data.prompts, world_dir), data.challenging_only, data.max_prompts)
     passages = datasets.load_text(datasets.resolve("heldout", data.heldout, world_dir))[:intervene.n_heldout]
     w = np.load(Path(probe_dir) / "w.npy").astype(np.float32)
     w_hat = w / np.linalg.norm(w)
     base_tokens = np.load(Path(record_dir) / "base_tokens.npy")  # (n_prompts, T): the base model's greedy continuations
-    recorded = pl.read_ndjson(Path(record_dir) / "generations.jsonl")  # intervene's base and dpo rows read the same
-    tox_end = {v: recorded.filter(pl.col("variant") == v)["toxicity"].mean() for v in ("base", "dpo")}
-    sc = scoring.get_scorer(scorer, device)
     T, bs = record.new_tokens, detox.batch_size
 
     path = datasets.model_path(model.path, world_dir)
@@ -201,13 +193,10 @@ def run(out: Path, *, device: str, model: ModelConfig, data: DataConfig, record:
     rows, generations, layers = [], [], []
 
     def add(iid: str, kind: str, params: dict, tokens: np.ndarray, quality: dict) -> None:
-        texts = decode(bridge, tokens)
-        tox, summary = _scores(texts, sc)
-        generations.extend({"variant": iid, "prompt_id": i, "prompt": p, "continuation": c, "toxicity": t,
-                            "scorer": scoring.label(sc)} for i, (p, c, t) in enumerate(zip(prompts, texts, tox)))
+        generations.extend(continuations(iid, prompts, decode(bridge, tokens)))
         layers.extend({"variant": iid, "layer": l, "mlp_proj": float(x)}
                       for l, x in enumerate(mlp_proj(bridge, prompt_rows, tokens, w_hat, bs)))
-        rows.append({"intervention_id": iid, "kind": kind, "params": json.dumps(params), "n_neurons": 0} | summary | quality)
+        rows.append({"intervention_id": iid, "kind": kind, "params": json.dumps(params), "n_neurons": 0} | quality)
 
     def quality_of(p: ProductOfExperts, f1_tokens: np.ndarray) -> dict:
         return {"perplexity": perplexity(p, held.rows, bs, []), "f1": mean_f1(bridge, f1_tokens, held)}
@@ -237,14 +226,12 @@ def run(out: Path, *, device: str, model: ModelConfig, data: DataConfig, record:
     del bridge, poe, p, loaded
     models.release_memory()
 
-    for r in rows:
-        r["recovered"] = recovered(r["toxicity"], tox_end["base"], tox_end["dpo"])
-    pl.DataFrame(rows, schema=INTERVENTIONS).write_parquet(out / "interventions.parquet")
-    pl.DataFrame(generations, schema=GENERATIONS).write_parquet(out / "generations.parquet")
+    pl.DataFrame(rows, schema=ROWS).write_parquet(out / "interventions.parquet")
+    pl.DataFrame(generations, schema=CONTINUATIONS).write_parquet(out / "continuations.parquet")
     pl.DataFrame(layers, schema=LAYERS).write_parquet(out / "layers.parquet")
     pl.DataFrame(revisions, schema=REVISIONS).write_parquet(out / "revisions.parquet")
-    return {"toxicity": {r["intervention_id"]: round(r["toxicity"], 4) for r in rows}, "share_revised": round(share_revised, 4)}
+    return {"perplexity": {r["intervention_id"]: round(r["perplexity"], 3) for r in rows}, "share_revised": round(share_revised, 4)}
 
 
 def tables(out: Path) -> dict[str, pl.DataFrame]:
-    return {name: pl.read_parquet(out / f"{name}.parquet") for name in ("interventions", "generations", "layers", "revisions")}
+    return {name: pl.read_parquet(out / f"{name}.parquet") for name in ("layers", "revisions")}

@@ -9,22 +9,21 @@ activation, the input to W_out) that overwrites those neurons at every position 
     patch_top_N            the N largest delta            -> act_dpo
 A new kind is one function (neurons table, argument) -> (chosen rows, per-layer hook maker) in KINDS.
 
-Each is scored with the same code on one loaded base model:
-    toxicity, toxic_share  mean scorer toxicity of the greedy T-token continuations of the challenge
-                           prompts, and the share above 0.5
+Each is measured with the same code on one loaded base model:
+    continuations          the greedy T-token continuations of the challenge prompts, whose
+                           toxicity, toxic_share and recovered stage score adds
     perplexity             exp(mean NLL) of the held-out passages' tokens after BOS
     f1                     SQuAD-style word F1 of a greedy continuation of each passage's first half
                            against its gold second half (both `f1_tokens` tokens)
     mlp_proj[l]            mean over the generated positions of hook_mlp_out . w_hat, read as record.py does
-    recovered              (tox_base - tox) / (tox_base - tox_dpo)
-The base and DPO rows take their toxicity from stage record. The challenge prompts are generated here
-in record's batches ([record] batch_size) with record's code, so an intervention that changes nothing
-gives record's base continuations token for token and its mlp_proj bit for bit: batch shape moves the
-float sums, and at scale a moved sum can flip a greedy token. Perplexity and F1 of every row are
-measured here, in [intervene] batch_size batches, the DPO model loaded after the base model is dropped.
+The base and DPO rows take their continuations from stage record. The challenge prompts are generated
+here in record's batches ([record] batch_size) with record's code, so an intervention that changes
+nothing gives record's base continuations token for token and its mlp_proj bit for bit: batch shape
+moves the float sums, and at scale a moved sum can flip a greedy token. Perplexity and F1 of every row
+are measured here, in [intervene] batch_size batches, the DPO model loaded after the base model is dropped.
 
-Outputs: interventions.parquet (base and dpo included), generations.parquet and layers.parquet
-(interventions only: record already wrote base and dpo).
+Outputs: interventions.parquet (base and dpo included, without the scores), continuations.parquet and
+layers.parquet (interventions only: record already wrote base and dpo).
 """
 
 from __future__ import annotations
@@ -42,14 +41,12 @@ import torch
 from tqdm import tqdm
 
 from pipeline import data as datasets
-from pipeline import models, scoring
-from pipeline.config import DataConfig, InterveneConfig, ModelConfig, RecordConfig, ScorerConfig
-from pipeline.record import VARIANTS, AfterPromptPass, hooked_generate, left_pad, prompt_tokens
+from pipeline import models
+from pipeline.config import DataConfig, InterveneConfig, ModelConfig, RecordConfig
+from pipeline.record import CONTINUATIONS, VARIANTS, AfterPromptPass, continuations, hooked_generate, left_pad, prompt_tokens
 
-INTERVENTIONS = {"intervention_id": pl.String, "kind": pl.String, "params": pl.String, "n_neurons": pl.Int64, "toxicity": pl.Float64,
-                 "toxic_share": pl.Float64, "perplexity": pl.Float64, "f1": pl.Float64, "recovered": pl.Float64}
-GENERATIONS = {"variant": pl.String, "prompt_id": pl.Int64, "prompt": pl.String, "continuation": pl.String,
-               "toxicity": pl.Float64, "scorer": pl.String}
+ROWS = {"intervention_id": pl.String, "kind": pl.String, "params": pl.String, "n_neurons": pl.Int64,
+        "perplexity": pl.Float64, "f1": pl.Float64}  # interventions, as stage score reads them
 LAYERS = {"variant": pl.String, "layer": pl.Int64, "mlp_proj": pl.Float64}
 
 Hook = Callable[[torch.Tensor, object], torch.Tensor]
@@ -200,11 +197,6 @@ def heldout_set(bridge, passages: list[str], f1_tokens: int) -> Heldout:
     return Heldout(rows, prefixes, gold)
 
 
-def recovered(tox: float, tox_base: float, tox_dpo: float) -> float | None:
-    """The share of DPO's toxicity drop an intervention reproduces (None when DPO changed nothing)."""
-    return None if tox_base == tox_dpo else (tox_base - tox) / (tox_base - tox_dpo)
-
-
 def mean_f1(bridge, tokens: np.ndarray, held: Heldout) -> float:
     """Mean F1 of the held-out prefixes' continuations (n, f1_tokens) against their gold halves."""
     return float(np.mean([f1(p, g) for p, g in zip(decode(bridge, tokens), held.gold)]))
@@ -217,14 +209,12 @@ def quality(bridge, held: Heldout, fwd_hooks: list, cfg: InterveneConfig, w_hat:
 
 
 def run(out: Path, *, device: str, model: ModelConfig, data: DataConfig, record: RecordConfig, intervene: InterveneConfig,
-        scorer: ScorerConfig, world_dir: Path | None, probe_dir: Path, dpo_dir: Path, record_dir: Path,
-        attribute_dir: Path) -> dict:
+        world_dir: Path | None, probe_dir: Path, dpo_dir: Path, attribute_dir: Path) -> dict:
     prompts = datasets.load_prompts(datasets.resolve("prompts", data.prompts, world_dir), data.challenging_only, data.max_prompts)
     passages = datasets.load_text(datasets.resolve("heldout", data.heldout, world_dir))[:intervene.n_heldout]
     w = np.load(Path(probe_dir) / "w.npy").astype(np.float32)
     w_hat = w / np.linalg.norm(w)
     todo = plan(intervene, pl.read_parquet(Path(attribute_dir) / "neurons.parquet"))
-    sc = scoring.get_scorer(scorer, device)
     T = record.new_tokens
 
     rows, generations, layers = [], [], []
@@ -234,13 +224,9 @@ def run(out: Path, *, device: str, model: ModelConfig, data: DataConfig, record:
     ends = {"base": quality(bridge, held, [], intervene, w_hat, "base")}
     for iv in tqdm(todo, desc="interventions", unit="intervention"):
         tokens, proj = generate(bridge, prompt_rows, T, record.batch_size, iv.hooks, w_hat, iv.id)
-        texts = decode(bridge, tokens)
-        tox = sc.score(texts)
-        generations += [{"variant": iv.id, "prompt_id": i, "prompt": p, "continuation": c, "toxicity": t, "scorer": scoring.label(sc)}
-                        for i, (p, c, t) in enumerate(zip(prompts, texts, tox))]
+        generations += continuations(iv.id, prompts, decode(bridge, tokens))
         layers += [{"variant": iv.id, "layer": l, "mlp_proj": float(x)} for l, x in enumerate(proj)]
         rows.append({"intervention_id": iv.id, "kind": iv.kind, "params": json.dumps(iv.params), "n_neurons": iv.n_neurons,
-                     "toxicity": float(np.mean(tox)), "toxic_share": float(np.mean(np.array(tox) > 0.5)),
                      **quality(bridge, held, iv.hooks, intervene, w_hat, iv.id)})
     del bridge
     models.release_memory()
@@ -249,22 +235,12 @@ def run(out: Path, *, device: str, model: ModelConfig, data: DataConfig, record:
     del bridge
     models.release_memory()
 
-    recorded = pl.read_ndjson(Path(record_dir) / "generations.jsonl")
-    scale = []
-    for v in VARIANTS:
-        tox = recorded.filter(pl.col("variant") == v)["toxicity"].to_numpy()
-        scale.append({"intervention_id": v, "kind": v, "params": "{}", "n_neurons": 0,
-                      "toxicity": float(tox.mean()), "toxic_share": float((tox > 0.5).mean()), **ends[v]})
-    rows = scale + rows
-    tox_base, tox_dpo = scale[0]["toxicity"], scale[1]["toxicity"]
-    for r in rows:  # the share of DPO's toxicity drop an intervention reproduces
-        r["recovered"] = recovered(r["toxicity"], tox_base, tox_dpo)
-
-    pl.DataFrame(rows, schema=INTERVENTIONS).write_parquet(out / "interventions.parquet")
-    pl.DataFrame(generations, schema=GENERATIONS).write_parquet(out / "generations.parquet")
+    rows = [{"intervention_id": v, "kind": v, "params": "{}", "n_neurons": 0, **ends[v]} for v in VARIANTS] + rows
+    pl.DataFrame(rows, schema=ROWS).write_parquet(out / "interventions.parquet")
+    pl.DataFrame(generations, schema=CONTINUATIONS).write_parquet(out / "continuations.parquet")
     pl.DataFrame(layers, schema=LAYERS).write_parquet(out / "layers.parquet")
-    return {"n_interventions": len(todo), "toxicity": {r["intervention_id"]: round(r["toxicity"], 4) for r in rows}}
+    return {"n_interventions": len(todo), "perplexity": {r["intervention_id"]: round(r["perplexity"], 3) for r in rows}}
 
 
 def tables(out: Path) -> dict[str, pl.DataFrame]:
-    return {name: pl.read_parquet(out / f"{name}.parquet") for name in ("interventions", "generations", "layers")}
+    return {"layers": pl.read_parquet(out / "layers.parquet")}

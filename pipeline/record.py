@@ -18,12 +18,11 @@ Outputs, per variant (base, dpo):
   {variant}_act_prompt.npy  (n_prompts, n_layers, d_mlp) float16  the same mean, per prompt
   {variant}_mlp_proj.npy    (n_layers,) float32  mean of (MLP output . w_hat)
   {variant}_tokens.npy      (n_prompts, T) int64  the generated token ids
-  generations.jsonl         {variant, prompt_id, prompt, continuation, toxicity, scorer}
+  continuations.parquet     {variant, prompt_id, prompt, continuation}, scored by stage score
 """
 
 from __future__ import annotations
 
-import json
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -34,10 +33,11 @@ import torch
 from tqdm import tqdm
 
 from pipeline import data as datasets
-from pipeline import models, scoring
-from pipeline.config import DataConfig, ModelConfig, RecordConfig, ScorerConfig
+from pipeline import models
+from pipeline.config import DataConfig, ModelConfig, RecordConfig
 
 VARIANTS = ("base", "dpo")
+CONTINUATIONS = {"variant": pl.String, "prompt_id": pl.Int64, "prompt": pl.String, "continuation": pl.String}
 
 
 def prompt_tokens(bridge, prompts: list[str], new_tokens: int) -> list[torch.Tensor]:
@@ -168,12 +168,16 @@ def reduce_shards(parts: list[dict], act_prompt_files: list[Path], act_prompt_ou
     return rec, [t for p in parts for t in p["texts"]]
 
 
+def continuations(variant: str, prompts: list[str], texts: list[str]) -> list[dict]:
+    """Rows of continuations.parquet: one variant's continuations of the prompts, in prompt order."""
+    return [{"variant": variant, "prompt_id": i, "prompt": p, "continuation": c} for i, (p, c) in enumerate(zip(prompts, texts))]
+
+
 def run(out: Path, *, device: str, model: ModelConfig, data: DataConfig, record: RecordConfig,
-        scorer: ScorerConfig, world_dir: Path | None, probe_dir: Path, dpo_dir: Path) -> dict:
+        world_dir: Path | None, probe_dir: Path, dpo_dir: Path) -> dict:
     prompts = datasets.load_prompts(datasets.resolve("prompts", data.prompts, world_dir), data.challenging_only, data.max_prompts)
     w = np.load(Path(probe_dir) / "w.npy").astype(np.float32)
     w_hat = w / np.linalg.norm(w)
-    sc = scoring.get_scorer(scorer, device)
     paths = {"base": datasets.model_path(model.path, world_dir), "dpo": str(Path(dpo_dir) / "model")}
 
     summary: dict = {"n_prompts": len(prompts), "new_tokens": record.new_tokens, "processes": record.processes}
@@ -195,23 +199,14 @@ def run(out: Path, *, device: str, model: ModelConfig, data: DataConfig, record:
         summary[f"seconds_{variant}"] = round(time.perf_counter() - t0, 2)
         for name, arr in rec.items():
             np.save(out / f"{variant}_{name}.npy", arr)
-        tox = sc.score(texts)
-        rows += [{"variant": variant, "prompt_id": i, "prompt": p, "continuation": c, "toxicity": t, "scorer": scoring.label(sc)}
-                 for i, (p, c, t) in enumerate(zip(prompts, texts, tox))]
-        summary[f"toxicity_{variant}"] = round(float(np.mean(tox)), 4)
-        summary[f"toxic_share_{variant}"] = round(float(np.mean(np.array(tox) > 0.5)), 4)
-
-    with open(out / "generations.jsonl", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
+        rows += continuations(variant, prompts, texts)
+    pl.DataFrame(rows, schema=CONTINUATIONS).write_parquet(out / "continuations.parquet")
     return summary
 
 
 def tables(out: Path) -> dict[str, pl.DataFrame]:
-    generations = pl.read_ndjson(out / "generations.jsonl", schema={
-        "variant": pl.String, "prompt_id": pl.Int64, "prompt": pl.String, "continuation": pl.String,
-        "toxicity": pl.Float64, "scorer": pl.String})
     layers = pl.concat([
         pl.DataFrame({"variant": [variant] * len(proj), "layer": np.arange(len(proj)), "mlp_proj": proj.astype(np.float64)})
         for variant in VARIANTS for proj in [np.load(out / f"{variant}_mlp_proj.npy")]
     ])
-    return {"generations": generations, "layers": layers}
+    return {"layers": layers}

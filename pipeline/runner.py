@@ -24,8 +24,8 @@ import polars as pl
 
 import store
 from pipeline import config as config_mod
-from pipeline import (attribute, corpus, data, detox, dpo, experts, intervene, models, pairs, probe, record, scoring,
-                      world)
+from pipeline import (attribute, corpus, data, detox, dpo, experts, intervene, models, pairs, probe, record, score,
+                      scoring, world)
 
 PACKAGES = ("torch", "transformers", "transformer-lens", "trl", "tokenizers", "datasets", "duckdb",
             "polars", "scikit-learn", "alt-profanity-check", "better-profanity")
@@ -55,18 +55,19 @@ STAGES = (
                                     "data.pairs", "pairs", *SCORES), deps=("world",), code=(data, models, scoring)),
     Stage("dpo", dpo, sections=("model.path", "dpo"), deps=("world", "pairs"), code=(data, models)),
     Stage("record", record, sections=("model", "data.prompts", "data.challenging_only", "data.max_prompts",
-                                      "record.new_tokens", "record.batch_size", *SCORES),
-          deps=("world", "probe", "dpo"), code=(data, models, scoring)),
+                                      "record.new_tokens", "record.batch_size"),
+          deps=("world", "probe", "dpo"), code=(data, models)),
     Stage("attribute", attribute, sections=("model.path", "attribute"), deps=("world", "probe", "dpo", "record"),
           code=(data, models)),
     Stage("intervene", intervene, sections=("model", "data.prompts", "data.challenging_only", "data.max_prompts",
-                                            "data.heldout", "record.new_tokens", "record.batch_size", "intervene",
-                                            *SCORES),
-          deps=("world", "probe", "dpo", "record", "attribute"), code=(data, models, scoring, record)),
+                                            "data.heldout", "record.new_tokens", "record.batch_size", "intervene"),
+          deps=("world", "probe", "dpo", "attribute"), code=(data, models, record)),
     Stage("experts", experts, sections=("model.path", "data.probe", "experts"), deps=("world",), code=(data, models)),
     Stage("detox", detox, sections=("model", "data.prompts", "data.challenging_only", "data.max_prompts", "data.heldout",
-                                    "record.new_tokens", "intervene.n_heldout", "intervene.f1_tokens", "detox", *SCORES),
-          deps=("world", "probe", "record", "experts"), code=(data, models, scoring, record, intervene)),
+                                    "record.new_tokens", "intervene.n_heldout", "intervene.f1_tokens", "detox"),
+          deps=("world", "probe", "record", "experts"), code=(data, models, record, intervene)),
+    # Scoring is a stage of its own so that a [scorer] change rescores the continuations instead of generating them again.
+    Stage("score", score, sections=SCORES, deps=("record", "intervene", "detox"), code=(scoring,)),
 )
 
 

@@ -210,7 +210,7 @@ def test_planted_dpo_copy_is_recovered_end_to_end(tmp_path):
     (AP+). Record (real generation through the bridge) and attribute must put exactly those six at
     the top of delta, in those groups, with the group sums adding up to the net reduction."""
     from pipeline import record
-    from pipeline.config import DataConfig, RecordConfig, ScorerConfig
+    from pipeline.config import DataConfig, RecordConfig
     from tests.conftest import PLANTED_ANTI as anti
     from tests.conftest import PLANTED_TOXIC as toxic
     from tests.conftest import save_planted_pair
@@ -224,7 +224,7 @@ def test_planted_dpo_copy_is_recovered_end_to_end(tmp_path):
     rec.mkdir()
     out.mkdir()
     record.run(rec, device="cpu", model=ModelConfig(path=str(base)), data=DataConfig(prompts=str(prompts)),
-               record=RecordConfig(new_tokens=6, batch_size=4), scorer=ScorerConfig(), world_dir=None,
+               record=RecordConfig(new_tokens=6, batch_size=4), world_dir=None,
                probe_dir=tmp_path / "probe", dpo_dir=tmp_path / "dpo")
     summary = attribute.run(out, device="cpu", model=ModelConfig(path=str(base)), attribute=AttributeConfig(n_bootstrap=50),
                             world_dir=None, probe_dir=tmp_path / "probe", dpo_dir=tmp_path / "dpo", record_dir=rec)

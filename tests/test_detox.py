@@ -100,7 +100,7 @@ def test_bad_detox_config_is_refused(tmp_path, text, piece):
 def test_experts_and_detox_run_only_with_their_sections(tmp_path):
     stages = lambda cfg: [s.name for s in runner.active_stages(cfg)]
     with_them = tiny_config(tmp_path)
-    assert stages(with_them)[-2:] == ["experts", "detox"]
+    assert stages(with_them)[-3:] == ["experts", "detox", "score"]
     raw = with_them.to_dict()
     raw.pop("experts"), raw.pop("detox")
     assert not {"experts", "detox"} & set(stages(config.from_dict(raw)))

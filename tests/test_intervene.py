@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline import attribute, config, intervene, models, record, scoring
+from pipeline import attribute, config, intervene, models, record, score, scoring
 from pipeline.config import AttributeConfig, DataConfig, InterveneConfig, ModelConfig, RecordConfig, ScorerConfig
 from tests.conftest import save_planted_pair, save_tiny_gpt2
 
@@ -160,21 +160,21 @@ def test_run_end_to_end_on_planted_pair(tmp_path, monkeypatch):
     (tmp_path / "heldout.txt").write_text("\n".join(HELDOUT) + "\n")
     data = DataConfig(prompts=str(tmp_path / "prompts.jsonl"), heldout=str(tmp_path / "heldout.txt"))
     rec_cfg = RecordConfig(new_tokens=6, batch_size=4)
-    dirs = {name: tmp_path / name for name in ("record", "attribute", "out")}
+    dirs = {name: tmp_path / name for name in ("record", "attribute", "out", "score")}
     for d in dirs.values():
         d.mkdir()
     common = dict(device="cpu", model=ModelConfig(path=str(base)), world_dir=None, probe_dir=tmp_path / "probe", dpo_dir=tmp_path / "dpo")
-    record.run(dirs["record"], data=data, record=rec_cfg, scorer=scorer, **common)
+    record.run(dirs["record"], data=data, record=rec_cfg, **common)
     attribute.run(dirs["attribute"], attribute=AttributeConfig(n_bootstrap=20), record_dir=dirs["record"], **common)
     cfg = InterveneConfig(ablate_top=[3], ablate_top_positive=[3, 100_000], patch_groups=["TP- AP+"], patch_top=[6, 6],
                           n_heldout=4, f1_tokens=5, batch_size=3)
     batches = []  # (rows, batch size) of every generation run makes
     generate = intervene.generate
     monkeypatch.setattr(intervene, "generate", lambda bridge, rows, *a: batches.append((len(rows), a[1])) or generate(bridge, rows, *a))
-    summary = intervene.run(dirs["out"], data=data, record=rec_cfg, intervene=cfg, scorer=scorer,
-                            record_dir=dirs["record"], attribute_dir=dirs["attribute"], **common)
-    monkeypatch.undo()
-    t = intervene.tables(dirs["out"])
+    summary = intervene.run(dirs["out"], data=data, record=rec_cfg, intervene=cfg, attribute_dir=dirs["attribute"], **common)
+    monkeypatch.setattr(intervene, "generate", generate)
+    score.run(dirs["score"], device="cpu", scorer=scorer, record_dir=dirs["record"], intervene_dir=dirs["out"], detox_dir=None)
+    t = intervene.tables(dirs["out"]) | score.tables(dirs["score"])
 
     n_neurons = pl.read_parquet(dirs["attribute"] / "neurons.parquet").height
     n_positive = pl.read_parquet(dirs["attribute"] / "neurons.parquet").filter(pl.col("act") > 0).height
@@ -190,10 +190,10 @@ def test_run_end_to_end_on_planted_pair(tmp_path, monkeypatch):
 
     gens, layers = t["generations"], t["layers"]
     assert gens.columns == ["variant", "prompt_id", "prompt", "continuation", "toxicity", "scorer"]
-    assert gens.group_by("variant", maintain_order=True).len().rows() == [(i, len(PROMPTS)) for i in ids]
+    assert gens.group_by("variant", maintain_order=True).len().rows() == [(i, len(PROMPTS)) for i in ["base", "dpo"] + ids]
     assert layers.columns == ["variant", "layer", "mlp_proj"] and layers.height == 2 * len(ids)
     assert np.isfinite(layers["mlp_proj"].to_numpy()).all()
-    for i in ids:  # toxicity column agrees with the row's mean
+    for i in ["base", "dpo"] + ids:  # toxicity column agrees with the row's mean
         assert gens.filter(pl.col("variant") == i)["toxicity"].mean() == pytest.approx(by_id[i]["toxicity"])
 
     # Perplexity of the unmodified models: padded batches here, each passage alone in plain transformers.

@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline import attribute, corpus, intervene, probe, record, runner, scoring, world
 from pipeline.config import (AttributeConfig, DataConfig, InterveneConfig, ModelConfig, ProbeConfig, RecordConfig,
-                             ScorerConfig, from_dict, load)
+                             from_dict, load)
 
 T = 4
 PROMPTS = ["The soup was", "After lunch, my neighbor said that", "Could you fix the"]
@@ -139,14 +139,14 @@ def planted_run(request, tmp_path_factory):
     shutil.copy(tmp / "planted" / "w.npy", dirs["probe"] / "w.npy")  # the planted direction, not the random model's probe
     common = dict(device="cpu", model=model, world_dir=None, probe_dir=dirs["probe"], dpo_dir=tmp / "dpo")
     rec = RecordConfig(new_tokens=T, batch_size=2)
-    summary["record"] = record.run(dirs["record"], data=data, record=rec, scorer=ScorerConfig(), **common)
+    summary["record"] = record.run(dirs["record"], data=data, record=rec, **common)
     summary["attribute"] = attribute.run(dirs["attribute"], attribute=AttributeConfig(n_bootstrap=20, n_logit_lens=10,
                                                                                       n_top_prompt_neurons=10),
                                          record_dir=dirs["record"], **common)
     iv = InterveneConfig(ablate_top=[3], ablate_top_positive=[], patch_groups=["TP-"], patch_top=[6], n_heldout=2,
                          f1_tokens=3, batch_size=2)
-    summary["intervene"] = intervene.run(dirs["intervene"], data=data, record=rec, intervene=iv, scorer=ScorerConfig(),
-                                         record_dir=dirs["record"], attribute_dir=dirs["attribute"], **common)
+    summary["intervene"] = intervene.run(dirs["intervene"], data=data, record=rec, intervene=iv,
+                                         attribute_dir=dirs["attribute"], **common)
     return request.param, paths, dirs, summary
 
 
@@ -199,7 +199,7 @@ def test_ablation_equals_zeroing_the_down_projection_rows(planted_run):
     """The ablate_top_3 continuations equal transformers' greedy generation with those neurons' weights
     in the down projection zeroed, whatever the architecture calls that module."""
     _, paths, dirs, summary = planted_run
-    assert set(summary["intervene"]["toxicity"]) == {"base", "dpo", "ablate_top_3", "patch_TP-", "patch_top_6"}
+    assert set(summary["intervene"]["perplexity"]) == {"base", "dpo", "ablate_top_3", "patch_TP-", "patch_top_6"}
     top3 = pl.read_parquet(dirs["attribute"] / "neurons.parquet").sort("cos", descending=True).head(3)
     hf = AutoModelForCausalLM.from_pretrained(paths["base"]).eval()
     tok = AutoTokenizer.from_pretrained(paths["base"])
@@ -211,7 +211,7 @@ def test_ablation_equals_zeroing_the_down_projection_rows(planted_run):
                 downs[l].weight[i] = 0.0
             else:
                 downs[l].weight[:, i] = 0.0
-    gens = pl.read_parquet(dirs["intervene"] / "generations.parquet").filter(pl.col("variant") == "ablate_top_3")
+    gens = pl.read_parquet(dirs["intervene"] / "continuations.parquet").filter(pl.col("variant") == "ablate_top_3")
     for p, got in zip(PROMPTS, gens.sort("prompt_id")["continuation"], strict=True):
         ids = torch.tensor([[tok.bos_token_id] + tok(p)["input_ids"]])
         with torch.no_grad():
@@ -309,7 +309,7 @@ def test_record_sharded_over_processes_equals_one_process(tmp_path):
         outs[n] = tmp_path / f"out{n}"
         outs[n].mkdir()
         summary = record.run(outs[n], device="cpu", model=ModelConfig(path=str(base)), data=DataConfig(prompts=str(tmp_path / "rtp.jsonl")),
-                             record=RecordConfig(new_tokens=T, batch_size=2, processes=n), scorer=ScorerConfig(), world_dir=None,
+                             record=RecordConfig(new_tokens=T, batch_size=2, processes=n), world_dir=None,
                              probe_dir=tmp_path / "probe", dpo_dir=tmp_path / "dpo")
         assert summary["processes"] == n
     for variant in record.VARIANTS:
@@ -320,7 +320,7 @@ def test_record_sharded_over_processes_equals_one_process(tmp_path):
             assert one.shape == two.shape
             np.testing.assert_allclose(two, one, atol=1e-5 if name != "act_prompt" else 2e-3)
     assert sorted(p.name for p in outs[2].iterdir()) == sorted(p.name for p in outs[1].iterdir())  # shard files joined
-    assert record.tables(outs[2])["generations"].equals(record.tables(outs[1])["generations"])
+    assert pl.read_parquet(outs[2] / "continuations.parquet").equals(pl.read_parquet(outs[1] / "continuations.parquet"))
 
 
 def test_dpo_trains_data_parallel_under_torchrun_and_the_rest_finds_it_cached(tmp_path, monkeypatch):

@@ -2,19 +2,18 @@
 prompt + continuation (last T positions), greedy continuations equal transformers' own, and
 nothing depends on the model's sizes. Tiny random GPT-2s are built here, two shapes."""
 
-import importlib.metadata
 import json
 import random
 
 import numpy as np
+import polars as pl
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from pipeline import corpus, models, record, world
-from pipeline.config import DataConfig, ModelConfig, RecordConfig, ScorerConfig
+from pipeline.config import DataConfig, ModelConfig, RecordConfig
 
-PROFANITY_CHECK = f"profanity-check=={importlib.metadata.version('alt-profanity-check')}"
 T = 5
 PROMPTS = ["Honestly, he is", "The cat", "After the game at the park, my neighbour yelled that the coach was",
            "I think", "Shut up, you are a", "We will"]  # different lengths in each batch of 4
@@ -49,8 +48,7 @@ def stage(request, tmp_path_factory):
     out.mkdir()
     summary = record.run(out, device="cpu", model=ModelConfig(path=str(tmp / "base")),
                          data=DataConfig(prompts=str(tmp / "prompts.jsonl"), challenging_only=True, max_prompts=100),
-                         record=RecordConfig(new_tokens=T, batch_size=4), scorer=ScorerConfig(),
-                         world_dir=None, probe_dir=tmp / "probe", dpo_dir=tmp / "dpo")
+                         record=RecordConfig(new_tokens=T, batch_size=4), world_dir=None, probe_dir=tmp / "probe", dpo_dir=tmp / "dpo")
     paths = {"base": tmp / "base", "dpo": tmp / "dpo" / "model"}
     return out, paths, w / np.linalg.norm(w), shape, summary
 
@@ -107,15 +105,13 @@ def test_greedy_continuations_equal_transformers_generate(stage, variant):
     assert tokens.shape == (len(PROMPTS), T)
     eos = tokens == tok.eos_token_id
     assert eos.any() and not eos.all(), "the tiny models should emit EOS at some steps, so that not stopping is tested"
-    gens = [json.loads(line) for line in open(out / "generations.jsonl")]
-    gens = sorted((g for g in gens if g["variant"] == variant), key=lambda g: g["prompt_id"])
+    gens = pl.read_parquet(out / "continuations.parquet").filter(variant=variant).sort("prompt_id").to_dicts()
     for i, (prompt, g) in enumerate(zip(PROMPTS, gens, strict=True)):
         ids = torch.tensor([[tok.bos_token_id] + tok(prompt)["input_ids"]])  # one prompt, unpadded
         # explicit mask: the BOS here is also the pad id, and transformers would mask it out otherwise
         ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=T, do_sample=False)[0, ids.shape[1]:]
         assert ref.tolist() == tokens[i].tolist(), f"prompt {i}"
         assert g["prompt"] == prompt and g["continuation"] == tok.decode(ref).replace(tok.eos_token, " ")
-        assert 0.0 <= g["toxicity"] <= 1.0 and g["scorer"] == PROFANITY_CHECK
 
 
 def test_shapes_follow_the_model_and_tables_match_the_schema(stage):
@@ -129,16 +125,14 @@ def test_shapes_follow_the_model_and_tables_match_the_schema(stage):
     # the two variants are different models, so their recordings differ
     assert not np.allclose(np.load(out / "base_act.npy"), np.load(out / "dpo_act.npy"))
 
+    continuations = pl.read_parquet(out / "continuations.parquet")
+    assert continuations.columns == ["variant", "prompt_id", "prompt", "continuation"]
+    assert continuations.height == 2 * len(PROMPTS)
     t = record.tables(out)
-    assert t["generations"].columns == ["variant", "prompt_id", "prompt", "continuation", "toxicity", "scorer"]
-    assert t["generations"].height == 2 * len(PROMPTS)
-    assert t["layers"].columns == ["variant", "layer", "mlp_proj"]
+    assert list(t) == ["layers"] and t["layers"].columns == ["variant", "layer", "mlp_proj"]
     assert sorted(t["layers"].rows()) == sorted((v, l, float(np.load(out / f"{v}_mlp_proj.npy")[l]))
                                                 for v in record.VARIANTS for l in range(n_layers))
     assert summary["n_prompts"] == len(PROMPTS) and summary["new_tokens"] == T
-    tox = t["generations"].filter(variant="base")["toxicity"].to_numpy()
-    assert summary["toxicity_base"] == pytest.approx(tox.mean(), abs=1e-4)
-    assert summary["toxic_share_base"] == pytest.approx((tox > 0.5).mean(), abs=1e-4)
 
 
 def test_hook_post_is_the_input_of_w_out(stage):

@@ -192,24 +192,24 @@ def test_settings_that_change_no_result_are_in_no_key(tmp_path):
                     {"run__store": str(tmp_path / "other.duckdb")}):
         assert not changed(base, runner.cache_keys(real_model_config(tmp_path, **setting))), setting
     assert changed(base, runner.cache_keys(real_model_config(tmp_path, record__batch_size=3))) == {"record", "attribute",
-                                                                                                  "intervene"}
+                                                                                                  "intervene", "score"}
 
 
-def test_a_scorer_change_rescores_loaded_pairs_without_retraining_dpo(tmp_path):
+def test_a_scorer_change_rescores_without_generating_or_retraining(tmp_path):
+    """Loaded pairs and the continuations are rescored; nothing is generated again and DPO is not retrained."""
     scorer = {"scorer__backend": "detoxify", "scorer__checkpoint": str(tmp_path / "model")}
     base = runner.cache_keys(real_model_config(tmp_path))
-    assert changed(base, runner.cache_keys(real_model_config(tmp_path, **scorer))) == {"pairs", "record", "attribute",
-                                                                                       "intervene"}
+    assert changed(base, runner.cache_keys(real_model_config(tmp_path, **scorer))) == {"pairs", "score"}
     self_made = runner.cache_keys(real_model_config(tmp_path, data__pairs="self"))
     assert changed(self_made, runner.cache_keys(real_model_config(tmp_path, data__pairs="self", **scorer))) \
-        == {"pairs", "dpo", "record", "attribute", "intervene"}  # the scorer picks which sample is chosen
+        == {"pairs", "dpo", "record", "attribute", "intervene", "score"}  # the scorer picks which sample is chosen
 
 
 @pytest.mark.parametrize("replaced, reruns", [
-    ("pairs.jsonl", {"pairs", "dpo", "record", "attribute", "intervene"}),
-    ("probe.csv", {"probe", "record", "attribute", "intervene"}),
-    ("heldout.txt", {"intervene"}),
-    ("model/model.safetensors", {"probe", "dpo", "record", "attribute", "intervene"}),  # loaded pairs read no model
+    ("pairs.jsonl", {"pairs", "dpo", "record", "attribute", "intervene", "score"}),
+    ("probe.csv", {"probe", "record", "attribute", "intervene", "score"}),
+    ("heldout.txt", {"intervene", "score"}),
+    ("model/model.safetensors", {"probe", "dpo", "record", "attribute", "intervene", "score"}),  # loaded pairs read no model
 ])
 def test_a_file_replaced_at_the_same_path_reruns_what_read_it(tmp_path, replaced, reruns):
     before = runner.cache_keys(real_model_config(tmp_path))
