@@ -101,7 +101,7 @@ def prompts_jsonl(path, challenging):
 
 
 @pytest.mark.parametrize("case, pieces", [
-    ("missing_column", ["lacks column(s) toxic", "needs comment_text and toxic"]),
+    ("missing_column", ["lacks column(s) toxic", "found: comment_text, label", "needs comma-separated comment_text and toxic"]),
     ("non_utf8", ["is not UTF-8", "re-encode it as UTF-8"]),
     ("no_model", ["could not be loaded", "local HF checkpoint"]),
     ("empty_prompts", ["no usable prompts", "challenging_only = false"]),
