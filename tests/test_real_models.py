@@ -13,6 +13,7 @@ dir and every stage loads them by path, the code path a hub name takes (`[model]
 
 import json
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -254,6 +255,17 @@ def test_glu_model_without_bos_runs_the_whole_pipeline_into_a_store(tmp_path, de
     assert scorers == [(scoring.label(scoring.get_scorer(cfg.scorer)),)] and scorers[0][0].startswith("detoxify==")
     # DPO moved the model: some neuron's activation changed
     assert con.execute("SELECT max(abs(dact)) FROM neurons WHERE run_id = ?", [run_id]).fetchone()[0] > 0
+    con.close()
+
+    # Another scorer rescores the pairs and the continuations; nothing is generated or trained again.
+    rescored = from_dict(cfg.to_dict() | {"scorer": {"backend": "profanity-check"}}, source="qwen2.toml")
+    ran = []
+    new_id = runner.run(rescored, log=lambda line: ran.extend(re.findall(r"^\[(\w+)\] running", line)))
+    assert ran == ["pairs", "score"]
+    con = store.connect(cfg.run.store)
+    texts = "SELECT variant, prompt_id, continuation, scorer FROM generations WHERE run_id = ? ORDER BY ALL"
+    old, new = (con.execute(texts, [r]).fetchall() for r in (run_id, new_id))
+    assert [r[:3] for r in new] == [r[:3] for r in old] and {r[3] for r in new} == {scoring.label(scoring.get_scorer(rescored.scorer))}
 
 
 def test_bos_prefix_follows_the_tokenizer(tmp_path):
