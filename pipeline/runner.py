@@ -185,6 +185,11 @@ def run(cfg: config_mod.Config, force: set[str] = frozenset(), only: str | None 
     dirs = {s.name: stage_dir(cfg, s.name, keys[s.name]) for s in stages}
     to_run = {s.name for s in stages if (not only or s.name == only) and (s.name in forced or not _is_done(dirs[s.name]))}
     _check_inputs(cfg, [s for s in stages if s.name in to_run])
+    if to_run:
+        # Imported before the first stage, not inside one: pyarrow's S3 bindings (imported through datasets) do
+        # not survive a Ctrl-C in their import, and the process then dies by the signal after its one-line note
+        # instead of exiting 130. A stage's "running" line now marks work, not imports.
+        import transformer_lens.model_bridge  # noqa: F401
     ran_any = False
     for s in stages:
         out = dirs[s.name]

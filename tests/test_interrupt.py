@@ -80,3 +80,21 @@ def test_sigint_mid_stage_then_rerun_resumes_with_nothing_lost(tiny_run, tmp_pat
     finally:
         con.close()
     assert runs == sorted([prior_run, new_run]) and per_run[new_run] == per_run[prior_run] > 0
+
+
+@pytest.mark.slow
+def test_libraries_are_imported_before_the_first_stage_starts(tiny_run, tmp_path):
+    """A Ctrl-C inside pyarrow's import (which the bridge pulls in through datasets) ends the process by the
+    signal, not with exit 130; so the imports come before any stage, and a stage's first seconds are its
+    own. Checked in a fresh process where every stage before intervene is cached, as in the test above."""
+    cfg, _ = tiny_run
+    cache = tmp_path / "cache"
+    shutil.copytree(cfg.run.cache_dir, cache)
+    cfg = config.from_dict(cfg.to_dict() | {"run": cfg.to_dict()["run"] | {"cache_dir": str(cache)}})
+    shutil.rmtree(runner.stage_dir(cfg, "intervene", runner.cache_keys(cfg)["intervene"]))
+    toml = write_toml(tmp_path / "tiny.toml", cfg)
+    script = ("import sys; from pipeline import config, runner; runner.run(config.load(sys.argv[1]), only='intervene', "
+              "log=lambda m: print(m, 'transformer_lens.model_bridge' in sys.modules, flush=True))")
+    out = subprocess.run([sys.executable, "-c", script, str(toml)], cwd=ROOT, capture_output=True, text=True, check=True,
+                         env=os.environ | {"OMP_NUM_THREADS": "1"}).stdout
+    assert [line for line in out.splitlines() if line.startswith("[intervene] running")][0].endswith(" True"), out
