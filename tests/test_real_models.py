@@ -124,16 +124,13 @@ def write_datasets(tmp):
     (tmp / "wiki.txt").write_text(" = Heading = \n\n" + "\n".join(HELDOUT) + "\n")
 
 
-@pytest.fixture(scope="module", params=["gpt2-medium", "llama"])
-def planted_run(request, tmp_path_factory):
-    """Every analysis stage on one architecture's planted pair; returns (tmp, paths, stage dirs)."""
-    tmp = tmp_path_factory.mktemp(request.param)
-    paths = save_planted(tmp, {"gpt2-medium": gpt2_medium_shaped, "llama": tiny_llama}[request.param])
-    write_datasets(tmp)
-    dirs = {name: tmp / name for name in ("probe", "record", "attribute", "intervene")}
+def run_planted(tmp, paths, dtype: str = "float32") -> tuple[dict, dict]:
+    """probe, record, attribute and intervene on a planted pair saved by save_planted into tmp/dtype/;
+    returns (stage dirs, stage summaries)."""
+    dirs = {name: tmp / dtype / name for name in ("probe", "record", "attribute", "intervene")}
     for d in dirs.values():
-        d.mkdir()
-    model = ModelConfig(path=str(paths["base"]))
+        d.mkdir(parents=True)
+    model = ModelConfig(path=str(paths["base"]), dtype=dtype)
     data = DataConfig(probe=str(tmp / "train.csv"), prompts=str(tmp / "rtp.jsonl"), heldout=str(tmp / "wiki.txt"))
     summary = {"probe": probe.run(dirs["probe"], device="cpu", model=model, data=data,
                                   probe=ProbeConfig(max_examples=8, val_fraction=0.5, max_tokens=16))}
@@ -148,7 +145,16 @@ def planted_run(request, tmp_path_factory):
                          f1_tokens=3, batch_size=2)
     summary["intervene"] = intervene.run(dirs["intervene"], data=data, record=rec, intervene=iv,
                                          attribute_dir=dirs["attribute"], **common)
-    return request.param, paths, dirs, summary
+    return dirs, summary
+
+
+@pytest.fixture(scope="module", params=["gpt2-medium", "llama"])
+def planted_run(request, tmp_path_factory):
+    """Every analysis stage on one architecture's planted pair; returns (arch, paths, stage dirs, summaries)."""
+    tmp = tmp_path_factory.mktemp(request.param)
+    paths = save_planted(tmp, {"gpt2-medium": gpt2_medium_shaped, "llama": tiny_llama}[request.param])
+    write_datasets(tmp)
+    return request.param, paths, *run_planted(tmp, paths)
 
 
 def test_probe_reads_the_jigsaw_csv_on_each_architecture(planted_run):
@@ -296,6 +302,24 @@ def test_dtype_reaches_the_weights_and_unknown_ones_are_refused(tmp_path):
     assert 0 < (a - b).abs().max() < 0.05 * a.abs().max()  # the same activations, rounded to bfloat16
     with pytest.raises(ConfigError, match=r"\[model\] dtype must be one of float32"):
         from_dict({"model": {"path": "gpt2", "dtype": "fp8"}}, source="x.toml")
+
+
+def test_bfloat16_runs_every_inference_stage_and_finds_the_planted_neurons(tmp_path):
+    """[model] dtype = "bfloat16" (the GLU preset's) through probe, record, attribute and intervene: the
+    activations are float32's rounded to bfloat16, the planted neurons still rank first, and the
+    interventions' perplexities agree."""
+    paths = save_planted(tmp_path, tiny_llama)
+    write_datasets(tmp_path)
+    runs = {dtype: run_planted(tmp_path, paths, dtype) for dtype in ("float32", "bfloat16")}
+    full, half = (np.load(dirs["record"] / "base_act_prompt.npy").astype(np.float32) for dirs, _ in runs.values())
+    assert 0 < np.abs(full - half).max() < 0.05 * np.abs(full).max()
+    planted = {(1, i): "TP-" for i in TOXIC} | {(1, i): "AP+" for i in ANTI}
+    for dirs, _ in runs.values():
+        top = pl.read_parquet(dirs["attribute"] / "neurons.parquet").sort("delta_rank").head(6)
+        assert dict(zip(zip(top["layer"], top["neuron"]), top["group_code"])) == planted
+    ppl = [summary["intervene"]["perplexity"] for _, summary in runs.values()]
+    assert ppl[0].keys() == ppl[1].keys()
+    assert all(ppl[1][k] == pytest.approx(ppl[0][k], rel=0.05) for k in ppl[0])
 
 
 @pytest.mark.parametrize("preset", ["gpt2-medium", "gpt2", "qwen2.5-0.5b"])
