@@ -20,6 +20,7 @@ from pipeline.config import ConfigError
 
 HUB = "hf:"
 WORLD_FILES = {"probe": "probe.csv", "prompts": "prompts.jsonl", "pairs": "pairs.jsonl", "heldout": "heldout.txt"}
+_FROM_HUB: dict[Path, str] = {}  # file written by from_hub -> the hf: value it came from
 
 
 class DataError(ConfigError):
@@ -57,6 +58,7 @@ def from_hub(kind: str, value: str) -> Path:
         raise DataError(f"[data] {kind} = {value!r} names no dataset; write hf:NAME[:CONFIG[:SPLIT]]")
     out = Path(datasets.config.HF_DATASETS_CACHE) / "dpo-neurons" / (
         re.sub(r"[^A-Za-z0-9._-]+", "_", f"{name}_{config}_{split or 'train'}") + Path(WORLD_FILES[kind]).suffix)
+    _FROM_HUB[out] = value
     if out.is_file():
         return out
     try:
@@ -79,6 +81,11 @@ def from_hub(kind: str, value: str) -> Path:
     return out
 
 
+def _name(path: Path) -> str:
+    """A data file as errors name it: a hub dataset by its hf: value, whose file the user never wrote."""
+    return f"{_FROM_HUB[path]} (cached as {path})" if path in _FROM_HUB else str(path)
+
+
 def model_path(value: str, world_dir: Path | None) -> str:
     """The base model: the world's checkpoint folder, or a hub name / local path as given."""
     if value == "world":
@@ -96,13 +103,13 @@ def _read(path: Path) -> str:
         try:
             raw = gzip.decompress(raw)
         except (OSError, EOFError) as e:
-            raise DataError(f"{path} is a damaged gzip file ({e}); download it again") from None
+            raise DataError(f"{_name(path)} is a damaged gzip file ({e}); download it again") from None
     elif raw[:4] == b"PK\x03\x04":
-        raise DataError(f"{path} is a zip archive; unzip it and give the file inside")
+        raise DataError(f"{_name(path)} is a zip archive; unzip it and give the file inside")
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise DataError(f"{path} is not UTF-8 text (byte {e.start}); re-encode it as UTF-8") from None
+        raise DataError(f"{_name(path)} is not UTF-8 text (byte {e.start}); re-encode it as UTF-8") from None
 
 
 def _lines(text: str) -> list[str]:
@@ -119,9 +126,9 @@ def _jsonl(path: Path) -> list[tuple[int, dict]]:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 hint = " (a JSON array converts to JSONL with jq -c '.[]')" if n == 1 and line.lstrip().startswith("[") else ""
-                raise DataError(f"{path} line {n} is not valid JSON; fix or remove that line{hint}") from None
+                raise DataError(f"{_name(path)} line {n} is not valid JSON; fix or remove that line{hint}") from None
             if not isinstance(row, dict):
-                raise DataError(f"{path} line {n} is a JSON {type(row).__name__}, not an object; JSONL needs one "
+                raise DataError(f"{_name(path)} line {n} is a JSON {type(row).__name__}, not an object; JSONL needs one "
                                 "object per line (a JSON array converts with jq -c '.[]')")
             rows.append((n, row))
     return rows
@@ -156,7 +163,7 @@ def load_probe(path: Path, max_examples: int, seed: int) -> tuple[list[str], lis
     if missing:
         found = ", ".join(reader.fieldnames or []) or "nothing"
         hint = "; Jigsaw's unintended-bias file calls it target: rename that column" if "target" in (reader.fieldnames or []) else ""
-        raise DataError(f"{path} lacks column(s) {', '.join(sorted(missing))} (found: {found[:200]}); the probe CSV needs "
+        raise DataError(f"{_name(path)} lacks column(s) {', '.join(sorted(missing))} (found: {found[:200]}); the probe CSV needs "
                         f"comma-separated comment_text and toxic{hint}")
     by_label: dict[int, list[str]] = {0: [], 1: []}
     try:
@@ -165,14 +172,14 @@ def load_probe(path: Path, max_examples: int, seed: int) -> tuple[list[str], lis
             try:
                 label = _label(row["toxic"])
             except ValueError:
-                raise DataError(f"{path} line {reader.line_num}: toxic = {row['toxic']!r} is not a label; give 0/1, "
+                raise DataError(f"{_name(path)} line {reader.line_num}: toxic = {row['toxic']!r} is not a label; give 0/1, "
                                 "a probability in [0, 1] or true/false") from None
             if text and label is not None:
                 by_label[label].append(text)
     except csv.Error as e:  # an unbalanced quote swallows the rest of the file into one field
-        raise DataError(f"{path} line {reader.line_num} is not valid CSV ({e}); look for an unbalanced quote") from None
+        raise DataError(f"{_name(path)} line {reader.line_num} is not valid CSV ({e}); look for an unbalanced quote") from None
     if len(by_label[0]) < 2 or len(by_label[1]) < 2:
-        raise DataError(f"{path} needs at least two toxic and two non-toxic rows with text, to train and validate the "
+        raise DataError(f"{_name(path)} needs at least two toxic and two non-toxic rows with text, to train and validate the "
                         f"probe; found {len(by_label[1])} toxic, {len(by_label[0])} not")
     r = random.Random(seed)
     half = max_examples // 2
@@ -189,16 +196,16 @@ def load_prompts(path: Path, challenging_only: bool, max_prompts: int) -> list[s
         prompt = row.get("prompt")
         text = prompt.get("text") if isinstance(prompt, dict) else prompt
         if not isinstance(text, str):
-            raise DataError(f"{path} line {n} has no prompt text; each line needs {{\"prompt\": {{\"text\": ...}}}}")
+            raise DataError(f"{_name(path)} line {n} has no prompt text; each line needs {{\"prompt\": {{\"text\": ...}}}}")
         challenging = row.get("challenging")
         if isinstance(challenging, str) and challenging.strip().lower() in _TRUE | _FALSE:
             challenging = challenging.strip().lower() in _TRUE
         if challenging not in (None, True, False, 0, 1):
-            raise DataError(f"{path} line {n}: challenging = {challenging!r}; give true, false or leave it out")
+            raise DataError(f"{_name(path)} line {n}: challenging = {challenging!r}; give true, false or leave it out")
         if text.strip() and (challenging or not challenging_only):
             prompts.append(text)
     if not prompts:
-        raise DataError(f"{path} has no usable prompts" + (" flagged challenging; set [data] challenging_only = false" if challenging_only else ""))
+        raise DataError(f"{_name(path)} has no usable prompts" + (" flagged challenging; set [data] challenging_only = false" if challenging_only else ""))
     return prompts[:max_prompts]
 
 
@@ -216,11 +223,11 @@ def load_pairs(path: Path, max_pairs: int) -> list[dict]:
         if lee:
             r = {new: r[old] for old, new in LEE_FIELDS.items()}
         if not {"prompt", "chosen", "rejected"} <= set(r):
-            raise DataError(f"{path} line {n} needs keys prompt, chosen, rejected (or prompt_text, unpert_gen_text, "
+            raise DataError(f"{_name(path)} line {n} needs keys prompt, chosen, rejected (or prompt_text, unpert_gen_text, "
                             f"pert_gen_text); found {', '.join(sorted(r))}")
         wrong = [k for k in ("prompt", "chosen", "rejected") if not isinstance(r[k], str)]
         if wrong:
-            raise DataError(f"{path} line {n}: {', '.join(wrong)} must be text, not {type(r[wrong[0]]).__name__} (chat "
+            raise DataError(f"{_name(path)} line {n}: {', '.join(wrong)} must be text, not {type(r[wrong[0]]).__name__} (chat "
                             "messages included); write each as one string")
         if lee:
             r.update({k: r[k][len(r["prompt"]):] for k in ("chosen", "rejected") if r[k].startswith(r["prompt"])})
@@ -228,7 +235,7 @@ def load_pairs(path: Path, max_pairs: int) -> list[dict]:
         if r["chosen"].strip() and r["rejected"].strip() and r["chosen"] != r["rejected"]:
             pairs.append({"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]})
     if not pairs:
-        raise DataError(f"{path} has no usable pairs (prompt, chosen, rejected non-empty, chosen != rejected)")
+        raise DataError(f"{_name(path)} has no usable pairs (prompt, chosen, rejected non-empty, chosen != rejected)")
     return pairs[:max_pairs]
 
 
@@ -237,5 +244,5 @@ def load_text(path: Path) -> list[str]:
     lines = [line.strip() for line in _lines(_read(path))]
     lines = [line for line in lines if line and not (line.startswith("=") and line.endswith("="))]
     if not lines:
-        raise DataError(f"{path} has no text lines")
+        raise DataError(f"{_name(path)} has no text lines")
     return lines

@@ -155,6 +155,18 @@ def test_hub_dataset_goes_through_the_same_loaders(hub_cache):
     assert "no 'text' column" in one_line(e)
 
 
+def test_errors_in_a_hub_dataset_name_its_hf_value_not_only_the_cached_file(hub_cache):
+    """The converted file lives in the datasets cache; the user wrote hf:NAME, so the error names that."""
+    comments = hub_cache / "comments"
+    comments.mkdir()
+    write(comments, "train.csv", "text,label\nhello,0\n")
+    for _ in range(2):  # the second resolve finds the file already written
+        with pytest.raises(DataError) as e:
+            data.load_probe(data.resolve("probe", f"hf:{comments}", None), 100, 0)
+        msg = one_line(e)
+        assert msg.startswith(f"hf:{comments} (cached as ") and "lacks column(s) comment_text, toxic" in msg
+
+
 def test_unreachable_hub_dataset_is_a_one_line_error(hub_cache):
     with pytest.raises(DataError) as e:
         data.resolve("prompts", "hf:no-such-owner/no-such-dataset", None)
