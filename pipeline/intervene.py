@@ -13,8 +13,9 @@ Each is measured with the same code on one loaded base model:
     continuations          the greedy T-token continuations of the challenge prompts, whose
                            toxicity, toxic_share and recovered stage score adds
     perplexity             exp(mean NLL) of the held-out passages' tokens after BOS
-    f1                     SQuAD-style word F1 of a greedy continuation of each passage's first half
-                           against its gold second half (both `f1_tokens` tokens)
+    f1                     F1 of the token ids of a greedy continuation of each passage's first half
+                           against its gold second half (both `f1_tokens` tokens), as the reference
+                           code (Lee et al.'s run_f1) computes the paper's F1
     mlp_proj[l]            mean over the generated positions of hook_mlp_out . w_hat, read as record.py does
 The base and DPO rows take their continuations from stage record. The challenge prompts are generated
 here in record's batches ([record] batch_size) with record's code, so an intervention that changes
@@ -162,15 +163,14 @@ def perplexity(bridge, rows: list[torch.Tensor], batch_size: int, fwd_hooks: lis
     return math.exp(nll / n)
 
 
-def f1(prediction: str, gold: str) -> float:
-    """SQuAD-style F1 of two bags of lowercase whitespace words."""
-    pred, ref = prediction.lower().split(), gold.lower().split()
-    if not pred or not ref:
-        return float(pred == ref)
-    same = sum((Counter(pred) & Counter(ref)).values())
+def f1(pred: list[int], gold: list[int]) -> float:
+    """F1 of two bags of token ids (precision over the predicted tokens, recall over the gold ones)."""
+    if not pred or not gold:
+        return float(pred == gold)
+    same = sum((Counter(pred) & Counter(gold)).values())
     if same == 0:
         return 0.0
-    precision, recall = same / len(pred), same / len(ref)
+    precision, recall = same / len(pred), same / len(gold)
     return 2 * precision * recall / (precision + recall)
 
 
@@ -178,7 +178,7 @@ def f1(prediction: str, gold: str) -> float:
 class Heldout:
     rows: list[torch.Tensor]  # whole passages (BOS first), for perplexity
     prefixes: list[torch.Tensor]  # first halves (BOS first), for F1 continuations
-    gold: list[str]  # the first f1_tokens tokens of the second halves
+    gold: list[list[int]]  # the first f1_tokens token ids of the second halves
 
 
 def heldout_set(bridge, passages: list[str], f1_tokens: int) -> Heldout:
@@ -193,13 +193,16 @@ def heldout_set(bridge, passages: list[str], f1_tokens: int) -> Heldout:
         half = max(1, len(words) // 2)
         r = bridge.to_tokens(" ".join(words[:half]), move_to_device=False, truncate=False)[0]
         prefixes.append(r if len(r) <= room else torch.cat([r[:1], r[len(r) - room + 1:]]))
-        gold.append(tok.decode(tok(" " + " ".join(words[half:]), add_special_tokens=False)["input_ids"][:f1_tokens]))
+        gold.append(tok(" " + " ".join(words[half:]), add_special_tokens=False)["input_ids"][:f1_tokens])
     return Heldout(rows, prefixes, gold)
 
 
 def mean_f1(bridge, tokens: np.ndarray, held: Heldout) -> float:
-    """Mean F1 of the held-out prefixes' continuations (n, f1_tokens) against their gold halves."""
-    return float(np.mean([f1(p, g) for p, g in zip(decode(bridge, tokens), held.gold)]))
+    """Mean F1 of the held-out prefixes' continuations (n, f1_tokens) against their gold halves. A
+    continuation ends at its first end of text, as transformers' generate ends it in the reference."""
+    eos = bridge.tokenizer.eos_token_id
+    rows = [row.tolist() for row in tokens]
+    return float(np.mean([f1(ids[:ids.index(eos)] if eos in ids else ids, g) for ids, g in zip(rows, held.gold)]))
 
 
 def quality(bridge, held: Heldout, fwd_hooks: list, cfg: InterveneConfig, w_hat: np.ndarray, desc: str) -> dict:

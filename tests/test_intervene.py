@@ -5,6 +5,7 @@ end-to-end run on a planted base/DPO pair is checked against plain transformers.
 import copy
 import json
 import math
+from collections import Counter
 
 import numpy as np
 import polars as pl
@@ -112,11 +113,25 @@ def test_selections_follow_method():
 
 
 def test_f1():
-    assert intervene.f1("The cat sat", "the cat  sat") == 1.0
-    assert intervene.f1("dog barks", "cat sat") == 0.0
-    # pred {the: 2, cat: 2}, gold {the, cat, sat}: 2 words shared; P = 2/4, R = 2/3, F1 = 2PR/(P+R) = 4/7
-    assert intervene.f1("the cat the cat", "The cat sat") == pytest.approx(4 / 7)
-    assert intervene.f1("", "") == 1.0 and intervene.f1("", "cat") == 0.0
+    assert intervene.f1([7, 8, 9], [9, 8, 7]) == 1.0  # a bag: order does not count
+    assert intervene.f1([1, 2], [3, 4]) == 0.0
+    # pred {5: 2, 6: 2}, gold {5, 6, 7}: 2 tokens shared; P = 2/4, R = 2/3, F1 = 2PR/(P+R) = 4/7
+    assert intervene.f1([5, 6, 5, 6], [5, 6, 7]) == pytest.approx(4 / 7)
+    assert intervene.f1([], []) == 1.0 and intervene.f1([], [5]) == 0.0
+
+
+def test_f1_compares_token_ids_with_the_gold_half_up_to_the_first_end_of_text(tiny_gpt2):
+    """Planted continuations: the gold tokens themselves score 1; after an end of text nothing counts,
+    not even tokens that match the gold."""
+    bridge = models.load_bridge(str(tiny_gpt2), "cpu")
+    tok, eos = bridge.tokenizer, bridge.tokenizer.eos_token_id
+    passages = ["the river runs past the old mill and into the lake", "we cooked rice with beans for the whole family"]
+    held = intervene.heldout_set(bridge, passages, f1_tokens=6)
+    gold = [tok(" " + " ".join(p.split()[len(p.split()) // 2:]), add_special_tokens=False)["input_ids"][:6] for p in passages]
+    assert held.gold == gold and all(len(g) == 6 for g in gold)
+    assert intervene.mean_f1(bridge, np.array(gold), held) == 1.0
+    cut = np.array([g[:2] + [eos] + g[3:] for g in gold])  # 2 of 6 before the end of text: P = 1, R = 1/3
+    assert intervene.mean_f1(bridge, cut, held) == pytest.approx(2 * (1 / 3) / (1 + 1 / 3))
 
 
 HELDOUT = ["The weather in the valley was mild for most of the spring .", "She carried the old books to the library on Monday",
@@ -199,6 +214,22 @@ def test_run_end_to_end_on_planted_pair(tmp_path, monkeypatch):
     # Perplexity of the unmodified models: padded batches here, each passage alone in plain transformers.
     assert by_id["base"]["perplexity"] == pytest.approx(hf_perplexity(base, HELDOUT), rel=1e-4)
     assert by_id["dpo"]["perplexity"] == pytest.approx(hf_perplexity(tmp_path / "dpo" / "model", HELDOUT), rel=1e-4)
+    # F1 as the reference code computes it: each passage split at its middle word, transformers' greedy
+    # continuation of the first half, token ids against the gold second half's first f1_tokens.
+    hf, tok = AutoModelForCausalLM.from_pretrained(base).eval(), AutoTokenizer.from_pretrained(base)
+    scores = []
+    for passage in HELDOUT:
+        words = passage.split()
+        prefix = torch.tensor([[tok.bos_token_id] + tok(" ".join(words[:len(words) // 2]))["input_ids"]])
+        with torch.no_grad():
+            out = hf.generate(prefix, attention_mask=torch.ones_like(prefix), max_new_tokens=cfg.f1_tokens,
+                              do_sample=False, pad_token_id=tok.eos_token_id)
+        pred = [t for t in out[0, prefix.shape[1]:].tolist() if t != tok.eos_token_id]  # generate stops at one
+        gold = tok(" " + " ".join(words[len(words) // 2:]))["input_ids"][:cfg.f1_tokens]
+        same = sum((Counter(pred) & Counter(gold)).values())
+        scores.append(2 * same / (len(pred) + len(gold)))  # 2PR / (P + R) with P = same/|pred|, R = same/|gold|
+    assert by_id["base"]["f1"] == pytest.approx(np.mean(scores))
+
     # The top six by delta are the planted neurons, the only weights DPO changed: patched to their
     # DPO means they bring the base model's perplexity to the DPO model's.
     ppl = {i: by_id[i]["perplexity"] for i in ("base", "dpo", "patch_top_6")}
