@@ -2,7 +2,9 @@
 
 Every backend exposes `name`, `version` and `score(texts) -> list[float]`, batched by the caller's
 batch size; `label` ("name==version") is stored next to every score so that numbers from different
-scorers are never mixed up. The offline default is alt-profanity-check, a linear classifier trained
+scorers are never mixed up. A blank text (a continuation of nothing but end-of-text tokens) scores 0
+with every backend: Perspective refuses it, and a classifier's reading of nothing differs between
+backends (profanity-check gives it 0.036). The offline default is alt-profanity-check, a linear classifier trained
 on human-labelled comments, independent of the demo world's generator. The others:
   detoxify     Detoxify's released models (default "original": BERT trained on Jigsaw), an optional
                install (`pip install detoxify`); the checkpoint is downloaded on first use and cached
@@ -47,12 +49,15 @@ class Scorer(Protocol):
 
 
 def in_batches(predict, texts: list[str], batch_size: int, desc: str) -> list[float]:
-    """predict (a list of texts -> their probabilities) over texts, batch_size at a time, with progress."""
+    """predict (a list of texts -> their probabilities) over the non-blank texts, batch_size at a time,
+    with progress; blank texts score 0."""
+    todo = [t for t in texts if t.strip()]
     out: list[float] = []
-    batches = range(0, len(texts), batch_size)
+    batches = range(0, len(todo), batch_size)
     for i in tqdm(batches, desc=desc, unit="batch", leave=False, disable=len(batches) < 4):
-        out.extend(float(p) for p in predict(texts[i:i + batch_size]))
-    return out
+        out.extend(float(p) for p in predict(todo[i:i + batch_size]))
+    scores = iter(out)
+    return [next(scores) if t.strip() else 0.0 for t in texts]
 
 
 class ProfanityCheck:
