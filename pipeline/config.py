@@ -290,11 +290,19 @@ class DetoxConfig:
     def __post_init__(self):
         if not self.alpha or any(a < 0 for a in self.alpha):
             raise ValueError("alpha must be a non-empty list of values >= 0")
+        ids = [self.row_id(a) for a in self.alpha]
+        if len(set(ids)) < len(ids):
+            raise ValueError(f"alpha values must differ in 6 significant digits, not {self.alpha} (rows {', '.join(ids)})")
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError("threshold is a JS divergence in bits and must lie in [0, 1]")
         if self.marco_alpha < 0:
             raise ValueError("marco_alpha must be >= 0")
         _at_least_1(self, "batch_size")
+
+    @staticmethod
+    def row_id(alpha: float) -> str:
+        """The intervention_id of the PoE row at alpha, unique per run in the store."""
+        return f"poe_{alpha:g}"
 
 
 @dataclass

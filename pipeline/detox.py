@@ -204,7 +204,7 @@ def run(out: Path, *, device: str, model: ModelConfig, data: DataConfig, record:
     for alpha in detox.alpha:
         p = replace(poe, alpha=alpha)
         tokens = greedy(p, prompt_rows, T, bs, f"poe {alpha:g}")
-        add(f"poe_{alpha:g}", "poe", {"alpha": alpha}, tokens,
+        add(DetoxConfig.row_id(alpha), "poe", {"alpha": alpha}, tokens,
             quality_of(p, greedy(p, held.prefixes, intervene.f1_tokens, bs, f"poe {alpha:g} f1")))
 
     p = replace(poe, alpha=detox.marco_alpha)

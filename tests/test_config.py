@@ -38,6 +38,7 @@ def test_demo_config_loads():
     ("[pairs]\ntemperature = 0.0\n[world]\n", ["[pairs] temperature must be positive"]),
     ("[probe]\nmax_examples = 1\n[world]\n", ["[probe] max_examples must be at least 4"]),
     ("[world]\ntoxic_fraction = 0.6\n", ["[world]", "toxic_fraction must lie above 0 and at most 0.44"]),
+    ("[detox]\nalpha = [1.0, 1.0000001]\n[world]\n", ["[detox] alpha values must differ", "poe_1, poe_1"]),  # one store row each
 ])
 def test_bad_config_names_key_and_file(tmp_path, text, pieces):
     with pytest.raises(config.ConfigError) as e:
