@@ -47,6 +47,7 @@ class Stage:
 
 
 SCORES = ("scorer.backend", "scorer.detoxify_model", "scorer.checkpoint")  # what decides a toxicity score
+DETOXIFY_ONLY = ("scorer.detoxify_model", "scorer.checkpoint")
 
 STAGES = (
     Stage("world", world, sections=("world", *SCORES), code=(corpus, scoring)),
@@ -103,6 +104,8 @@ def _hashed_config(cfg: config_mod.Config, sections: tuple[str, ...]) -> dict:
     out = {}
     for sec in sections:
         name, _, key = sec.partition(".")
+        if sec in DETOXIFY_ONLY and cfg.scorer.backend != "detoxify":
+            continue  # another backend's settings decide no score
         out[sec] = _fingerprint(cfg.section(name)[key] if key else cfg.section(name))
     return out
 

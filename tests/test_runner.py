@@ -189,7 +189,8 @@ def test_settings_that_change_no_result_are_in_no_key(tmp_path):
     base = runner.cache_keys(real_model_config(tmp_path))
     for setting in ({"scorer__batch_size": 3}, {"scorer__rate_limit": 9.0}, {"scorer__max_retries": 0},
                     {"scorer__cache_dir": str(tmp_path / "answers")}, {"record__processes": 2}, {"run__device": "cpu"},
-                    {"run__store": str(tmp_path / "other.duckdb")}):
+                    {"run__store": str(tmp_path / "other.duckdb")},
+                    {"scorer__detoxify_model": "unbiased"}, {"scorer__checkpoint": str(tmp_path / "model")}):  # backend not detoxify
         assert not changed(base, runner.cache_keys(real_model_config(tmp_path, **setting))), setting
     assert changed(base, runner.cache_keys(real_model_config(tmp_path, record__batch_size=3))) == {"record", "attribute",
                                                                                                   "intervene", "score"}
@@ -200,6 +201,9 @@ def test_a_scorer_change_rescores_without_generating_or_retraining(tmp_path):
     scorer = {"scorer__backend": "detoxify", "scorer__checkpoint": str(tmp_path / "model")}
     base = runner.cache_keys(real_model_config(tmp_path))
     assert changed(base, runner.cache_keys(real_model_config(tmp_path, **scorer))) == {"pairs", "score"}
+    detoxify = runner.cache_keys(real_model_config(tmp_path, **scorer))
+    assert changed(detoxify, runner.cache_keys(real_model_config(tmp_path, **scorer, scorer__detoxify_model="unbiased"))) \
+        == {"pairs", "score"}
     self_made = runner.cache_keys(real_model_config(tmp_path, data__pairs="self"))
     assert changed(self_made, runner.cache_keys(real_model_config(tmp_path, data__pairs="self", **scorer))) \
         == {"pairs", "dpo", "record", "attribute", "intervene", "score"}  # the scorer picks which sample is chosen
