@@ -153,6 +153,8 @@ def test_detox_rows_are_scored_like_the_interventions(tiny_store):
         assert gens.height == TINY_WORLD["n_prompts"] and gens["toxicity"].mean() == pytest.approx(r["toxicity"])
         assert q(f"SELECT * FROM layers WHERE run_id = ? AND variant = '{r['intervention_id']}'").height == cfg.world.n_layer
     assert json.loads(ours.filter(pl.col("kind") == "marco")["params"][0])["threshold"] == cfg.detox.threshold
+    # the science on the tiny world: DPO, the strongest PoE and MaRCo each cut the base model's toxicity (0.25 to 0.01-0.02 here)
+    assert max(ends["dpo"], ends[config.DetoxConfig.row_id(max(cfg.detox.alpha))], ends["marco"]) < ends["base"] / 2, ends
 
 
 def test_alpha_zero_is_the_base_model(tiny_store):
@@ -185,6 +187,10 @@ def test_revisions_keep_the_text_before_the_first_masked_token(tiny_store):
     check = per_prompt.join(texts, on="prompt_id")
     assert (check["original"] == check["base"]).all() and (check["revised"] == check["marco"]).all()
     assert (check["joined"] == check["original"]).all()
+    kept = rev.filter(pl.col("position") < pl.col("first")).group_by("prompt_id").agg(pl.col("token").str.join("").alias("kept"))
+    check = check.join(kept, on="prompt_id", how="left").with_columns(pl.col("kept").fill_null(""))
+    assert all(r.startswith(k) for r, k in zip(check["revised"], check["kept"]))
+    assert ((check["first"] > 0) & (check["first"] < T)).any()  # some continuation keeps a prefix and revises the rest
 
 
 def test_insults_are_where_expert_and_anti_expert_disagree(tiny_store):

@@ -80,9 +80,12 @@ def trained(base_dir, tmp_path_factory):
 
 @torch.no_grad()
 def completion_logp(model, tok, prompt: str, completion: str) -> float:
-    """log p(completion + EOS | BOS + prompt), by a plain forward."""
-    context = tok(tok.bos_token + prompt)["input_ids"]
-    ids = tok(tok.bos_token + prompt + completion)["input_ids"] + [tok.eos_token_id]
+    """log p(completion + EOS | BOS + prompt), by a plain forward; no BOS where the model has none."""
+    from pipeline.models import bos_prefix
+
+    bos = bos_prefix(tok)
+    context = tok(bos + prompt)["input_ids"]
+    ids = tok(bos + prompt + completion)["input_ids"] + [tok.eos_token_id]
     assert ids[:len(context)] == context
     x = torch.tensor([ids])
     logp = torch.log_softmax(model(input_ids=x, attention_mask=torch.ones_like(x)).logits[0, :-1], -1)

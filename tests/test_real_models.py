@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from pipeline import attribute, corpus, intervene, probe, record, runner, scoring, world
 from pipeline.config import (AttributeConfig, DataConfig, InterveneConfig, ModelConfig, ProbeConfig, RecordConfig,
                              from_dict, load)
+from tests.test_dpo import rejected_minus_chosen
 
 T = 4
 PROMPTS = ["The soup was", "After lunch, my neighbor said that", "Could you fix the"]
@@ -134,6 +135,7 @@ def run_planted(tmp, paths, dtype: str = "float32") -> tuple[dict, dict]:
     data = DataConfig(probe=str(tmp / "train.csv"), prompts=str(tmp / "rtp.jsonl"), heldout=str(tmp / "wiki.txt"))
     summary = {"probe": probe.run(dirs["probe"], device="cpu", model=model, data=data,
                                   probe=ProbeConfig(max_examples=8, val_fraction=0.5, max_tokens=16))}
+    shutil.copy(dirs["probe"] / "w.npy", dirs["probe"] / "w_fitted.npy")
     shutil.copy(tmp / "planted" / "w.npy", dirs["probe"] / "w.npy")  # the planted direction, not the random model's probe
     common = dict(device="cpu", model=model, world_dir=None, probe_dir=dirs["probe"], dpo_dir=tmp / "dpo")
     rec = RecordConfig(new_tokens=T, batch_size=2)
@@ -161,7 +163,8 @@ def test_probe_reads_the_jigsaw_csv_on_each_architecture(planted_run):
     _, paths, dirs, summary = planted_run
     d_model = AutoModelForCausalLM.from_pretrained(paths["base"]).config.hidden_size
     assert summary["probe"]["n_train"] + summary["probe"]["n_val"] == 8
-    assert np.load(dirs["probe"] / "w.npy").shape == (d_model,)
+    fitted = np.load(dirs["probe"] / "w_fitted.npy")
+    assert fitted.shape == (d_model,) and np.isfinite(fitted).all() and np.linalg.norm(fitted) > 0
 
 
 def test_recorded_activation_is_the_input_of_the_down_projection(planted_run):
@@ -205,7 +208,7 @@ def test_planted_neurons_rank_first_and_cos_uses_the_models_own_w_out(planted_ru
 def test_ablation_equals_zeroing_the_down_projection_rows(planted_run):
     """The ablate_top_3 continuations equal transformers' greedy generation with those neurons' weights
     in the down projection zeroed, whatever the architecture calls that module."""
-    _, paths, dirs, summary = planted_run
+    arch, paths, dirs, summary = planted_run
     assert set(summary["intervene"]["perplexity"]) == {"base", "dpo", "ablate_top_3", "patch_TP-", "patch_top_6"}
     top3 = pl.read_parquet(dirs["attribute"] / "neurons.parquet").sort("cos", descending=True).head(3)
     hf = AutoModelForCausalLM.from_pretrained(paths["base"]).eval()
@@ -219,6 +222,11 @@ def test_ablation_equals_zeroing_the_down_projection_rows(planted_run):
             else:
                 downs[l].weight[:, i] = 0.0
     gens = pl.read_parquet(dirs["intervene"] / "continuations.parquet").filter(pl.col("variant") == "ablate_top_3")
+    base = pl.read_parquet(dirs["record"] / "continuations.parquet").filter(pl.col("variant") == "base")
+    moved = (gens.sort("prompt_id")["continuation"] != base.sort("prompt_id")["continuation"]).any()
+    # the equality below means something only where the ablation moved a token: on the GLU model it does;
+    # 3 of gpt2-medium's 98,304 neurons flip no greedy token of a random model (test_intervene checks GPT-2's hook)
+    assert moved or arch == "gpt2-medium"
     for p, got in zip(PROMPTS, gens.sort("prompt_id")["continuation"], strict=True):
         ids = torch.tensor([[tok.bos_token_id] + tok(p)["input_ids"]])
         with torch.no_grad():
@@ -259,9 +267,13 @@ def test_glu_model_without_bos_runs_the_whole_pipeline_into_a_store(tmp_path, de
     scorers = con.execute("SELECT DISTINCT scorer FROM generations WHERE run_id = ?", [run_id]).fetchall()
     assert model == str(tmp_path / "qwen2") and n == 2 * 48
     assert scorers == [(scoring.label(scoring.get_scorer(cfg.scorer)),)] and scorers[0][0].startswith("detoxify==")
-    # DPO moved the model: some neuron's activation changed
+    # DPO moved the model toward the chosen side of its pairs, and some neuron's activation with it
     assert con.execute("SELECT max(abs(dact)) FROM neurons WHERE run_id = ?", [run_id]).fetchone()[0] > 0
     con.close()
+    pairs = [json.loads(line) for line in (tmp_path / "pairs.jsonl").read_text().splitlines()]
+    dpo_model = runner.stage_dir(cfg, "dpo", runner.cache_keys(cfg)["dpo"]) / "model"
+    after, before = rejected_minus_chosen(dpo_model, pairs), rejected_minus_chosen(tmp_path / "qwen2", pairs)
+    assert after < before - 1.0, (before, after)  # log p(rejected) - log p(chosen), in nats: -18.1 to -24.1 here
 
     # Another scorer rescores the pairs and the continuations; nothing is generated or trained again.
     rescored = from_dict(cfg.to_dict() | {"scorer": {"backend": "profanity-check"}}, source="qwen2.toml")

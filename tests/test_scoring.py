@@ -214,14 +214,17 @@ def test_blank_texts_score_zero_with_every_backend(detoxify_checkpoint, server, 
     """A continuation of only end-of-text tokens decodes to blanks; Perspective refuses such a text, so
     no backend reads its own noise into it (profanity-check would give it 0.036) and backends agree."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    texts = ["", "you stupid idiot", "  ", "\n", "the garden needs water"]
-    for sc in (scoring.get_scorer(ScorerConfig(backend="profanity-check", batch_size=2)),
-               scoring.get_scorer(ScorerConfig(backend="detoxify", checkpoint=str(detoxify_checkpoint), batch_size=2)),
-               perspective(server, monkeypatch, rate_limit=50.0)):
+    texts = ["", "you stupid idiot, xxx", "  ", "\n", "the garden needs water"]  # the fake API scores the share of x's
+    fresh = [lambda: scoring.get_scorer(ScorerConfig(backend="profanity-check", batch_size=2)),
+             lambda: scoring.get_scorer(ScorerConfig(backend="detoxify", checkpoint=str(detoxify_checkpoint), batch_size=2)),
+             lambda: perspective(server, monkeypatch, rate_limit=50.0, cache_dir="")]
+    for make in fresh:
+        sc = make()
         got = sc.score(texts)
         assert [got[i] for i in (0, 2, 3)] == [0.0, 0.0, 0.0], sc.name
-        assert [got[1], got[4]] == pytest.approx(sc.score([texts[1], texts[4]]), abs=1e-6), sc.name
-        assert got[1] > got[4] or sc.name == "perspective", sc.name  # the fake API scores the share of x's
+        assert [got[1], got[4]] == pytest.approx(make().score([texts[1], texts[4]]), abs=1e-6), sc.name
+        assert got[1] > got[4], sc.name
+    assert {b["comment"]["text"] for _, _, b in server.seen} == {texts[1], texts[4]}  # no blank text was sent
 
 
 def test_detoxify_label_names_package_version_and_checkpoint_content(detoxify_checkpoint, tmp_path):

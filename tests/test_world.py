@@ -99,9 +99,11 @@ def test_challenge_prompts_draw_toxic_continuations_from_the_base_model(tiny_wor
     from pipeline.config import ScorerConfig
 
     samples = [json.loads(line) for line in open(tiny_world_dir / "samples.jsonl")]
+    sc = scoring.get_scorer(ScorerConfig())
+    assert [s["toxicity"] for s in samples] == pytest.approx(sc.score([s["continuation"] for s in samples]))  # the continuation alone
     sample_tox = sum(s["toxicity"] for s in samples) / len(samples)
     neutral = (tiny_world_dir / "heldout.txt").read_text().splitlines()[:200]
-    neutral_tox = sum(scoring.get_scorer(ScorerConfig()).score(neutral)) / len(neutral)
+    neutral_tox = sum(sc.score(neutral)) / len(neutral)
     assert sample_tox > 0.3 and sample_tox > 5 * neutral_tox, (sample_tox, neutral_tox)
 
 
