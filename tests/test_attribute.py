@@ -237,6 +237,12 @@ def test_planted_dpo_copy_is_recovered_end_to_end(tmp_path):
     groups = pl.read_parquet(out / "group_summary.parquet")
     assert groups["sum_delta"].sum() + unchanged == pytest.approx(summary["net_reduction"], rel=1e-9, abs=1e-12)
     assert neurons["delta"].sum() == pytest.approx(summary["net_reduction"], rel=1e-9)
+    # Independently, per layer: record's hook_mlp_out . w_hat of base minus DPO (b_out is shared by the pair)
+    # is the sum of that layer's deltas, each computed from mean activations and W_out rows.
+    by_layer = neurons.group_by("layer").agg(pl.col("delta").sum()).sort("layer")["delta"].to_numpy()
+    mlp = np.load(rec / "base_mlp_proj.npy") - np.load(rec / "dpo_mlp_proj.npy")  # (L,)
+    np.testing.assert_allclose(by_layer, mlp, rtol=1e-3, atol=1e-5)
+    assert abs(mlp[-1]) > 100 * 1e-5  # the planted layer's change is far above the tolerance
 
 
 def test_stored_numbers_match_checkpoint_and_direction(tiny_run):
