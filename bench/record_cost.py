@@ -19,18 +19,26 @@ from bench.common import model_args, prompts, save_model
 from pipeline import models, record
 
 
-def timed(fns: dict, repeat: int) -> dict[str, float]:
+def timed(fns: dict, repeat: int, device: str) -> dict[str, float]:
     """Best wall time of each method over `repeat` rounds; the methods take turns within a round (after
-    one untimed warm-up each), so a machine that slows down or speeds up affects them alike."""
+    one untimed warm-up each), so a machine that slows down or speeds up affects them alike. On a GPU
+    each time ends when the queued kernels have finished, not when the last one was launched."""
     for fn in fns.values():
         fn()
     best = {name: float("inf") for name in fns}
     for _ in range(repeat):
         for name, fn in fns.items():
+            synchronize(device)
             t0 = time.perf_counter()
             fn()
+            synchronize(device)
             best[name] = min(best[name], time.perf_counter() - t0)
     return best
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 @torch.no_grad()
@@ -97,7 +105,7 @@ def main(argv=None) -> None:
         "generate-and-record (stage record)": generate_and_record,
         "generate alone (transformers, KV cache)": hf_generate,
         "reference: generate + hooked second forward": lambda: reference(hf, [r.to(args.device) for r in rows], T, w_hat, args.batch),
-    }, args.repeat)
+    }, args.repeat, args.device)
     shape = f"{args.n_layer} x {4 * args.d_model} neurons, d_model {args.d_model}, vocab {args.vocab}"
     print(f"{shape}; {args.prompts} prompts of {args.prompt_len} tokens, T = {T}, batch {args.batch}, "
           f"{args.device}, {torch.get_num_threads()} threads, best of {args.repeat} rounds")

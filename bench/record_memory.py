@@ -1,5 +1,6 @@
 """Peak memory of stage record's generate-and-record against the number of prompts: each size runs in
-a fresh process that reports its own peak resident set size (ru_maxrss), side by side in one run.
+a fresh process that reports its own peak resident set size (ru_maxrss) and, on a GPU, the peak of
+torch's allocations there, side by side in one run.
 
     python -m bench.record_memory                                      # gpt2-medium shape, 100/400/1200 x 20
     python -m bench.record_memory --n-layer 4 --d-model 256 --sizes 20 80 240   # quick
@@ -15,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from bench.common import model_args, prompts, save_model
 
@@ -29,7 +31,8 @@ def child(args) -> None:
     with tempfile.TemporaryDirectory() as d:
         record.generate_and_record(bridge, texts, w / np.linalg.norm(w), args.new_tokens, args.batch, "record",
                                    Path(d) / "act_prompt.npy")
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # MiB (Linux reports KiB)
+    gpu = torch.cuda.max_memory_allocated() / 2**20 if args.device.startswith("cuda") else 0.0
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, gpu)  # MiB (Linux reports ru_maxrss in KiB)
 
 
 def main(argv=None) -> None:
@@ -46,11 +49,13 @@ def main(argv=None) -> None:
     for n in args.sizes:
         out = subprocess.run([sys.executable, "-m", "bench.record_memory", *base, "--child", str(n), "--model", str(model)],
                              capture_output=True, text=True, check=True)
-        peaks[n] = float(out.stdout.strip().splitlines()[-1])
+        peaks[n] = [float(x) for x in out.stdout.strip().splitlines()[-1].split()]  # RSS, GPU
     print(f"{args.n_layer} x {4 * args.d_model} neurons, d_model {args.d_model}; T = {args.new_tokens}, batch {args.batch}, "
           f"{args.device}")
-    for n, mib in peaks.items():
-        print(f"  {n:>6} prompts: peak RSS {mib:8.0f} MiB  ({mib / peaks[args.sizes[0]]:.2f}x the smallest)")
+    first = peaks[args.sizes[0]]
+    for n, (rss, gpu) in peaks.items():
+        on_gpu = f"; GPU peak {gpu:8.0f} MiB  ({gpu / first[1]:.2f}x)" if args.device.startswith("cuda") else ""
+        print(f"  {n:>6} prompts: peak RSS {rss:8.0f} MiB  ({rss / first[0]:.2f}x the smallest){on_gpu}")
 
 
 if __name__ == "__main__":
