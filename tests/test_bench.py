@@ -1,10 +1,13 @@
-"""The query benchmark must time every query the app has, on data where each one returns rows."""
+"""The query benchmark must time every query the app has, on data where each one returns rows; the
+record benchmarks run on a tiny shape, and record's sums equal the reference approach's."""
 
 from __future__ import annotations
 
+import re
+
 import polars as pl
 
-from bench import app_queries
+from bench import app_queries, record_cost, record_memory
 
 
 def test_bench_times_every_app_query_on_data_it_returns(tmp_path):
@@ -21,3 +24,21 @@ def test_bench_times_every_app_query_on_data_it_returns(tmp_path):
             result = result[0]
         assert (result.height if isinstance(result, pl.DataFrame) else len(result)) > 0, name
     assert set(app_queries.time_calls(calls, repeats=1)) == set(calls)
+
+
+TINY = ["--n-layer", "2", "--d-model", "64", "--n-head", "2", "--vocab", "300", "--new-tokens", "4"]
+
+
+def test_record_cost_compares_methods_that_sum_the_same_activations(capsys):
+    record_cost.main([*TINY, "--prompts", "3", "--batch", "2", "--repeat", "1"])
+    out = capsys.readouterr().out
+    diff, largest = map(float, re.search(r"max \|difference\| (\S+) \(largest sum (\S+)\)", out).groups())
+    assert largest > 0 and diff < 1e-4 * largest
+    for line in ("record / generate alone, same machinery", "reference / record", "no one-pass method beats it by"):
+        assert line in out
+
+
+def test_record_memory_reports_a_peak_per_size(capsys):
+    record_memory.main([*TINY, "--sizes", "2", "4"])
+    peaks = re.findall(r"(\d+) prompts: peak RSS +(\d+) MiB", capsys.readouterr().out)
+    assert [n for n, _ in peaks] == ["2", "4"] and all(int(mib) > 100 for _, mib in peaks)  # torch alone takes more
