@@ -21,7 +21,11 @@ st.caption("Each intervention edits the base model's MLP neurons and is scored l
            "(product of experts) and `marco` (MaRCo-style revision) change no neuron: they steer decoding with an "
            "expert and an anti-expert fine-tuned on either side of the probe data.")
 st.dataframe(table, hide_index=True, width="stretch",
-             column_config={"toxic_share": st.column_config.NumberColumn(format="percent"),
+             column_config={"toxic_share": st.column_config.NumberColumn(format="percent",
+                                                                         help="Share of continuations scored above 0.5."),
+                            "perplexity": st.column_config.NumberColumn(help="exp of the mean NLL of the held-out passages' tokens after BOS."),
+                            "f1": st.column_config.NumberColumn(help="Token-id F1 of a greedy continuation of each held-out passage's "
+                                                                     "first half against its second half, as the paper's reference code."),
                             "recovered": st.column_config.NumberColumn(format="percent")})
 
 left, right = st.columns(2)
