@@ -34,7 +34,21 @@ def test_bootstrap_interval_collapses_without_prompt_noise_and_widens_with_it():
     assert np.allclose(lo, hi) and lo[0] == pytest.approx(0.75)
     noisy = flat + np.random.default_rng(0).normal(0, 1, flat.shape)
     lo, hi = attribute.bootstrap_shares(noisy, 200, 0)
-    assert (hi - lo)[0] > 0.01 and lo[0] < 0.75 < hi[0] + 0.2
+    assert (hi - lo)[0] > 0.05
+
+
+def test_bootstrap_interval_covers_the_true_share_about_95_percent_of_the_time():
+    """Prompts drawn around a known TP- share of 0.75: the 95% interval holds each sample's own share
+    and, over 200 samples, the true one about 95% of the time (0.94 over 400 when this was written)."""
+    true = np.array([3.0, 1.0, 0, 0, -1.0, 0, 0, 0])
+    covered = 0
+    for seed in range(200):
+        noisy = true + np.random.default_rng(seed).normal(0, 1, (50, 8))
+        lo, hi = attribute.bootstrap_shares(noisy, 200, seed)
+        mean = noisy.mean(0)
+        assert lo[0] <= mean[0] / mean[:4].sum() <= hi[0]
+        covered += lo[0] <= 0.75 <= hi[0]
+    assert 0.88 <= covered / 200 <= 0.99
 
 
 def test_neurons_needed():
