@@ -39,7 +39,7 @@ def test_bootstrap_interval_collapses_without_prompt_noise_and_widens_with_it():
 
 def test_bootstrap_interval_covers_the_true_share_about_95_percent_of_the_time():
     """Prompts drawn around a known TP- share of 0.75: the 95% interval holds each sample's own share
-    and, over 200 samples, the true one about 95% of the time (0.94 over 400 when this was written)."""
+    and, over 200 samples, the true one about 95% of the time (0.94 when this was written)."""
     true = np.array([3.0, 1.0, 0, 0, -1.0, 0, 0, 0])
     covered = 0
     for seed in range(200):
@@ -48,7 +48,7 @@ def test_bootstrap_interval_covers_the_true_share_about_95_percent_of_the_time()
         mean = noisy.mean(0)
         assert lo[0] <= mean[0] / mean[:4].sum() <= hi[0]
         covered += lo[0] <= 0.75 <= hi[0]
-    assert 0.88 <= covered / 200 <= 0.99
+    assert 0.92 <= covered / 200 <= 0.97  # here a 90% interval covers 0.895, a 99% one 0.98
 
 
 def test_neurons_needed():
