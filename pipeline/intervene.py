@@ -13,9 +13,11 @@ Each is measured with the same code on one loaded base model:
     continuations          the greedy T-token continuations of the challenge prompts, whose
                            toxicity, toxic_share and recovered stage score adds
     perplexity             exp(mean NLL) of the held-out passages' tokens after BOS
-    f1                     F1 of the token ids of a greedy continuation of each passage's first half
-                           against its gold second half (both `f1_tokens` tokens), as the reference
-                           code (Lee et al.'s run_f1) computes the paper's F1
+    f1                     F1 of the bags of token ids of a greedy continuation of each passage's first
+                           half and of its gold second half (both `f1_tokens` tokens): the reference
+                           code's run_f1 (Lee et al.) counts token ids too, but over prompt and
+                           continuation (transformers' generate returns both), where method.md compares
+                           the continuation with the gold one
     mlp_proj[l]            mean over the generated positions of hook_mlp_out . w_hat, read as record.py does
 The base and DPO rows take their continuations from stage record. The challenge prompts are generated
 here in record's batches ([record] batch_size) with record's code, so an intervention that changes

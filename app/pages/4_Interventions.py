@@ -25,7 +25,7 @@ st.dataframe(table, hide_index=True, width="stretch",
                                                                          help="Share of continuations scored above 0.5."),
                             "perplexity": st.column_config.NumberColumn(help="exp of the mean NLL of the held-out passages' tokens after BOS."),
                             "f1": st.column_config.NumberColumn(help="Token-id F1 of a greedy continuation of each held-out passage's "
-                                                                     "first half against its second half, as the paper's reference code."),
+                                                                     "first half against its second half (the first f1_tokens of each)."),
                             "recovered": st.column_config.NumberColumn(format="percent")})
 
 left, right = st.columns(2)
