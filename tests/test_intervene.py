@@ -214,8 +214,9 @@ def test_run_end_to_end_on_planted_pair(tmp_path, monkeypatch):
     # Perplexity of the unmodified models: padded batches here, each passage alone in plain transformers.
     assert by_id["base"]["perplexity"] == pytest.approx(hf_perplexity(base, HELDOUT), rel=1e-4)
     assert by_id["dpo"]["perplexity"] == pytest.approx(hf_perplexity(tmp_path / "dpo" / "model", HELDOUT), rel=1e-4)
-    # F1 as the reference code computes it: each passage split at its middle word, transformers' greedy
-    # continuation of the first half, token ids against the gold second half's first f1_tokens.
+    # F1 recomputed with transformers: each passage split at its middle word, the greedy continuation of
+    # the first half, token ids against the gold second half's first f1_tokens (the random model may share
+    # none; test_f1_compares_token_ids_... plants continuations that do).
     hf, tok = AutoModelForCausalLM.from_pretrained(base).eval(), AutoTokenizer.from_pretrained(base)
     scores = []
     for passage in HELDOUT:
