@@ -46,7 +46,7 @@ from tqdm import tqdm
 from pipeline import data as datasets
 from pipeline import models
 from pipeline.config import DataConfig, InterveneConfig, ModelConfig, RecordConfig
-from pipeline.record import CONTINUATIONS, VARIANTS, AfterPromptPass, continuations, hooked_generate, left_pad, prompt_tokens
+from pipeline.record import CONTINUATIONS, VARIANTS, continuations, hooked_generate, left_pad, mlp_out_readers, prompt_tokens
 
 ROWS = {"intervention_id": pl.String, "kind": pl.String, "params": pl.String, "n_neurons": pl.Int64,
         "perplexity": pl.Float64, "f1": pl.Float64}  # interventions, as stage score reads them
@@ -138,9 +138,9 @@ def generate(bridge, rows: list[torch.Tensor], new_tokens: int, batch_size: int,
     tokens = np.zeros((len(rows), T), np.int64)
     for start in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch", leave=False):
         ids, mask = left_pad(rows[start:start + batch_size], bridge.tokenizer.pad_token_id)  # (B, L)
-        probes = [(f"blocks.{l}.hook_mlp_out", AfterPromptPass(lambda o, l=l: proj_sum[l].add_((o @ w).sum())))
-                  for l in range(n_layers)]  # o (B, d_model)
-        tokens[start:start + len(ids)] = hooked_generate(bridge, ids, mask, T, fwd_hooks + probes).cpu().numpy()
+        out = torch.zeros(len(ids), n_layers, bridge.cfg.d_model, device=dev)  # (B, n_layers, d_model)
+        tokens[start:start + len(ids)] = hooked_generate(bridge, ids, mask, T, fwd_hooks + mlp_out_readers(out)).cpu().numpy()
+        proj_sum += out.sum(0) @ w
     return tokens, (proj_sum / (len(rows) * T)).cpu().numpy()
 
 

@@ -66,16 +66,23 @@ def left_pad(rows: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch
 
 
 class AfterPromptPass:
-    """Forward hook that hands fn the newest position of every pass but the first (the prompt
-    pass): in pass k the newest position holds generated token k."""
+    """Forward hook that adds the newest position of every pass but the first (the prompt pass) into
+    total (B, width), which stays float32 whatever the model's dtype: in pass k the newest position
+    holds generated token k. One kernel per hook and pass, as generation on a GPU is bound by launches."""
 
-    def __init__(self, fn):
-        self.fn, self.passes = fn, 0
+    def __init__(self, total: torch.Tensor):
+        self.total, self.passes = total, 0
 
     def __call__(self, x, hook):  # x (B, pos, width)
         if self.passes:
-            self.fn(x[:, -1].float())  # (B, width)
+            self.total.add_(x[:, -1])
         self.passes += 1
+
+
+def mlp_out_readers(out: torch.Tensor) -> list:
+    """Hooks that sum each layer's hook_mlp_out over the generated positions into out (B, n_layers,
+    d_model); mlp_proj is then (out summed over B) . w_hat, once per batch instead of per pass."""
+    return [(f"blocks.{l}.hook_mlp_out", AfterPromptPass(out[:, l])) for l in range(out.shape[1])]
 
 
 def hooked_generate(bridge, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int, fwd_hooks: list) -> torch.Tensor:
@@ -120,12 +127,11 @@ def _record_batch(bridge, rows: list[torch.Tensor], T: int, w: torch.Tensor, act
     n_layers, d_mlp, dev = bridge.cfg.n_layers, bridge.cfg.d_mlp, bridge.cfg.device
     ids, mask = left_pad(rows, bridge.tokenizer.pad_token_id)
     act = torch.zeros(len(ids), n_layers, d_mlp, device=dev)  # (B, n_layers, d_mlp) sums over T positions
-    hooks = {}
-    for l in range(n_layers):
-        hooks[f"blocks.{l}.mlp.hook_post"] = AfterPromptPass(lambda a, l=l: act[:, l].add_(a))  # a (B, d_mlp)
-        hooks[f"blocks.{l}.hook_mlp_out"] = AfterPromptPass(lambda o, l=l: proj_sum[l].add_((o @ w).sum()))  # o (B, d_model)
-    tokens = hooked_generate(bridge, ids, mask, T, list(hooks.items())).cpu().numpy()
+    out = torch.zeros(len(ids), n_layers, bridge.cfg.d_model, device=dev)  # (B, n_layers, d_model) likewise
+    hooks = [(f"blocks.{l}.mlp.hook_post", AfterPromptPass(act[:, l])) for l in range(n_layers)] + mlp_out_readers(out)
+    tokens = hooked_generate(bridge, ids, mask, T, hooks).cpu().numpy()
     act_sum += act.sum(0)
+    proj_sum += out.sum(0) @ w
     act_prompt_out.write((act / T).cpu().numpy().astype(np.float16).tobytes())
     return tokens
 
