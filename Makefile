@@ -41,6 +41,7 @@ bench: $(VENV)/.pipeline
 	$(PY) -m bench.app_queries
 	$(PY) -m bench.record_cost
 	$(PY) -m bench.record_memory
+	$(PY) -m bench.dpo_cost
 
 clean:
 	rm -rf .cache .pytest_cache

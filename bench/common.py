@@ -26,7 +26,7 @@ def model_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
-def save_model(args) -> Path:
+def save_model(args, n_positions: int | None = None) -> Path:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from pipeline import corpus, world
@@ -36,7 +36,7 @@ def save_model(args) -> Path:
     r = random.Random(0)
     tok = world.train_tokenizer([corpus.neutral_sentence(r) for _ in range(200)], 300)
     torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=args.vocab, n_positions=4 * args.prompt_len + args.new_tokens, n_embd=args.d_model,
+    GPT2LMHeadModel(GPT2Config(vocab_size=args.vocab, n_positions=n_positions or 4 * args.prompt_len + args.new_tokens, n_embd=args.d_model,
                                n_layer=args.n_layer, n_head=args.n_head, bos_token_id=tok.eos_token_id,
                                eos_token_id=tok.eos_token_id)).save_pretrained(path)
     tok.save_pretrained(path)

@@ -1,6 +1,6 @@
 """Peak memory of stage record's generate-and-record against the number of prompts: each size runs in
-a fresh process that reports its own peak resident set size (ru_maxrss) and, on a GPU, the peak of
-torch's allocations there, side by side in one run.
+a fresh process that reports its own peak resident set size (ru_maxrss), on a GPU the peak of torch's
+allocations there, and the time recording took (the model's loading not included), side by side in one run.
 
     python -m bench.record_memory                                      # gpt2-medium shape, 100/400/1200 x 20
     python -m bench.record_memory --n-layer 4 --d-model 256 --sizes 20 80 240   # quick
@@ -13,6 +13,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -29,10 +30,12 @@ def child(args) -> None:
     texts = [bridge.tokenizer.decode(r) for r in rows]  # re-tokenized by record: longer, hence 4x room in the context
     w = np.random.default_rng(0).normal(size=args.d_model).astype(np.float32)
     with tempfile.TemporaryDirectory() as d:
+        t0 = time.perf_counter()
         record.generate_and_record(bridge, texts, w / np.linalg.norm(w), args.new_tokens, args.batch, "record",
                                    Path(d) / "act_prompt.npy")
+        seconds = time.perf_counter() - t0  # the sums come back to the CPU at the end, so the GPU's work is done
     gpu = torch.cuda.max_memory_allocated() / 2**20 if args.device.startswith("cuda") else 0.0
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, gpu)  # MiB (Linux reports ru_maxrss in KiB)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, gpu, seconds)  # MiB (Linux reports ru_maxrss in KiB)
 
 
 def main(argv=None) -> None:
@@ -49,13 +52,13 @@ def main(argv=None) -> None:
     for n in args.sizes:
         out = subprocess.run([sys.executable, "-m", "bench.record_memory", *base, "--child", str(n), "--model", str(model)],
                              capture_output=True, text=True, check=True)
-        peaks[n] = [float(x) for x in out.stdout.strip().splitlines()[-1].split()]  # RSS, GPU
+        peaks[n] = [float(x) for x in out.stdout.strip().splitlines()[-1].split()]  # RSS, GPU, seconds
     print(f"{args.n_layer} x {4 * args.d_model} neurons, d_model {args.d_model}; T = {args.new_tokens}, batch {args.batch}, "
           f"{args.device}")
     first = peaks[args.sizes[0]]
-    for n, (rss, gpu) in peaks.items():
+    for n, (rss, gpu, seconds) in peaks.items():
         on_gpu = f"; GPU peak {gpu:8.0f} MiB  ({gpu / first[1]:.2f}x)" if args.device.startswith("cuda") else ""
-        print(f"  {n:>6} prompts: peak RSS {rss:8.0f} MiB  ({rss / first[0]:.2f}x the smallest){on_gpu}")
+        print(f"  {n:>6} prompts: peak RSS {rss:8.0f} MiB  ({rss / first[0]:.2f}x the smallest){on_gpu}; recorded in {seconds:.2f} s")
 
 
 if __name__ == "__main__":

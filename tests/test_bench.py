@@ -7,7 +7,7 @@ import re
 
 import polars as pl
 
-from bench import app_queries, record_cost, record_memory
+from bench import app_queries, dpo_cost, record_cost, record_memory
 
 
 def test_bench_times_every_app_query_on_data_it_returns(tmp_path):
@@ -34,11 +34,21 @@ def test_record_cost_compares_methods_that_sum_the_same_activations(capsys):
     out = capsys.readouterr().out
     diff, largest = map(float, re.search(r"max \|difference\| (\S+) \(largest sum (\S+)\)", out).groups())
     assert largest > 0 and diff < 1e-4 * largest
-    for line in ("record / generate alone, same machinery", "reference / record", "no one-pass method beats it by"):
+    for line in ("record / generate alone, same machinery", "of which the extra pass and the bridge calling 4 hooks",
+                 "reference / record", "no one-pass method beats it by"):
         assert line in out
 
 
 def test_record_memory_reports_a_peak_per_size(capsys):
     record_memory.main([*TINY, "--sizes", "2", "4"])
-    peaks = re.findall(r"(\d+) prompts: peak RSS +(\d+) MiB", capsys.readouterr().out)
-    assert [n for n, _ in peaks] == ["2", "4"] and all(int(mib) > 100 for _, mib in peaks)  # torch alone takes more
+    peaks = re.findall(r"(\d+) prompts: peak RSS +(\d+) MiB.*recorded in (\S+) s", capsys.readouterr().out)
+    assert [n for n, *_ in peaks] == ["2", "4"] and all(int(mib) > 100 for _, mib, _ in peaks)  # torch alone takes more
+    assert all(float(s) > 0 for *_, s in peaks)
+
+
+def test_dpo_cost_times_the_steps_it_asked_for(capsys):
+    dpo_cost.main([*TINY, "--steps", "2", "--pairs-per-step", "2", "--max-length", "16"])
+    steps, total, per_step, paper = re.search(r"(\d+) steps of stage dpo: +(\S+) s +\((\S+) s per step\)\n.*?(\S+) min",
+                                              capsys.readouterr().out).groups()
+    assert int(steps) == 2 and float(total) > 0
+    assert abs(float(paper) * 60 - float(per_step) * dpo_cost.PAPER_STEPS) <= 0.01 * dpo_cost.PAPER_STEPS

@@ -1,0 +1,70 @@
+"""Cost of stage dpo at the paper's settings (configs/gpt2-medium.toml: 16 pairs per step, sequences cut
+to 128 tokens, RMSprop, float32, the base model as trl's frozen reference) on a random-init checkpoint of
+gpt2-medium's architecture: a few optimizer steps of the stage's own code, timed, and the paper's 1,536
+steps (24,576 pairs) scaled from them. Every pair fills all 128 tokens, so the figure is an upper bound
+for data whose prompts and continuations are shorter; the first step's warm-up is included.
+
+    python -m bench.dpo_cost --device cuda                          # gpt2-medium shape, 4 steps
+    python -m bench.dpo_cost --n-layer 4 --d-model 256 --steps 2    # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+from bench.common import model_args, save_model
+from pipeline import corpus, dpo
+from pipeline.config import DPOStageConfig, ModelConfig
+
+PAPER_STEPS = 24_576 // 16
+
+
+def text_of(tok, n_tokens: int, r: random.Random) -> str:
+    """Sentences of the demo corpus, joined and cut to n_tokens."""
+    text = corpus.neutral_sentence(r)
+    while len(tok(text)["input_ids"]) < n_tokens:
+        text += " " + corpus.neutral_sentence(r)
+    return tok.decode(tok(text)["input_ids"][:n_tokens])
+
+
+def write_pairs(path: Path, tok, n: int, max_length: int) -> None:
+    """n pairs of a prompt of half max_length and completions as long: trl cuts prompt plus completion
+    to max_length (and drops a pair whose prompt alone fills it), so each sequence costs the full length."""
+    r = random.Random(0)
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(n):
+            f.write(json.dumps({k: text_of(tok, max_length // 2, r) for k in ("prompt", "chosen", "rejected")}) + "\n")
+
+
+def main(argv=None) -> None:
+    p = model_args(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
+    p.add_argument("--steps", type=int, default=4, help="optimizer steps timed")
+    p.add_argument("--pairs-per-step", type=int, default=16, help="[dpo] batch_size (paper: 16)")
+    p.add_argument("--max-length", type=int, default=128, help="[dpo] max_length")
+    args = p.parse_args(argv)
+    path = save_model(args, n_positions=args.max_length)
+    tok = AutoTokenizer.from_pretrained(path)
+    cfg = DPOStageConfig(beta=0.1, lr=1e-5, optimizer="rmsprop", batch_size=args.pairs_per_step, max_length=args.max_length)
+    with tempfile.TemporaryDirectory() as d:
+        pairs_dir, out = Path(d) / "pairs", Path(d) / "dpo"
+        pairs_dir.mkdir()
+        write_pairs(pairs_dir / "pairs.jsonl", tok, args.steps * args.pairs_per_step, args.max_length)
+        result = dpo.run(out, device=args.device, model=ModelConfig(path=str(path)), dpo=cfg, world_dir=None,
+                         pairs_dir=pairs_dir)
+    per_step = result["seconds"] / result["n_steps"]
+    gpu = f", GPU peak {torch.cuda.max_memory_allocated() / 2**20:,.0f} MiB" if args.device.startswith("cuda") else ""
+    print(f"{args.n_layer} x {4 * args.d_model} neurons, d_model {args.d_model}, vocab {args.vocab}; {args.pairs_per_step} pairs "
+          f"per step, {args.max_length} tokens each, {args.device}, {torch.get_num_threads()} threads{gpu}")
+    print(f"  {result['n_steps']} steps of stage dpo:               {result['seconds']:8.1f} s  ({per_step:.2f} s per step)")
+    print(f"  the paper's {PAPER_STEPS:,} steps at this rate:        {per_step * PAPER_STEPS / 60:8.1f} min")
+
+
+if __name__ == "__main__":
+    main()
