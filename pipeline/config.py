@@ -195,7 +195,8 @@ class DPOStageConfig:
     optimizer: str = _f("rmsprop", "Optimizer name as transformers knows it (paper: rmsprop).")
     epochs: float = _f(1.0, "Passes over the pairs.")
     batch_size: int = _f(8, "Pairs per optimizer step and process (accelerate launch on N GPUs: N x this).")
-    max_length: int = _f(64, "Prompt plus completion are cut to this many tokens.")
+    max_length: int = _f(64, "Prompt plus completion are cut to this many tokens; a pair whose prompt alone fills "
+                         "them is dropped (trl), counted in the stage's n_pairs_dropped.")
     seed: int = _f(0, "Training seed.")
 
     def __post_init__(self):

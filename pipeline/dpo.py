@@ -56,9 +56,13 @@ def run(out: Path, *, device: str, model: ModelConfig, dpo: DPOStageConfig, worl
         seed=dpo.seed,
         **models.trainer_args(out, device),
     )
+    pairs = preference_dataset(pairs_dir / "pairs.jsonl", models.bos_prefix(tok))
     # ref_model=None: trl reloads the policy's checkpoint as the frozen reference, i.e. the base model
-    trainer = DPOTrainer(model=policy, args=args, train_dataset=preference_dataset(pairs_dir / "pairs.jsonl", models.bos_prefix(tok)),
-                         processing_class=tok)
+    trainer = DPOTrainer(model=policy, args=args, train_dataset=pairs, processing_class=tok)
+    dropped = len(pairs) - len(trainer.train_dataset)  # trl drops a pair whose prompt alone fills max_length
+    if dropped == len(pairs):
+        raise ConfigError(f"every pair's prompt fills [dpo] max_length = {dpo.max_length} tokens, so no pair is left to "
+                          "train on; raise max_length")
     t0 = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - t0
@@ -75,6 +79,7 @@ def run(out: Path, *, device: str, model: ModelConfig, dpo: DPOStageConfig, worl
             f.write(json.dumps(row) + "\n")
     return {
         "n_pairs": len(trainer.train_dataset),
+        "n_pairs_dropped": dropped,
         "n_steps": trainer.state.global_step,
         "final_loss": round(curve[-1]["loss"], 4),
         "final_reward_margin": round(curve[-1]["reward_margin"], 4),

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pipeline import dpo, pairs, scoring
-from pipeline.config import DataConfig, DPOStageConfig, ModelConfig, PairsConfig, ScorerConfig
+from pipeline.config import ConfigError, DataConfig, DPOStageConfig, ModelConfig, PairsConfig, ScorerConfig
 from pipeline.data import DataError
 
 PLANTED = "zorp"  # every rejected completion contains it, no chosen one does
@@ -225,3 +225,17 @@ def test_loaded_pairs_with_missing_keys_raise_a_one_line_data_error(tmp_path, st
         pairs.run(tmp_path, device="cpu", model=ModelConfig(path="unused"), data=DataConfig(pairs=str(path)),
                   pairs=PairsConfig(), scorer=ScorerConfig(), world_dir=None)
     assert "\n" not in str(e.value) and str(path) in str(e.value)
+
+
+def test_pairs_whose_prompt_fills_max_length_are_counted_or_refused(base_dir, tmp_path):
+    """trl drops a pair whose prompt alone fills max_length: the stage says how many, and refuses to
+    train on none (trl's own error names no setting)."""
+    long = [r | {"prompt": " and then ".join([r["prompt"]] * 6)} for r in TRAIN[8:16]]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in TRAIN[:8] + long))
+    cfg = DPOStageConfig(epochs=1.0, batch_size=8, max_length=32)
+    summary = dpo.run(tmp_path / "a", device="cpu", model=ModelConfig(path=str(base_dir)), dpo=cfg, world_dir=None,
+                      pairs_dir=tmp_path)
+    assert (summary["n_pairs"], summary["n_pairs_dropped"], summary["n_steps"]) == (8, 8, 1)
+    with pytest.raises(ConfigError, match=r"max_length = 4 tokens.*raise max_length"):
+        dpo.run(tmp_path / "b", device="cpu", model=ModelConfig(path=str(base_dir)),
+                dpo=DPOStageConfig(max_length=4), world_dir=None, pairs_dir=tmp_path)
