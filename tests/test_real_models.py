@@ -9,9 +9,13 @@ dir and every stage loads them by path, the code path a hub name takes (`[model]
 - a tiny Qwen2 (GLU, and no BOS token): the whole runner, DPO through trl included, into a store.
 - the presets load without a download; [model] dtype reaches the weights; recording sharded over two
   processes equals one process; DPO trains data-parallel under torchrun.
+
+The analysis stages run on the CPU; DPO_NEURONS_TEST_DEVICE=cuda runs them on a GPU instead, checked
+against plain transformers on the CPU (README: Benchmarks, where this was done on one GPU).
 """
 
 import json
+import os
 import random
 import re
 import shutil
@@ -28,6 +32,7 @@ from pipeline.config import (AttributeConfig, DataConfig, InterveneConfig, Model
                              from_dict, load)
 from tests.test_dpo import rejected_minus_chosen
 
+DEVICE = os.environ.get("DPO_NEURONS_TEST_DEVICE", "cpu")
 T = 4
 PROMPTS = ["The soup was", "After lunch, my neighbor said that", "Could you fix the"]
 HELDOUT = ["The river runs past the old mill and into the lake .", "We cooked rice with beans for the whole family ."]
@@ -133,11 +138,11 @@ def run_planted(tmp, paths, dtype: str = "float32") -> tuple[dict, dict]:
         d.mkdir(parents=True)
     model = ModelConfig(path=str(paths["base"]), dtype=dtype)
     data = DataConfig(probe=str(tmp / "train.csv"), prompts=str(tmp / "rtp.jsonl"), heldout=str(tmp / "wiki.txt"))
-    summary = {"probe": probe.run(dirs["probe"], device="cpu", model=model, data=data,
+    summary = {"probe": probe.run(dirs["probe"], device=DEVICE, model=model, data=data,
                                   probe=ProbeConfig(max_examples=8, val_fraction=0.5, max_tokens=16))}
     shutil.copy(dirs["probe"] / "w.npy", dirs["probe"] / "w_fitted.npy")
     shutil.copy(tmp / "planted" / "w.npy", dirs["probe"] / "w.npy")  # the planted direction, not the random model's probe
-    common = dict(device="cpu", model=model, world_dir=None, probe_dir=dirs["probe"], dpo_dir=tmp / "dpo")
+    common = dict(device=DEVICE, model=model, world_dir=None, probe_dir=dirs["probe"], dpo_dir=tmp / "dpo")
     rec = RecordConfig(new_tokens=T, batch_size=2)
     summary["record"] = record.run(dirs["record"], data=data, record=rec, **common)
     summary["attribute"] = attribute.run(dirs["attribute"], attribute=AttributeConfig(n_bootstrap=20, n_logit_lens=10,
@@ -307,7 +312,7 @@ def test_dtype_reaches_the_weights_and_unknown_ones_are_refused(tmp_path):
     torch.manual_seed(0)
     tiny_llama(tok).save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
-    full, half = load_bridge(str(tmp_path), "cpu"), load_bridge(str(tmp_path), "cpu", "bfloat16")
+    full, half = load_bridge(str(tmp_path), DEVICE), load_bridge(str(tmp_path), DEVICE, "bfloat16")
     assert full.W_out.dtype == torch.float32 and half.W_out.dtype == torch.bfloat16
     ids = full.to_tokens(PROMPTS[1])
     a, b = (m.run_with_cache(ids, names_filter="blocks.1.mlp.hook_post")[1]["blocks.1.mlp.hook_post"].float() for m in (full, half))
@@ -356,7 +361,7 @@ def test_record_sharded_over_processes_equals_one_process(tmp_path):
     for n in (1, 2):
         outs[n] = tmp_path / f"out{n}"
         outs[n].mkdir()
-        summary = record.run(outs[n], device="cpu", model=ModelConfig(path=str(base)), data=DataConfig(prompts=str(tmp_path / "rtp.jsonl")),
+        summary = record.run(outs[n], device=DEVICE, model=ModelConfig(path=str(base)), data=DataConfig(prompts=str(tmp_path / "rtp.jsonl")),
                              record=RecordConfig(new_tokens=T, batch_size=2, processes=n), world_dir=None,
                              probe_dir=tmp_path / "probe", dpo_dir=tmp_path / "dpo")
         assert summary["processes"] == n
