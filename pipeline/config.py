@@ -249,6 +249,10 @@ class InterveneConfig:
     f1_tokens: int = _f(20, "Tokens generated (and gold tokens compared) per F1 sample.")
     batch_size: int = _f(32, "Held-out passages per batch. The challenge prompts go in [record] batch_size batches, as "
                          "in record, so that the rows compare like with like.")
+    perplexity: str = _f("passages", "passages: each of the n_heldout held-out passages alone, after BOS. stream: the "
+                         "reference code's WikiText-2 protocol: the whole held-out file, headings and blank lines "
+                         "included, joined with blank lines and scored in consecutive windows without BOS.")
+    perplexity_window: int = _f(1024, "stream: tokens per window (the reference code's 1024), at most the model's context.")
 
     def __post_init__(self):
         for union in self.patch_groups:
@@ -258,6 +262,10 @@ class InterveneConfig:
         if any(n < 1 for n in self.ablate_top + self.ablate_top_positive + self.patch_top):
             raise ValueError("neuron counts must be at least 1")
         _at_least_1(self, "n_heldout", "f1_tokens", "batch_size")
+        if self.perplexity not in ("passages", "stream"):
+            raise ValueError(f"perplexity must be passages or stream, not {self.perplexity!r}")
+        if self.perplexity_window < 2:
+            raise ValueError("perplexity_window must be at least 2: a window's first token is not predicted")
 
 
 @dataclass

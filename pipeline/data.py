@@ -72,7 +72,8 @@ def from_hub(kind: str, value: str) -> Path:
     if kind == "heldout":
         if "text" not in ds.column_names:
             raise DataError(f"[data] heldout = {value!r} has no 'text' column (columns: {', '.join(ds.column_names)})")
-        tmp.write_text("".join(t.replace("\n", " ") + "\n" for t in ds["text"]), encoding="utf-8")
+        # one line per entry, its closing newline dropped, so that load_entries gives the entries back
+        tmp.write_text("".join(t.removesuffix("\n").replace("\n", " ") + "\n" for t in ds["text"]), encoding="utf-8")
     elif kind == "probe":
         ds.to_csv(str(tmp), index=False)
     else:
@@ -237,6 +238,18 @@ def load_pairs(path: Path, max_pairs: int) -> list[dict]:
     if not pairs:
         raise DataError(f"{_name(path)} has no usable pairs (prompt, chosen, rejected non-empty, chosen != rejected)")
     return pairs[:max_pairs]
+
+
+def load_entries(path: Path) -> list[str]:
+    """The file's lines as WikiText-2's hub entries are, for the reference code's perplexity text
+    ("\n\n".join of them): a line with text keeps its newline, a blank line is empty, headings stay."""
+    lines = _lines(_read(path))
+    if lines and lines[-1] == "":  # the newline that ends the file ends the last line
+        lines.pop()
+    entries = [line + "\n" if line.strip() else "" for line in lines]
+    if not any(entries):
+        raise DataError(f"{_name(path)} has no text lines")
+    return entries
 
 
 def load_text(path: Path) -> list[str]:

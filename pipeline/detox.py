@@ -49,7 +49,7 @@ from tqdm import tqdm
 from pipeline import data as datasets
 from pipeline import models
 from pipeline.config import DataConfig, DetoxConfig, InterveneConfig, ModelConfig, RecordConfig
-from pipeline.intervene import LAYERS, ROWS, decode, heldout_set, mean_f1, perplexity
+from pipeline.intervene import LAYERS, ROWS, decode, load_heldout, mean_f1, perplexity
 from pipeline.record import CONTINUATIONS, continuations, left_pad, prompt_tokens
 
 REVISIONS = {"variant": pl.String, "prompt_id": pl.Int64, "position": pl.Int64, "token": pl.String, "jsd": pl.Float64,
@@ -175,7 +175,7 @@ def mlp_proj(bridge, rows: list[torch.Tensor], tokens: np.ndarray, w_hat: np.nda
 def run(out: Path, *, device: str, model: ModelConfig, data: DataConfig, record: RecordConfig, intervene: InterveneConfig,
         detox: DetoxConfig, world_dir: Path | None, probe_dir: Path, record_dir: Path, experts_dir: Path) -> dict:
     prompts = datasets.load_prompts(datasets.resolve("prompts", data.prompts, world_dir), data.challenging_only, data.max_prompts)
-    passages = datasets.load_text(datasets.resolve("heldout", data.heldout, world_dir))[:intervene.n_heldout]
+    heldout_file = datasets.resolve("heldout", data.heldout, world_dir)
     w = np.load(Path(probe_dir) / "w.npy").astype(np.float32)
     w_hat = w / np.linalg.norm(w)
     base_tokens = np.load(Path(record_dir) / "base_tokens.npy")  # (n_prompts, T): the base model's greedy continuations
@@ -184,7 +184,7 @@ def run(out: Path, *, device: str, model: ModelConfig, data: DataConfig, record:
     path = datasets.model_path(model.path, world_dir)
     bridge = models.load_bridge(path, device, model.dtype)
     prompt_rows = prompt_tokens(bridge, prompts, T)
-    held = heldout_set(bridge, passages, intervene.f1_tokens)
+    held = load_heldout(bridge, heldout_file, intervene, bs)
     # The base of the PoE is the transformers model inside the bridge, called directly (no hooks run): one copy.
     loaded = [models.load_hf(str(Path(experts_dir) / name), device, model.dtype)[0] for name in ("expert", "anti")]
     poe = ProductOfExperts(bridge.original_model, *loaded, tokenizer=bridge.tokenizer,
@@ -199,7 +199,7 @@ def run(out: Path, *, device: str, model: ModelConfig, data: DataConfig, record:
         rows.append({"intervention_id": iid, "kind": kind, "params": json.dumps(params), "n_neurons": 0} | quality)
 
     def quality_of(p: ProductOfExperts, f1_tokens: np.ndarray) -> dict:
-        return {"perplexity": perplexity(p, held.rows, bs, []), "f1": mean_f1(bridge, f1_tokens, held)}
+        return {"perplexity": perplexity(p, held.rows, held.batch_size, []), "f1": mean_f1(bridge, f1_tokens, held)}
 
     for alpha in detox.alpha:
         p = replace(poe, alpha=alpha)

@@ -12,7 +12,10 @@ A new kind is one function (neurons table, argument) -> (chosen rows, per-layer 
 Each is measured with the same code on one loaded base model:
     continuations          the greedy T-token continuations of the challenge prompts, whose
                            toxicity, toxic_share and recovered stage score adds
-    perplexity             exp(mean NLL) of the held-out passages' tokens after BOS
+    perplexity             exp(mean NLL) of the held-out passages' tokens after BOS; or, with
+                           [intervene] perplexity = "stream", of the reference code's WikiText-2 text
+                           (the held-out file's entries joined with blank lines, headings included)
+                           in consecutive windows without BOS, every token but a window's first
     f1                     F1 of the bags of token ids of a greedy continuation of each passage's first
                            half and of its gold second half (both `f1_tokens` tokens): the reference
                            code's run_f1 (Lee et al.) counts token ids too, but over prompt and
@@ -151,7 +154,8 @@ def decode(bridge, tokens: np.ndarray) -> list[str]:
 
 @torch.no_grad()
 def perplexity(bridge, rows: list[torch.Tensor], batch_size: int, fwd_hooks: list) -> float:
-    """exp of the mean NLL over every token after BOS of the rows, left padded and masked."""
+    """exp of the mean NLL over every token of the rows but each one's first (BOS for passages), left
+    padded and masked."""
     nll, n = 0.0, 0
     for start in range(0, len(rows), batch_size):
         ids, mask = left_pad(rows[start:start + batch_size], bridge.tokenizer.pad_token_id)  # (B, L)
@@ -159,7 +163,7 @@ def perplexity(bridge, rows: list[torch.Tensor], batch_size: int, fwd_hooks: lis
         with bridge.hooks(fwd_hooks=fwd_hooks):
             logits = bridge(ids, attention_mask=mask)  # (B, L, vocab)
         logp = logits[:, :-1].float().log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]  # (B, L-1)
-        scored = (mask[:, :-1] * mask[:, 1:]).bool()  # real token predicted from a real position: BOS is never a target
+        scored = (mask[:, :-1] * mask[:, 1:]).bool()  # real token predicted from a real position: a row's first is never a target
         nll -= float(logp[scored].sum())
         n += int(scored.sum())
     return math.exp(nll / n)
@@ -176,14 +180,20 @@ def f1(pred: list[int], gold: list[int]) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+# Stream windows per perplexity batch: as many as make this many tokens, so that the batch's logits
+# (windows x window x vocabulary floats) stay near those of a batch of passages
+STREAM_BATCH_TOKENS = 8192
+
+
 @dataclass
 class Heldout:
-    rows: list[torch.Tensor]  # whole passages (BOS first), for perplexity
+    rows: list[torch.Tensor]  # what perplexity scores: whole passages (BOS first), or stream windows
+    batch_size: int  # rows per perplexity batch
     prefixes: list[torch.Tensor]  # first halves (BOS first), for F1 continuations
     gold: list[list[int]]  # the first f1_tokens token ids of the second halves
 
 
-def heldout_set(bridge, passages: list[str], f1_tokens: int) -> Heldout:
+def heldout_set(bridge, passages: list[str], f1_tokens: int, batch_size: int) -> Heldout:
     """Passages cut to the context; each split at the word boundary nearest its middle, the prefix
     keeping BOS and its last tokens when it would leave no room for the continuation."""
     n_ctx, tok = bridge.cfg.n_ctx, bridge.tokenizer
@@ -196,7 +206,26 @@ def heldout_set(bridge, passages: list[str], f1_tokens: int) -> Heldout:
         r = bridge.to_tokens(" ".join(words[:half]), move_to_device=False, truncate=False)[0]
         prefixes.append(r if len(r) <= room else torch.cat([r[:1], r[len(r) - room + 1:]]))
         gold.append(tok(" " + " ".join(words[half:]), add_special_tokens=False)["input_ids"][:f1_tokens])
-    return Heldout(rows, prefixes, gold)
+    return Heldout(rows, batch_size, prefixes, gold)
+
+
+def load_heldout(bridge, path: Path, cfg: InterveneConfig, batch_size: int) -> Heldout:
+    """The held-out set that intervene and detox measure with: F1 on the first n_heldout passages, and
+    perplexity per [intervene] perplexity, on those passages in batches of batch_size or on stream windows."""
+    held = heldout_set(bridge, datasets.load_text(path)[:cfg.n_heldout], cfg.f1_tokens, batch_size)
+    if cfg.perplexity == "stream":
+        windows = stream_windows(bridge, datasets.load_entries(path), cfg.perplexity_window)
+        held.rows, held.batch_size = windows, max(1, STREAM_BATCH_TOKENS // len(windows[0]))
+    return held
+
+
+def stream_windows(bridge, entries: list[str], window: int) -> list[torch.Tensor]:
+    """The reference code's perplexity text, "\n\n".join of WikiText-2's entries, tokenized as one text
+    without BOS and cut into consecutive windows of `window` tokens (at most the context). A last window
+    of one token predicts nothing and is left out."""
+    W = min(window, bridge.cfg.n_ctx)
+    ids = torch.tensor(bridge.tokenizer("\n\n".join(entries), add_special_tokens=False, verbose=False)["input_ids"])
+    return [ids[i:i + W] for i in range(0, len(ids) - 1, W)]
 
 
 def mean_f1(bridge, tokens: np.ndarray, held: Heldout) -> float:
@@ -210,13 +239,13 @@ def mean_f1(bridge, tokens: np.ndarray, held: Heldout) -> float:
 def quality(bridge, held: Heldout, fwd_hooks: list, cfg: InterveneConfig, w_hat: np.ndarray, desc: str) -> dict:
     """Perplexity and mean F1 on the held-out passages under fwd_hooks."""
     tokens, _ = generate(bridge, held.prefixes, cfg.f1_tokens, cfg.batch_size, fwd_hooks, w_hat, f"{desc} f1")
-    return {"perplexity": perplexity(bridge, held.rows, cfg.batch_size, fwd_hooks), "f1": mean_f1(bridge, tokens, held)}
+    return {"perplexity": perplexity(bridge, held.rows, held.batch_size, fwd_hooks), "f1": mean_f1(bridge, tokens, held)}
 
 
 def run(out: Path, *, device: str, model: ModelConfig, data: DataConfig, record: RecordConfig, intervene: InterveneConfig,
         world_dir: Path | None, probe_dir: Path, dpo_dir: Path, attribute_dir: Path) -> dict:
     prompts = datasets.load_prompts(datasets.resolve("prompts", data.prompts, world_dir), data.challenging_only, data.max_prompts)
-    passages = datasets.load_text(datasets.resolve("heldout", data.heldout, world_dir))[:intervene.n_heldout]
+    heldout_file = datasets.resolve("heldout", data.heldout, world_dir)
     w = np.load(Path(probe_dir) / "w.npy").astype(np.float32)
     w_hat = w / np.linalg.norm(w)
     todo = plan(intervene, pl.read_parquet(Path(attribute_dir) / "neurons.parquet"))
@@ -224,7 +253,7 @@ def run(out: Path, *, device: str, model: ModelConfig, data: DataConfig, record:
 
     rows, generations, layers = [], [], []
     bridge = models.load_bridge(datasets.model_path(model.path, world_dir), device, model.dtype)
-    held = heldout_set(bridge, passages, intervene.f1_tokens)
+    held = load_heldout(bridge, heldout_file, intervene, intervene.batch_size)
     prompt_rows = prompt_tokens(bridge, prompts, T)
     ends = {"base": quality(bridge, held, [], intervene, w_hat, "base")}
     for iv in tqdm(todo, desc="interventions", unit="intervention"):

@@ -74,6 +74,10 @@ def test_wikitext_style_text_skips_headings_and_blanks(tmp_path):
     assert data.load_text(path) == ["Some text here .", "More text ."]
     with pytest.raises(DataError, match="no text lines"):
         data.load_text(write(tmp_path, "empty.txt", "\n \n"))
+    # the stream perplexity's entries keep headings and blank lines, and the file's last newline ends a line
+    assert data.load_entries(path) == [" = Heading = \n", "", " Some text here .\n", "", " = = Sub = = \n", " More text .\n"]
+    with pytest.raises(DataError, match="no text lines"):
+        data.load_entries(write(tmp_path, "empty.txt", "\n \n"))
 
 
 def test_non_utf8_file_is_a_clear_error(tmp_path):
@@ -150,6 +154,11 @@ def test_hub_dataset_goes_through_the_same_loaders(hub_cache):
     wiki.mkdir()
     write(wiki, "test.jsonl", "".join(json.dumps({"text": t}) + "\n" for t in [" = Title = \n", "\n", " Some text .\n"]))
     assert data.load_text(data.resolve("heldout", f"hf:{wiki}::test", None)) == ["Some text ."]
+    wiki2 = hub_cache / "wiki2"  # WikiText-2's entries as the hub has them: the stream perplexity joins them exactly
+    wiki2.mkdir()
+    entries = ["", " = Title = \n", "", " Some text .\n", " More , text . \n"]
+    write(wiki2, "test.jsonl", "".join(json.dumps({"text": t}) + "\n" for t in entries))
+    assert data.load_entries(data.resolve("heldout", f"hf:{wiki2}::test", None)) == entries
     with pytest.raises(DataError) as e:
         data.resolve("heldout", f"hf:{rtp}", None)
     assert "no 'text' column" in one_line(e)

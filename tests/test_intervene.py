@@ -126,12 +126,44 @@ def test_f1_compares_token_ids_with_the_gold_half_up_to_the_first_end_of_text(ti
     bridge = models.load_bridge(str(tiny_gpt2), "cpu")
     tok, eos = bridge.tokenizer, bridge.tokenizer.eos_token_id
     passages = ["the river runs past the old mill and into the lake", "we cooked rice with beans for the whole family"]
-    held = intervene.heldout_set(bridge, passages, f1_tokens=6)
+    held = intervene.heldout_set(bridge, passages, f1_tokens=6, batch_size=2)
     gold = [tok(" " + " ".join(p.split()[len(p.split()) // 2:]), add_special_tokens=False)["input_ids"][:6] for p in passages]
     assert held.gold == gold and all(len(g) == 6 for g in gold)
     assert intervene.mean_f1(bridge, np.array(gold), held) == 1.0
     cut = np.array([g[:2] + [eos] + g[3:] for g in gold])  # 2 of 6 before the end of text: P = 1, R = 1/3
     assert intervene.mean_f1(bridge, cut, held) == pytest.approx(2 * (1 / 3) / (1 + 1 / 3))
+
+
+# WikiText-2 as the hub gives it: blank entries empty, headings and text lines ending in a newline
+WIKI = ["", " = Valley Notes = \n", "", " The weather in the valley was mild for most of the spring . \n", "",
+        " = = Boats = = \n", "", " A small boat drifted past the harbour wall , and they planted beans . \n",
+        " She carried the old books to the library on Monday . \n"]
+
+
+def test_stream_perplexity_follows_the_reference_code(tiny_gpt2, tmp_path):
+    """[intervene] perplexity = "stream" on a WikiText-shaped file written as data.from_hub writes one:
+    equal to the reference code's run_perplexity recomputed with transformers ("\n\n".join of the
+    entries, one tokenization, consecutive windows, every token but a window's first predicted)."""
+    (tmp_path / "wiki.txt").write_text("".join(e.removesuffix("\n") + "\n" for e in WIKI))
+    bridge = models.load_bridge(str(tiny_gpt2), "cpu")
+    cfg = InterveneConfig(n_heldout=2, f1_tokens=3, perplexity="stream", perplexity_window=16)
+    held = intervene.load_heldout(bridge, tmp_path / "wiki.txt", cfg, batch_size=2)
+    ours = intervene.perplexity(bridge, held.rows, held.batch_size, [])
+
+    hf, tok = AutoModelForCausalLM.from_pretrained(tiny_gpt2).eval(), AutoTokenizer.from_pretrained(tiny_gpt2)
+    ids = tok("\n\n".join(WIKI), return_tensors="pt").input_ids[0]
+    nll, n = 0.0, 0
+    for start in range(0, len(ids), 16):
+        window = ids[start:start + 16]
+        with torch.no_grad():
+            logits = hf(window[None]).logits[0, :-1]
+        nll += float(torch.nn.functional.cross_entropy(logits, window[1:], reduction="sum"))
+        n += len(window) - 1
+    assert len(held.rows) > 2 and held.batch_size >= len(held.rows)  # several windows, the last one padded
+    assert torch.equal(torch.cat(held.rows), ids[:sum(len(r) for r in held.rows)])
+    assert ours == pytest.approx(math.exp(nll / n), rel=1e-4)
+    # headings count here, unlike in the passages protocol, which also keeps F1's passages
+    assert "Valley Notes" in tok.decode(held.rows[0]) and len(held.prefixes) == 2
 
 
 HELDOUT = ["The weather in the valley was mild for most of the spring .", "She carried the old books to the library on Monday",

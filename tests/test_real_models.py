@@ -148,8 +148,10 @@ def run_planted(tmp, paths, dtype: str = "float32") -> tuple[dict, dict]:
     summary["attribute"] = attribute.run(dirs["attribute"], attribute=AttributeConfig(n_bootstrap=20, n_logit_lens=10,
                                                                                       n_top_prompt_neurons=10),
                                          record_dir=dirs["record"], **common)
+    # perplexity as the paper's preset measures it, windows across the whole held-out file (test_intervene
+    # checks it against the reference code's loop; the Qwen2 run below takes the passages)
     iv = InterveneConfig(ablate_top=[3], ablate_top_positive=[], patch_groups=["TP-"], patch_top=[6], n_heldout=2,
-                         f1_tokens=3, batch_size=2)
+                         f1_tokens=3, batch_size=2, perplexity="stream", perplexity_window=16)
     summary["intervene"] = intervene.run(dirs["intervene"], data=data, record=rec, intervene=iv,
                                          attribute_dir=dirs["attribute"], **common)
     return dirs, summary

@@ -23,7 +23,7 @@ st.caption("Each intervention edits the base model's MLP neurons and is scored l
 st.dataframe(table, hide_index=True, width="stretch",
              column_config={"toxic_share": st.column_config.NumberColumn(format="percent",
                                                                          help="Share of continuations scored above 0.5."),
-                            "perplexity": st.column_config.NumberColumn(help="exp of the mean NLL of the held-out passages' tokens after BOS."),
+                            "perplexity": st.column_config.NumberColumn(help="exp of the mean NLL on the held-out text: each passage after BOS, or with [intervene] perplexity = stream the whole file in windows, as the reference code scores WikiText-2."),
                             "f1": st.column_config.NumberColumn(help="Token-id F1 of a greedy continuation of each held-out passage's "
                                                                      "first half against its second half (the first f1_tokens of each)."),
                             "recovered": st.column_config.NumberColumn(format="percent")})
