@@ -37,7 +37,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -213,10 +213,10 @@ def load_heldout(bridge, path: Path, cfg: InterveneConfig, batch_size: int) -> H
     """The held-out set that intervene and detox measure with: F1 on the first n_heldout passages, and
     perplexity per [intervene] perplexity, on those passages in batches of batch_size or on stream windows."""
     held = heldout_set(bridge, datasets.load_text(path)[:cfg.n_heldout], cfg.f1_tokens, batch_size)
-    if cfg.perplexity == "stream":
-        windows = stream_windows(bridge, datasets.load_entries(path), cfg.perplexity_window)
-        held.rows, held.batch_size = windows, max(1, STREAM_BATCH_TOKENS // len(windows[0]))
-    return held
+    if cfg.perplexity == "passages":
+        return held
+    windows = stream_windows(bridge, datasets.load_entries(path), cfg.perplexity_window)
+    return replace(held, rows=windows, batch_size=max(1, STREAM_BATCH_TOKENS // len(windows[0])))
 
 
 def stream_windows(bridge, entries: list[str], window: int) -> list[torch.Tensor]:
