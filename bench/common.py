@@ -46,3 +46,13 @@ def save_model(args, n_positions: int | None = None) -> Path:
 def prompts(n: int, args, seed: int = 0) -> list[torch.Tensor]:
     rng = np.random.default_rng(seed)
     return [torch.tensor(rng.integers(1, 300, args.prompt_len)) for _ in range(n)]
+
+
+def text_of(tok, n_tokens: int, r: random.Random) -> str:
+    """Sentences of the demo corpus, joined and cut to n_tokens."""
+    from pipeline import corpus
+
+    text = corpus.neutral_sentence(r)
+    while len(tok(text)["input_ids"]) < n_tokens:
+        text += " " + corpus.neutral_sentence(r)
+    return tok.decode(tok(text)["input_ids"][:n_tokens])

@@ -19,19 +19,11 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from bench.common import model_args, save_model
-from pipeline import corpus, dpo
+from bench.common import model_args, save_model, text_of
+from pipeline import dpo
 from pipeline.config import DPOStageConfig, ModelConfig
 
 PAPER_STEPS = 24_576 // 16
-
-
-def text_of(tok, n_tokens: int, r: random.Random) -> str:
-    """Sentences of the demo corpus, joined and cut to n_tokens."""
-    text = corpus.neutral_sentence(r)
-    while len(tok(text)["input_ids"]) < n_tokens:
-        text += " " + corpus.neutral_sentence(r)
-    return tok.decode(tok(text)["input_ids"][:n_tokens])
 
 
 def write_pairs(path: Path, tok, n: int, max_length: int) -> None:

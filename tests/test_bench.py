@@ -1,13 +1,16 @@
 """The query benchmark must time every query the app has, on data where each one returns rows; the
-record benchmarks run on a tiny shape, and record's sums equal the reference approach's."""
+model benchmarks run on a tiny shape, record's sums equal the reference approach's, and the pipeline's
+timer puts each call's seconds, scaled, on the stage that made it."""
 
 from __future__ import annotations
 
 import re
+import time
+import types
 
 import polars as pl
 
-from bench import app_queries, dpo_cost, record_cost, record_memory
+from bench import app_queries, dpo_cost, pipeline_cost, record_cost, record_memory
 
 
 def test_bench_times_every_app_query_on_data_it_returns(tmp_path):
@@ -52,3 +55,37 @@ def test_dpo_cost_times_the_steps_it_asked_for(capsys):
                                               capsys.readouterr().out).groups()
     assert int(steps) == 2 and float(total) > 0
     assert abs(float(paper) * 60 - float(per_step) * dpo_cost.PAPER_STEPS) <= 0.01 * dpo_cost.PAPER_STEPS
+
+
+def test_pipeline_timer_scales_each_call_on_the_stage_that_made_it():
+    work = types.SimpleNamespace(step=lambda seconds, n: time.sleep(seconds))
+    timer = pipeline_cost.Timer("cpu")
+    timer.wrap(work, "step", lambda stage, seconds, n: ("steps", 10 / n) if stage == "record" else ("other", 1.0))
+    timer.log("[record] running (abc)")
+    work.step(0.05, 2)
+    work.step(0.05, 5)
+    timer.log("[record] done in 0.1s")  # a done line changes nothing: the next running line does
+    work.step(0.02, 1)
+    timer.log("[score] running (def)")
+    work.step(0.03, 1)
+    assert timer.parts("record") == ["steps"] and timer.parts("score") == ["other"]
+    assert 0.12 <= timer.measured["record", "steps"] < 0.2 and 0.03 <= timer.measured["score", "other"] < 0.06
+    # 0.05 s x 5 + 0.05 s x 2 + 0.02 s x 10, each call by its own factor
+    assert 0.55 <= timer.scaled["record", "steps"] < 0.55 * 1.6
+    assert timer.scaled["score", "other"] == timer.measured["score", "other"]
+
+
+def test_pipeline_cost_runs_the_preset_into_a_store_and_scales_every_stage(capsys):
+    pipeline_cost.main([*TINY, "--prompts", "4", "--pairs", "16", "--probe-texts", "16", "--heldout-tokens", "1024",
+                        "--batch", "4"])
+    out = capsys.readouterr().out
+    assert re.search(r"512 neurons and \d+ generations in the store", out)
+    rows = {name: tuple(map(float, rest)) for name, *rest in
+            re.findall(r"^  (\w+) +(\S+) s +(\S+) s +(\S+) min$", out, re.M)}
+    assert list(rows) == ["probe", "pairs", "dpo", "record", "attribute", "intervene", "score", "store", "all"]
+    for name, (measured, grows, paper_min) in rows.items():
+        assert grows <= measured + 0.1 and paper_min * 60 >= measured - 0.4, name  # the paper has more of everything
+    assert rows["intervene"][1] > 0 and rows["record"][1] > 0 and rows["dpo"][1] > 0
+    parts = re.findall(r"^    (\S.*?) +(\S+) s +(\S+) min$", out, re.M)
+    assert {p for p, *_ in parts} >= {"forward passes", "optimizer steps", "generations", "F1 continuations", "perplexity", "scorer"}
+    assert abs(sum(r[0] for n, r in rows.items() if n != "all") - rows["all"][0]) <= 0.5
