@@ -24,6 +24,7 @@ import argparse
 import csv
 import json
 import random
+import resource
 import tempfile
 import time
 import tomllib
@@ -148,10 +149,11 @@ def main(argv=None) -> None:
     dpo = stages["dpo"]["summary"]
     timer.measured["dpo", "optimizer steps"] += dpo["seconds"]  # trl's training loop
     timer.scaled["dpo", "optimizer steps"] += dpo["seconds"] * PAPER["pairs"] / 16 / dpo["n_steps"]
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB (Linux reports KiB)
     gpu = f", GPU peak {torch.cuda.max_memory_allocated() / 2**20:,.0f} MiB" if args.device.startswith("cuda") else ""
     print(f"{args.n_layer} x {4 * args.d_model} neurons, d_model {args.d_model}, vocab {args.vocab}; {args.prompts} prompts, "
           f"{args.pairs} pairs, {args.probe_texts} probe texts, {heldout_tokens:,} held-out tokens; {args.scorer}; "
-          f"{args.device}, {torch.get_num_threads()} threads{gpu}")
+          f"{args.device}, {torch.get_num_threads()} threads; peak RSS {rss:,.0f} MiB{gpu}")
     print(f"  checkpoint written in {t_model:.1f} s; the run: {total:.1f} s, {n_neurons:,} neurons and {n_generations:,} "
           "generations in the store")
     print(f"  {'stage':<10} {'measured':>10} {'of which grows':>15} {'paper size':>12}")
