@@ -148,7 +148,7 @@ def main(argv=None) -> None:
 
     dpo = stages["dpo"]["summary"]
     timer.measured["dpo", "optimizer steps"] += dpo["seconds"]  # trl's training loop
-    timer.scaled["dpo", "optimizer steps"] += dpo["seconds"] * PAPER["pairs"] / 16 / dpo["n_steps"]
+    timer.scaled["dpo", "optimizer steps"] += dpo["seconds"] * PAPER["pairs"] / cfg.dpo.batch_size / dpo["n_steps"]
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB (Linux reports KiB)
     gpu = f", GPU peak {torch.cuda.max_memory_allocated() / 2**20:,.0f} MiB" if args.device.startswith("cuda") else ""
     print(f"{args.n_layer} x {4 * args.d_model} neurons, d_model {args.d_model}, vocab {args.vocab}; {args.prompts} prompts, "
@@ -167,6 +167,7 @@ def main(argv=None) -> None:
         for part in timer.parts(name):
             print(f"    {part:<18} {timer.measured[name, part]:>13.1f} s {timer.scaled[name, part] / 60:>8.2f} min")
     print(f"  {'all':<10} {total:>8.1f} s {sum(timer.measured.values()):>13.1f} s {paper_total / 60:>8.2f} min")
+
 
 if __name__ == "__main__":
     main()
