@@ -86,9 +86,11 @@ class Timer:
     def __init__(self, device: str):
         self.device, self.stage = device, ""
         self.measured, self.scaled = defaultdict(float), defaultdict(float)  # keyed by (stage, part)
+        self.wrapped = []  # (module, name, function) to put back
 
     def wrap(self, module, name: str, how) -> None:
         fn = getattr(module, name)
+        self.wrapped.append((module, name, fn))
 
         def timed(*a, **k):
             t0 = time.perf_counter()
@@ -102,6 +104,11 @@ class Timer:
             return result
 
         setattr(module, name, timed)
+
+    def unwrap(self) -> None:
+        for module, name, fn in reversed(self.wrapped):
+            setattr(module, name, fn)
+        self.wrapped.clear()
 
     def parts(self, stage: str) -> list[str]:
         return [part for s, part in self.measured if s == stage]
@@ -138,7 +145,10 @@ def main(argv=None) -> None:
         timer.wrap(intervene, "perplexity", lambda *_: ("perplexity", PAPER["heldout tokens"] / heldout_tokens))
         timer.wrap(scoring, "in_batches", lambda stage, *_: ("scorer", PAPER["pairs"] / args.pairs if stage == "pairs" else per_prompt))
         t0 = time.perf_counter()
-        run_id = runner.run(cfg, log=timer.log)
+        try:
+            run_id = runner.run(cfg, log=timer.log)
+        finally:
+            timer.unwrap()
         total = time.perf_counter() - t0
         stages = {row["stage"]: row for row in runner.status(cfg)}
         con = store.connect(cfg.run.store)

@@ -163,8 +163,8 @@ def perplexity(bridge, rows: list[torch.Tensor], batch_size: int, fwd_hooks: lis
         with bridge.hooks(fwd_hooks=fwd_hooks):
             logits = bridge(ids, attention_mask=mask)  # (B, L, vocab)
         scored = (mask[:, :-1] * mask[:, 1:]).bool()  # real token predicted from a real position: a row's first is never a target
-        # One row at a time: the whole batch's float32 log-probabilities would take twice its logits' memory
-        # again (8,192 tokens x GPT-2's 50,257 are 1.6 GB; in bfloat16, Qwen2's 151,936 make the copy 4x its logits).
+        # One row at a time: the whole batch's float32 log-probabilities would be as large again as its float32
+        # logits (8,192 tokens x GPT-2's 50,257: 1.6 GB), and four times its logits in bfloat16.
         for b in range(len(ids)):
             logp = logits[b, :-1].float().log_softmax(-1).gather(-1, ids[b, 1:, None])[:, 0]  # (L-1,)
             nll -= logp[scored[b]].sum(dtype=torch.float64)

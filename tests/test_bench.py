@@ -11,6 +11,7 @@ import types
 import polars as pl
 
 from bench import app_queries, dpo_cost, pipeline_cost, record_cost, record_memory
+from pipeline import intervene
 
 
 def test_bench_times_every_app_query_on_data_it_returns(tmp_path):
@@ -58,7 +59,8 @@ def test_dpo_cost_times_the_steps_it_asked_for(capsys):
 
 
 def test_pipeline_timer_scales_each_call_on_the_stage_that_made_it():
-    work = types.SimpleNamespace(step=lambda seconds, n: time.sleep(seconds))
+    step = lambda seconds, n: time.sleep(seconds)  # noqa: E731
+    work = types.SimpleNamespace(step=step)
     timer = pipeline_cost.Timer("cpu")
     timer.wrap(work, "step", lambda stage, seconds, n: ("steps", 10 / n) if stage == "record" else ("other", 1.0))
     timer.log("[record] running (abc)")
@@ -73,11 +75,15 @@ def test_pipeline_timer_scales_each_call_on_the_stage_that_made_it():
     # 0.05 s x 5 + 0.05 s x 2 + 0.02 s x 10, each call by its own factor
     assert 0.55 <= timer.scaled["record", "steps"] < 0.55 * 1.6
     assert timer.scaled["score", "other"] == timer.measured["score", "other"]
+    timer.unwrap()
+    assert work.step is step
 
 
 def test_pipeline_cost_runs_the_preset_into_a_store_and_scales_every_stage(capsys):
+    generate = intervene.generate
     pipeline_cost.main([*TINY, "--prompts", "4", "--pairs", "16", "--probe-texts", "16", "--heldout-tokens", "1024",
                         "--batch", "4"])
+    assert intervene.generate is generate  # the stages' functions are unwrapped again for whatever runs next
     out = capsys.readouterr().out
     assert re.search(r"512 neurons and \d+ generations in the store", out)
     rows = {name: tuple(map(float, rest)) for name, *rest in
