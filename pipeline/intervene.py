@@ -15,7 +15,8 @@ Each is measured with the same code on one loaded base model:
     perplexity             exp(mean NLL) of the held-out passages' tokens after BOS; or, with
                            [intervene] perplexity = "stream", of the reference code's WikiText-2 text
                            (the held-out file's entries joined with blank lines, headings included)
-                           in consecutive windows without BOS, every token but a window's first
+                           in consecutive windows without BOS, every token but a window's first (all
+                           windows, or perplexity_windows of them spread over the text)
     f1                     F1 of the bags of token ids of a greedy continuation of each passage's first
                            half and of its gold second half (both `f1_tokens` tokens): the reference
                            code's run_f1 (Lee et al.) counts token ids too, but over prompt and
@@ -218,17 +219,21 @@ def load_heldout(bridge, path: Path, cfg: InterveneConfig, batch_size: int) -> H
     held = heldout_set(bridge, datasets.load_text(path)[:cfg.n_heldout], cfg.f1_tokens, batch_size)
     if cfg.perplexity == "passages":
         return held
-    windows = stream_windows(bridge, datasets.load_entries(path), cfg.perplexity_window)
+    windows = stream_windows(bridge, datasets.load_entries(path), cfg.perplexity_window, cfg.perplexity_windows)
     return replace(held, rows=windows, batch_size=max(1, STREAM_BATCH_TOKENS // len(windows[0])))
 
 
-def stream_windows(bridge, entries: list[str], window: int) -> list[torch.Tensor]:
+def stream_windows(bridge, entries: list[str], window: int, keep: int = 0) -> list[torch.Tensor]:
     """The reference code's perplexity text, "\n\n".join of WikiText-2's entries, tokenized as one text
     without BOS and cut into consecutive windows of `window` tokens (at most the context). A last window
-    of one token predicts nothing and is left out."""
+    of one token predicts nothing and is left out. keep > 0: that many windows, spread evenly from the
+    first to the last, so that a subset samples the whole text rather than its first articles."""
     W = min(window, bridge.cfg.n_ctx)
     ids = torch.tensor(bridge.tokenizer("\n\n".join(entries), add_special_tokens=False, verbose=False)["input_ids"])
-    return [ids[i:i + W] for i in range(0, len(ids) - 1, W)]
+    windows = [ids[i:i + W] for i in range(0, len(ids) - 1, W)]
+    if 0 < keep < len(windows):
+        windows = [windows[i] for i in np.linspace(0, len(windows) - 1, keep).round().astype(int)]
+    return windows
 
 
 def mean_f1(bridge, tokens: np.ndarray, held: Heldout) -> float:

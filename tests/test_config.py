@@ -37,6 +37,7 @@ def test_demo_config_loads():
     ("[intervene]\nn_heldout = 0\n[world]\n", ["[intervene] n_heldout must be at least 1"]),
     ("[intervene]\nperplexity = 'windows'\n[world]\n", ["[intervene] perplexity must be passages or stream"]),
     ("[intervene]\nperplexity_window = 1\n[world]\n", ["[intervene] perplexity_window must be at least 2"]),
+    ("[intervene]\nperplexity_windows = -1\n[world]\n", ["[intervene] perplexity_windows must be 0 (all)"]),
     ("[pairs]\ntemperature = 0.0\n[world]\n", ["[pairs] temperature must be positive"]),
     ("[probe]\nmax_examples = 1\n[world]\n", ["[probe] max_examples must be at least 4"]),
     ("[world]\ntoxic_fraction = 0.6\n", ["[world]", "toxic_fraction must lie above 0 and at most 0.44"]),

@@ -166,6 +166,31 @@ def test_stream_perplexity_follows_the_reference_code(tiny_gpt2, tmp_path):
     assert "Valley Notes" in tok.decode(held.rows[0]) and len(held.prefixes) == 2
 
 
+def test_stream_perplexity_on_a_subset_of_windows(tiny_gpt2, tmp_path):
+    """[intervene] perplexity_windows = 3 scores three of the windows, the first, the last and the one
+    halfway, and their perplexity is the reference loop's over exactly those windows."""
+    (tmp_path / "wiki.txt").write_text("".join(e.removesuffix("\n") + "\n" for e in WIKI))
+    bridge = models.load_bridge(str(tiny_gpt2), "cpu")
+    every = intervene.load_heldout(bridge, tmp_path / "wiki.txt", InterveneConfig(perplexity="stream", perplexity_window=8),
+                                   batch_size=2).rows
+    cfg = InterveneConfig(n_heldout=2, f1_tokens=3, perplexity="stream", perplexity_window=8, perplexity_windows=3)
+    held = intervene.load_heldout(bridge, tmp_path / "wiki.txt", cfg, batch_size=2)
+    assert len(every) >= 7 and len(every) % 2 == 1  # so that "halfway" is one window
+    assert [r.tolist() for r in held.rows] == [every[i].tolist() for i in (0, len(every) // 2, len(every) - 1)]
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_gpt2).eval()
+    nll, n = 0.0, 0
+    for window in held.rows:
+        with torch.no_grad():
+            logits = hf(window[None]).logits[0, :-1]
+        nll += float(torch.nn.functional.cross_entropy(logits, window[1:], reduction="sum"))
+        n += len(window) - 1
+    assert intervene.perplexity(bridge, held.rows, held.batch_size, []) == pytest.approx(math.exp(nll / n), rel=1e-4)
+    # more windows asked than the text has: all of them
+    cfg = InterveneConfig(perplexity="stream", perplexity_window=8, perplexity_windows=len(every) + 5)
+    assert len(intervene.load_heldout(bridge, tmp_path / "wiki.txt", cfg, batch_size=2).rows) == len(every)
+
+
 HELDOUT = ["The weather in the valley was mild for most of the spring .", "She carried the old books to the library on Monday",
            "A small boat drifted past the harbour wall", "They planted three rows of beans behind the house ."]
 PROMPTS = ["The soup was", "After lunch, my neighbor said that", "Could you fix the", "We will"]
