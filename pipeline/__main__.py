@@ -1,4 +1,4 @@
-"""Command line: `python -m pipeline run|status --config FILE`, `export --run ID --out FILE`."""
+"""Command line: `python -m pipeline run|status --config FILE [--set SECTION.KEY=VALUE]`, `export --run ID --out FILE`."""
 
 from __future__ import annotations
 
@@ -26,9 +26,13 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--force", action="append", default=[], metavar="STAGE",
                    help="rerun STAGE and every stage after it that depends on it (repeatable)")
     r.add_argument("--only", metavar="STAGE", help="run only STAGE (its inputs must be cached); no store write")
+    r.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", dest="overrides",
+                   help="override one config key, the value in TOML syntax (repeatable), e.g. --set data.max_prompts=64")
     s = sub.add_parser("status", help="show each stage's cache key and whether it is cached",
                        description="Show, for each stage of a config, its cache key, whether it is cached, its time and summary.")
     s.add_argument("--config", required=True, help="TOML config file")
+    s.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", dest="overrides",
+                   help="override one config key, as for run")
     e = sub.add_parser("export", help="copy one run into a compact store file (or Parquet files) to share",
                        description="Copy one run out of the store: --out writes a single-run store file that the app "
                                    "and any DuckDB client open; --parquet writes one Parquet file per table.")
@@ -63,7 +67,7 @@ def main(argv=None) -> int:
             return 0
         from pipeline import runner  # imports torch: only the commands that train or record pay for it
 
-        cfg = config.load(args.config)
+        cfg = config.load(args.config, args.overrides)
         if args.command == "run":
             runner.run(cfg, force=set(args.force), only=args.only)
         else:

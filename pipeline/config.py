@@ -409,7 +409,29 @@ def from_dict(raw: dict, source: str = "<dict>") -> Config:
         raise ConfigError(f"{source}: {e}") from None
 
 
-def load(path: str | Path) -> Config:
+def override(raw: dict, assignment: str) -> None:
+    """Apply one `section.key=value` to a parsed config as if the file said it, the value in TOML syntax
+    (a bare word is a string): a preset run at another size or on other data without a copy of the file."""
+    name, eq, value = assignment.partition("=")
+    section, dot, key = name.strip().partition(".")
+    if not eq or not dot or not section or not key:
+        raise ConfigError(f"--set {assignment!r}: expected SECTION.KEY=VALUE, e.g. --set data.max_prompts=64")
+    if section not in SECTIONS:
+        raise ConfigError(f"--set {assignment!r}: unknown section [{section}]{_suggest(section, SECTIONS)}")
+    value = value.strip()
+    try:
+        parsed = tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value
+    if typing.get_type_hints(_section_class(section)).get(key) is str and not isinstance(parsed, str):
+        parsed = value  # run.name=2024 or model.path=inf: a string key takes the word as written
+    body = raw.setdefault(section, {})
+    if not isinstance(body, dict):
+        raise ConfigError(f"--set {assignment!r}: [{section}] in the file is not a table of keys")
+    body[key] = parsed
+
+
+def load(path: str | Path, overrides: list[str] = ()) -> Config:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} not found; pass an existing TOML file, e.g. configs/demo.toml")
@@ -417,7 +439,9 @@ def load(path: str | Path) -> Config:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid TOML ({e}); fix the syntax at that place") from None
-    return from_dict(raw, str(path))
+    for assignment in overrides:
+        override(raw, assignment)
+    return from_dict(raw, str(path) + "".join(f" --set {a}" for a in overrides))
 
 
 def help_table() -> str:

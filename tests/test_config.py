@@ -100,3 +100,48 @@ def test_list_keys_are_checked_item_by_item(tmp_path):
         with pytest.raises(config.ConfigError) as e:
             config.load(write(tmp_path, f"[world]\n[intervene]\n{text}\n"))
         assert piece in str(e.value)
+
+
+def test_set_overrides_keys_as_the_file_would():
+    base = config.load(ROOT / "configs" / "gpt2-medium.toml")
+    cfg = config.load(ROOT / "configs" / "gpt2-medium.toml",
+                      ["data.max_prompts=64", "intervene.ablate_top = [5, 10]", "intervene.perplexity_windows=8",
+                       "run.device=cpu", "model.path=/ckpt/a=b", "run.name=2024", "dpo.lr=1e-5", "experts.steps=3"])
+    assert cfg.data.max_prompts == 64 and cfg.intervene.ablate_top == [5, 10] and cfg.intervene.perplexity_windows == 8
+    assert cfg.run.device == "cpu" and cfg.model.path == "/ckpt/a=b" and cfg.dpo.lr == 1e-5
+    assert cfg.run.name == "2024"  # a string key takes a bare word as written, though TOML reads 2024 as a number
+    assert cfg.experts.steps == 3 and base.experts is None  # as a new [experts] table in the file would
+    changed = {("data", "max_prompts"), ("intervene", "ablate_top"), ("intervene", "perplexity_windows"), ("run", "device"),
+               ("model", "path"), ("run", "name"), ("dpo", "lr")}
+    for name, body in base.to_dict().items():
+        for key, value in body.items():
+            if (name, key) not in changed:
+                assert cfg.to_dict()[name][key] == value, f"[{name}] {key}"
+    assert "--set data.max_prompts=64" in cfg.source
+
+
+@pytest.mark.parametrize("assignment, pieces", [
+    ("max_prompts=64", ["expected SECTION.KEY=VALUE"]),
+    ("data.max_prompts", ["expected SECTION.KEY=VALUE"]),
+    ("dat.max_prompts=64", ["unknown section [dat]", "did you mean data"]),
+    ("data.max_prompt=64", ["unknown key [data] max_prompt", "did you mean max_prompts"]),
+    ("data.max_prompts=many", ["[data] max_prompts must be an integer", "'many'"]),
+    ("intervene.perplexity_windows=-1", ["perplexity_windows must be 0 (all)"]),
+])
+def test_bad_set_is_a_one_line_error(assignment, pieces):
+    with pytest.raises(config.ConfigError) as e:
+        config.load(ROOT / "configs" / "demo.toml", [assignment])
+    assert "\n" not in str(e.value) and all(p in str(e.value) for p in pieces)
+
+
+def test_cli_set_reaches_the_cache_keys(tmp_path, capsys):
+    demo = str(ROOT / "configs" / "demo.toml")
+    keys = {}
+    for prompts in ("", "7"):
+        extra = ["--set", f"data.max_prompts={prompts}"] if prompts else []
+        assert main(["status", "--config", demo, "--set", f"run.cache_dir={tmp_path}", *extra]) == 0
+        keys[prompts] = dict(line.split()[:2] for line in capsys.readouterr().out.splitlines())
+    assert keys[""]["world"] == keys["7"]["world"] and keys[""]["probe"] == keys["7"]["probe"]
+    assert keys[""]["record"] != keys["7"]["record"]  # the prompts are record's input
+    assert main(["run", "--config", demo, "--set", "data.max_prompts=x"]) == 2
+    assert "[data] max_prompts must be an integer" in capsys.readouterr().err
