@@ -11,7 +11,9 @@ and this stage adds, with the scorer's name==version:
     generations.toxicity        the scorer's probability that one continuation is toxic
     interventions.toxicity      the mean over a row's continuations (base and dpo: record's)
     interventions.toxic_share   the share of those above 0.5
-    interventions.recovered     (tox_base - tox) / (tox_base - tox_dpo), the share of DPO's drop
+    interventions.recovered     (tox_base - tox) / (tox_base - tox_dpo), the share of DPO's drop; NULL
+                                when that drop is within two standard errors of zero (the paired
+                                per-prompt differences'), where the ratio would only scale noise
 Each distinct text is scored once.
 
 Outputs: generations.parquet and interventions.parquet, whole.
@@ -19,6 +21,7 @@ Outputs: generations.parquet and interventions.parquet, whole.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import polars as pl
@@ -50,15 +53,27 @@ def run(out: Path, *, device: str, scorer: ScorerConfig, record_dir: Path, inter
         raise RuntimeError(f"intervention rows without continuations: {missing}")
     end = dict(by_variant.select("variant", "toxicity").iter_rows())
     tox_base, tox_dpo = end["base"], end["dpo"]
-    # None when DPO changed nothing: there is no drop to reproduce
-    rows = rows.with_columns(recovered=(tox_base - pl.col("toxicity")) / (tox_base - tox_dpo) if tox_base != tox_dpo
-                             else pl.lit(None, pl.Float64))
+    drop_se = dpo_drop_se(generations)
+    rows = rows.with_columns(recovered=(tox_base - pl.col("toxicity")) / (tox_base - tox_dpo)
+                             if abs(tox_base - tox_dpo) > 2 * drop_se else pl.lit(None, pl.Float64))
     generations.select(list(GENERATIONS)).cast(GENERATIONS).write_parquet(out / "generations.parquet")
     rows.select(list(INTERVENTIONS)).cast(INTERVENTIONS).write_parquet(out / "interventions.parquet")
     share = dict(by_variant.select("variant", "toxic_share").iter_rows())
     return {"scorer": scoring.label(sc), "n_texts": continuations.height, "n_distinct": len(texts),
             "toxicity": {r["intervention_id"]: round(r["toxicity"], 4) for r in rows.iter_rows(named=True)},
-            "toxic_share_base": round(share["base"], 4), "toxic_share_dpo": round(share["dpo"], 4)}
+            "toxic_share_base": round(share["base"], 4), "toxic_share_dpo": round(share["dpo"], 4),
+            "dpo_drop": round(tox_base - tox_dpo, 4), "dpo_drop_se": round(drop_se, 4) if math.isfinite(drop_se) else None}
+
+
+def dpo_drop_se(generations: pl.DataFrame) -> float:
+    """The standard error of DPO's toxicity drop tox_base - tox_dpo, the mean over the prompts of the
+    base continuation's toxicity minus the DPO one's: both models continue the same prompts, so the
+    differences pair up and the prompts' own spread cancels. Infinite with one prompt, whose single
+    difference says nothing about the noise."""
+    base, dpo = (generations.filter(pl.col("variant") == v).select("prompt_id", pl.col("toxicity").alias(v))
+                 for v in ("base", "dpo"))
+    d = base.join(dpo, on="prompt_id").select(pl.col("base") - pl.col("dpo")).to_series()  # (n_prompts,)
+    return float(d.std() / math.sqrt(d.len())) if d.len() > 1 else math.inf
 
 
 def tables(out: Path) -> dict[str, pl.DataFrame]:

@@ -5,6 +5,7 @@ end-to-end run on a planted base/DPO pair is checked against plain transformers.
 import copy
 import json
 import math
+import statistics
 from collections import Counter
 
 import numpy as np
@@ -256,7 +257,12 @@ def test_run_end_to_end_on_planted_pair(tmp_path, monkeypatch):
     assert iv["intervention_id"].to_list() == ["base", "dpo"] + ids and summary["n_interventions"] == len(ids)
     assert 0 < n_positive < n_neurons
     by_id = {r["intervention_id"]: r for r in iv.iter_rows(named=True)}
-    assert by_id["base"]["recovered"] == 0.0 and by_id["dpo"]["recovered"] == 1.0
+    # the stand-in scorer's drop on 4 prompts may be noise, where recovered is empty (test_score plants both cases)
+    d = [b - a for b, a in zip(*(t["generations"].filter(pl.col("variant") == v)["toxicity"] for v in ("base", "dpo")))]
+    if abs(statistics.mean(d)) > 2 * statistics.stdev(d) / math.sqrt(len(d)):
+        assert by_id["base"]["recovered"] == 0.0 and by_id["dpo"]["recovered"] == 1.0
+    else:
+        assert iv["recovered"].null_count() == iv.height
     assert all(math.isfinite(r["perplexity"]) and r["perplexity"] > 1 and 0 <= r["f1"] <= 1 for r in by_id.values())
     assert by_id["ablate_top_3"]["n_neurons"] == 3 and json.loads(by_id["patch_top_6"]["params"]) == {"n": 6, "n_asked": 6}
 

@@ -2,6 +2,8 @@
 row the mean, toxic share and recovered share of its own continuations, each distinct text scored once."""
 
 import json
+import math
+import statistics
 
 import polars as pl
 import pytest
@@ -48,7 +50,7 @@ def write(folder, continuations: dict[str, list[str]], rows: list[str] | None = 
 
 
 def test_rows_get_the_scores_of_their_own_continuations(tmp_path, x_scorer):
-    record_dir = write(tmp_path / "record", {"base": ["xxxx", "xxab"], "dpo": ["abab", "xbab"]})  # 0.75, 0.125
+    record_dir = write(tmp_path / "record", {"base": ["xxxx", "xxab"], "dpo": ["xxab", "abab"]})  # 0.75, 0.25
     intervene_dir = write(tmp_path / "intervene", {"ablate_top_3": ["xxab", "xxab"], "patch_TP-": ["abab", "xxxx"]},
                           ["base", "dpo", "ablate_top_3", "patch_TP-"])
     detox_dir = write(tmp_path / "detox", {"poe_1": ["aaaa", "aaab"]}, ["poe_1"])
@@ -59,21 +61,22 @@ def test_rows_get_the_scores_of_their_own_continuations(tmp_path, x_scorer):
     gens = t["generations"]
     assert gens.columns == list(score.GENERATIONS)
     assert gens["variant"].unique(maintain_order=True).to_list() == ["base", "dpo", "ablate_top_3", "patch_TP-", "poe_1"]
-    assert gens["toxicity"].to_list() == [1.0, 0.5, 0.0, 0.25, 0.5, 0.5, 0.0, 1.0, 0.0, 0.0]
+    assert gens["toxicity"].to_list() == [1.0, 0.5, 0.5, 0.0, 0.5, 0.5, 0.0, 1.0, 0.0, 0.0]
     assert set(gens["scorer"]) == {"x-share==1"}
-    assert sorted(XScorer.asked) == sorted({"xxxx", "xxab", "abab", "xbab", "aaaa", "aaab"})  # each text once
+    assert sorted(XScorer.asked) == sorted({"xxxx", "xxab", "abab", "aaaa", "aaab"})  # each text once
 
     rows = {r["intervention_id"]: r for r in t["interventions"].iter_rows(named=True)}
     assert t["interventions"].columns == list(score.INTERVENTIONS)
     assert list(rows) == ["base", "dpo", "ablate_top_3", "patch_TP-", "poe_1"]
-    tox = {"base": 0.75, "dpo": 0.125, "ablate_top_3": 0.5, "patch_TP-": 0.5, "poe_1": 0.0}
+    tox = {"base": 0.75, "dpo": 0.25, "ablate_top_3": 0.5, "patch_TP-": 0.5, "poe_1": 0.0}
     share = {"base": 0.5, "dpo": 0.0, "ablate_top_3": 0.0, "patch_TP-": 0.5, "poe_1": 0.0}  # above 0.5, not at it
     for r, row in rows.items():
         assert row["toxicity"] == pytest.approx(tox[r]) and row["toxic_share"] == share[r]
-        assert row["recovered"] == pytest.approx((0.75 - tox[r]) / (0.75 - 0.125))
+        assert row["recovered"] == pytest.approx((0.75 - tox[r]) / (0.75 - 0.25))  # each prompt drops 0.5: no noise
     assert rows["poe_1"]["perplexity"] == 10.0 and rows["patch_TP-"]["perplexity"] == 13.0  # the stages' measures kept
     assert summary["toxicity"] == {r: pytest.approx(tox[r], abs=1e-4) for r in tox}
-    assert summary["n_texts"] == 10 and summary["n_distinct"] == 6
+    assert summary["n_texts"] == 10 and summary["n_distinct"] == 5
+    assert summary["dpo_drop"] == 0.5 and summary["dpo_drop_se"] == 0.0
 
 
 def test_without_detox_and_with_no_drop_to_recover(tmp_path, x_scorer):
@@ -83,6 +86,41 @@ def test_without_detox_and_with_no_drop_to_recover(tmp_path, x_scorer):
     rows = score.tables(tmp_path)["interventions"]
     assert rows["intervention_id"].to_list() == ["base", "dpo", "ablate_top_3"]
     assert rows["recovered"].null_count() == 3  # DPO changed nothing: there is no share of a drop
+
+
+def texts_with(xs: list[int]) -> list[str]:
+    """Texts of 20 characters whose x-share toxicities are xs / 20."""
+    return ["x" * k + "a" * (20 - k) for k in xs]
+
+
+@pytest.mark.parametrize("shift", [0.05, 2.0])
+def test_recovered_is_empty_when_dpos_drop_is_within_its_noise(tmp_path, x_scorer, shift):
+    """40 prompts whose DPO continuation is 3 x's less or more toxic than the base one, alternately
+    (standard error of the mean drop: 3 / sqrt(40) x's, 0.47), plus a planted mean drop: 0.05 x's is
+    noise and leaves `recovered` empty, 2 x's is a drop and gives every row its share of it."""
+    base = [8 + i % 5 for i in range(40)]
+    d = [3 if i % 2 else -3 for i in range(40)]
+    if shift == 0.05:
+        d[1] += 2  # one prompt 2 x's more: 0.05 x's on the mean
+    else:
+        d = [x + 2 for x in d]
+    dpo = [b - x for b, x in zip(base, d)]
+    half = [b - x // 2 for b, x in zip(base, d)]
+    record_dir = write(tmp_path / "record", {"base": texts_with(base), "dpo": texts_with(dpo)})
+    intervene_dir = write(tmp_path / "intervene", {"ablate_top_3": texts_with(half)}, ["base", "dpo", "ablate_top_3"])
+    summary = score.run(tmp_path, device="cpu", scorer=x_scorer, record_dir=record_dir, intervene_dir=intervene_dir,
+                        detox_dir=None)
+    rows = {r["intervention_id"]: r for r in score.tables(tmp_path)["interventions"].iter_rows(named=True)}
+    drop = (sum(base) - sum(dpo)) / 40 / 20
+    assert drop == pytest.approx(shift / 20) and summary["dpo_drop"] == pytest.approx(drop, abs=1e-4)
+    se = statistics.stdev(x / 20 for x in d) / math.sqrt(40)
+    assert summary["dpo_drop_se"] == pytest.approx(se, abs=1e-4) and 2 * se > 0.05 / 20 and 2 * se < 2.0 / 20
+    if shift == 2.0:
+        assert rows["base"]["recovered"] == 0.0 and rows["dpo"]["recovered"] == pytest.approx(1.0)
+        tox = rows["ablate_top_3"]["toxicity"]
+        assert rows["ablate_top_3"]["recovered"] == pytest.approx((rows["base"]["toxicity"] - tox) / drop)
+    else:
+        assert all(r["recovered"] is None for r in rows.values())
 
 
 def test_a_row_without_continuations_is_refused(tmp_path, x_scorer):

@@ -17,7 +17,8 @@ if table.height == 0:
 
 st.caption("Each intervention edits the base model's MLP neurons and is scored like the base and DPO models: "
            "toxicity of greedy continuations of the challenge prompts, perplexity and F1 on held-out text. "
-           "`recovered` is the share of DPO's toxicity drop the intervention reproduces. Rows `poe_<alpha>` "
+           "`recovered` is the share of DPO's toxicity drop the intervention reproduces, empty where that drop "
+           "is within two standard errors of zero. Rows `poe_<alpha>` "
            "(product of experts) and `marco` (MaRCo-style revision) change no neuron: they steer decoding with an "
            "expert and an anti-expert fine-tuned on either side of the probe data.")
 st.dataframe(table, hide_index=True, width="stretch",
