@@ -200,6 +200,17 @@ def interventions(path: str, version: float, run_id: str) -> pl.DataFrame:
 
 
 @st.cache_data(show_spinner=SPINNER)
+def dpo_drop(path: str, version: float, run_id: str) -> dict | None:
+    """DPO's toxicity drop, its paired standard error (stage score's summary) and the prompts it is over;
+    None for a run scored before score kept them."""
+    df = _frame(path, version, """
+        SELECT CAST(summary->>'dpo_drop' AS DOUBLE) AS drop, CAST(summary->>'dpo_drop_se' AS DOUBLE) AS se,
+               (SELECT count(*) FROM generations WHERE run_id = ? AND variant = 'base') AS n_prompts
+        FROM stages WHERE run_id = ? AND stage = 'score' AND summary->>'dpo_drop' IS NOT NULL""", [run_id, run_id])
+    return df.row(0, named=True) if df.height else None
+
+
+@st.cache_data(show_spinner=SPINNER)
 def run_info(path: str, version: float, run_id: str) -> dict:
     """The run's model and data sources, read from the config it was made from."""
     return _frame(path, version, """

@@ -359,6 +359,28 @@ def test_compare_runs_of_different_shapes_compares_group_shares_only(tiny_run, t
     assert set(chart_rows(at, 0, "label")) == {"A · tiny", "B · one layer"}
 
 
+def test_interventions_page_says_why_recovered_is_empty(tiny_run, tmp_path, monkeypatch, app_on_path):
+    """A planted run whose DPO drop is noise (stage score left recovered NULL): the page gives the drop
+    with its error and says why the column is empty; one prompt has no error to give."""
+    path = tmp_path / "noise.duckdb"
+    monkeypatch.setenv("STORE", str(path))
+    gens = pl.DataFrame({"variant": ["base", "dpo"] * 2, "prompt_id": [0, 0, 1, 1], "prompt": ["a", "a", "b", "b"],
+                         "continuation": ["w", "x", "y", "z"], "toxicity": [0.5, 0.2, 0.2, 0.4], "scorer": ["s==1"] * 4})
+    rows = pl.DataFrame({"intervention_id": ["base", "dpo"], "kind": ["base", "dpo"], "params": ["{}"] * 2,
+                         "n_neurons": [0, 0], "toxicity": [0.35, 0.3], "toxic_share": [0.0, 0.0], "perplexity": [20.0, 21.0],
+                         "f1": [0.1, 0.1], "recovered": pl.Series([None, None], dtype=pl.Float64)})
+    run_ids = [store.write_run(path, run={"name": f"noise{i}", "model": "m", "config": {}, "config_hash": f"n{i}", "packages": {}},
+                               stages=[{"stage": "score", "cache_key": "k", "seconds": 1.0,
+                                        "summary": {"dpo_drop": 0.05, "dpo_drop_se": se}}],
+                               tables={"generations": gens, "interventions": rows}) for i, se in enumerate([0.25, None])]
+    at = open_page(str(ROOT / "app" / "pages" / "4_Interventions.py"), run_ids[0])
+    assert not at.exception
+    assert "DPO's toxicity drop: 0.0500 (± 0.2500 standard error, paired over 2 prompts)." in [c.value for c in at.caption]
+    assert "within two standard errors of zero" in at.info[0].value
+    at = open_page(str(ROOT / "app" / "pages" / "4_Interventions.py"), run_ids[1])
+    assert "DPO's toxicity drop: 0.0500 (one prompt: no error estimate, paired over 2 prompts)." in [c.value for c in at.caption]
+
+
 def test_interventions_page_table_and_layer_choice(two_run_store, app_on_path):
     first, second = two_run_store
     at = open_page(str(ROOT / "app" / "pages" / "4_Interventions.py"), first)
@@ -366,6 +388,11 @@ def test_interventions_page_table_and_layer_choice(two_run_store, app_on_path):
     table = at.dataframe[0].value
     assert table["intervention_id"].tolist()[:2] == ["base", "dpo"]
     assert table["recovered"].tolist()[:2] == [0.0, 1.0]
+    (drop, se, n), = sql("""SELECT avg(b.toxicity - d.toxicity), stddev_samp(b.toxicity - d.toxicity) / sqrt(count(*)),
+                               count(*) FROM generations b JOIN generations d USING (run_id, prompt_id)
+                        WHERE run_id = ? AND b.variant = 'base' AND d.variant = 'dpo'""", [first])
+    assert f"DPO's toxicity drop: {drop:.4f} (± {se:.4f} standard error, paired over {n} prompts)." in [c.value for c in at.caption]
+    assert not at.info
 
     picker = at.main.selectbox[0]
     other = picker.options[-1]

@@ -27,7 +27,16 @@ st.dataframe(table, hide_index=True, width="stretch",
                             "perplexity": st.column_config.NumberColumn(help="exp of the mean NLL on the held-out text: each passage after BOS, or with [intervene] perplexity = stream the whole file in windows, as the reference code scores WikiText-2."),
                             "f1": st.column_config.NumberColumn(help="Token-id F1 of a greedy continuation of each held-out passage's "
                                                                      "first half against its second half (the first f1_tokens of each)."),
-                            "recovered": st.column_config.NumberColumn(format="percent")})
+                            "recovered": st.column_config.NumberColumn(
+                                format="percent", help="(toxicity of base - of this row) / (of base - of dpo); empty where "
+                                                       "DPO's drop is within two standard errors of zero.")})
+drop = queries.dpo_drop(path, version, run_id)
+if drop is not None:
+    se = "one prompt: no error estimate" if drop["se"] is None else f"± {drop['se']:.4f} standard error"
+    st.caption(f"DPO's toxicity drop: {drop['drop']:.4f} ({se}, paired over {drop['n_prompts']} prompts).")
+    if table["recovered"].null_count() == table.height:
+        st.info("DPO's toxicity drop on this run is within two standard errors of zero, so no share of it is "
+                "given: `recovered` is empty. More prompts ([data] max_prompts) narrow the error.")
 
 left, right = st.columns(2)
 with left:
