@@ -42,6 +42,7 @@ bench: $(VENV)/.pipeline
 	$(PY) -m bench.record_cost
 	$(PY) -m bench.record_memory
 	$(PY) -m bench.dpo_cost
+	$(PY) -m bench.dpo_memory
 	$(PY) -m bench.pipeline_cost
 
 clean:

@@ -127,7 +127,8 @@ def write_store(path: Path, n_layers: int, d_mlp: int) -> tuple[str, str]:
     for seed in (0, 1):
         run = {"name": f"bench-{seed}", "model": f"synthetic {n_layers}x{d_mlp}", "config": config,
                "config_hash": f"bench-{seed}", "packages": {}}
-        stages = [{"stage": "world", "cache_key": "k", "seconds": 1.0, "summary": {"scorer": "bench"}}]
+        stages = [{"stage": "world", "cache_key": "k", "seconds": 1.0, "summary": {"scorer": "bench"}},
+                  {"stage": "score", "cache_key": "k", "seconds": 1.0, "summary": {"dpo_drop": 0.2, "dpo_drop_se": 0.01}}]
         ids.append(store.write_run(path, run=run, stages=stages, tables=synthetic_tables(n_layers, d_mlp, seed)))
     return ids[0], ids[1]
 
@@ -165,6 +166,7 @@ def app_calls(path: str, run_a: str, run_b: str, n_layers: int) -> dict[str, tup
         "neuron_tokens": (queries.neuron_tokens, path, v, run_a, layer, neuron),
         "neuron_top_prompts": (queries.neuron_top_prompts, path, v, run_a, layer, neuron),
         "interventions": (queries.interventions, path, v, run_a),
+        "dpo_drop": (queries.dpo_drop, path, v, run_a),
         "prompts": (queries.prompts, path, v, run_a),
         "prompt_group_shares": (queries.prompt_group_shares, path, v, run_a),
         "group_shares_of": (queries.group_shares_of, path, v, (run_a, run_b)),

@@ -158,7 +158,8 @@ def main(argv=None) -> None:
 
     dpo = stages["dpo"]["summary"]
     timer.measured["dpo", "optimizer steps"] += dpo["seconds"]  # trl's training loop
-    timer.scaled["dpo", "optimizer steps"] += dpo["seconds"] * PAPER["pairs"] / cfg.dpo.batch_size / dpo["n_steps"]
+    pairs_per_step = cfg.dpo.batch_size * cfg.dpo.grad_accum
+    timer.scaled["dpo", "optimizer steps"] += dpo["seconds"] * PAPER["pairs"] / pairs_per_step / dpo["n_steps"]
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB (Linux reports KiB)
     gpu = f", GPU peak {torch.cuda.max_memory_allocated() / 2**20:,.0f} MiB" if args.device.startswith("cuda") else ""
     print(f"{args.n_layer} x {4 * args.d_model} neurons, d_model {args.d_model}, vocab {args.vocab}; {args.prompts} prompts, "

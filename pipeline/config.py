@@ -194,7 +194,12 @@ class DPOStageConfig:
     lr: float = _f(1e-5, "Learning rate (paper: 1e-5 for gpt2-medium).")
     optimizer: str = _f("rmsprop", "Optimizer name as transformers knows it (paper: rmsprop).")
     epochs: float = _f(1.0, "Passes over the pairs.")
-    batch_size: int = _f(8, "Pairs per optimizer step and process (accelerate launch on N GPUs: N x this).")
+    batch_size: int = _f(8, "Pairs per forward pass and process. An optimizer step takes batch_size x grad_accum "
+                         "pairs per process (accelerate launch on N GPUs: N x that).")
+    grad_accum: int = _f(1, "Forward passes whose gradients add up to one optimizer step (Lee et al.: 4 x 4 pairs): "
+                         "a smaller batch_size with the same pairs per step holds fewer activations at once.")
+    gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass instead of keeping them: less "
+                                      "memory for more time (bench.dpo_memory); the trained weights are the same.")
     max_length: int = _f(64, "Prompt plus completion are cut to this many tokens; a pair whose prompt alone fills "
                          "them is dropped (trl), counted in the stage's n_pairs_dropped.")
     seed: int = _f(0, "Training seed.")
@@ -202,7 +207,7 @@ class DPOStageConfig:
     def __post_init__(self):
         if self.beta <= 0 or self.lr <= 0 or self.epochs <= 0:
             raise ValueError("beta, lr and epochs must be positive")
-        _at_least_1(self, "batch_size", "max_length")
+        _at_least_1(self, "batch_size", "grad_accum", "max_length")
 
 
 @dataclass

@@ -52,9 +52,10 @@ def run(out: Path, *, device: str, model: ModelConfig, dpo: DPOStageConfig, worl
         optim=dpo.optimizer,
         num_train_epochs=dpo.epochs,
         per_device_train_batch_size=dpo.batch_size,
+        gradient_accumulation_steps=dpo.grad_accum,
         max_length=dpo.max_length,
         seed=dpo.seed,
-        **models.trainer_args(out, device),
+        **models.trainer_args(out, device) | {"gradient_checkpointing": dpo.gradient_checkpointing},
     )
     pairs = preference_dataset(pairs_dir / "pairs.jsonl", models.bos_prefix(tok))
     # ref_model=None: trl reloads the policy's checkpoint as the frozen reference, i.e. the base model

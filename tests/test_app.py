@@ -369,16 +369,17 @@ def test_interventions_page_says_why_recovered_is_empty(tiny_run, tmp_path, monk
     rows = pl.DataFrame({"intervention_id": ["base", "dpo"], "kind": ["base", "dpo"], "params": ["{}"] * 2,
                          "n_neurons": [0, 0], "toxicity": [0.35, 0.3], "toxic_share": [0.0, 0.0], "perplexity": [20.0, 21.0],
                          "f1": [0.1, 0.1], "recovered": pl.Series([None, None], dtype=pl.Float64)})
-    run_ids = [store.write_run(path, run={"name": f"noise{i}", "model": "m", "config": {}, "config_hash": f"n{i}", "packages": {}},
+    run_ids = [store.write_run(path, run={"name": f"noise{n}", "model": "m", "config": {}, "config_hash": f"n{n}", "packages": {}},
                                stages=[{"stage": "score", "cache_key": "k", "seconds": 1.0,
                                         "summary": {"dpo_drop": 0.05, "dpo_drop_se": se}}],
-                               tables={"generations": gens, "interventions": rows}) for i, se in enumerate([0.25, None])]
+                               tables={"generations": gens.head(2 * n), "interventions": rows})
+               for n, se in [(2, 0.25), (1, None)]]
     at = open_page(str(ROOT / "app" / "pages" / "4_Interventions.py"), run_ids[0])
     assert not at.exception
     assert "DPO's toxicity drop: 0.0500 (± 0.2500 standard error, paired over 2 prompts)." in [c.value for c in at.caption]
     assert "within two standard errors of zero" in at.info[0].value
     at = open_page(str(ROOT / "app" / "pages" / "4_Interventions.py"), run_ids[1])
-    assert "DPO's toxicity drop: 0.0500 (one prompt: no error estimate, paired over 2 prompts)." in [c.value for c in at.caption]
+    assert "DPO's toxicity drop: 0.0500 (one prompt: no standard error)." in [c.value for c in at.caption]
 
 
 def test_interventions_page_table_and_layer_choice(two_run_store, app_on_path):

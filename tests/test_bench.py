@@ -10,7 +10,7 @@ import types
 
 import polars as pl
 
-from bench import app_queries, dpo_cost, pipeline_cost, record_cost, record_memory
+from bench import app_queries, dpo_cost, dpo_memory, pipeline_cost, record_cost, record_memory
 from pipeline import intervene
 
 
@@ -48,6 +48,16 @@ def test_record_memory_reports_a_peak_per_size(capsys):
     peaks = re.findall(r"(\d+) prompts: peak RSS +(\d+) MiB.*recorded in (\S+) s", capsys.readouterr().out)
     assert [n for n, *_ in peaks] == ["2", "4"] and all(int(mib) > 100 for _, mib, _ in peaks)  # torch alone takes more
     assert all(float(s) > 0 for *_, s in peaks)
+
+
+def test_dpo_memory_runs_each_way_with_the_same_pairs_per_step(capsys):
+    dpo_memory.main([*TINY, "--steps", "2", "--pairs-per-step", "4", "--max-length", "16"])
+    rows = re.findall(r"^  (.+?) +peak RSS +(\d+) MiB \((\S+)x\); +(\S+) s per step \((\S+)x\), (\d+) steps$",
+                      capsys.readouterr().out, re.M)
+    assert [name for name, *_ in rows] == list(dpo_memory.ways(4)) == ["4 pairs a pass", "1 x 4 accumulated",
+                                                                      "4 a pass, checkpointed", "1 x 4, checkpointed"]
+    assert all(steps == "2" for *_, steps in rows)  # each way took the same 2 optimizer steps of 4 pairs
+    assert all(int(mib) > 100 and float(s) > 0 for _, mib, _, s, _, _ in rows) and rows[0][2] == rows[0][4] == "1.00"
 
 
 def test_dpo_cost_times_the_steps_it_asked_for(capsys):

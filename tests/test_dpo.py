@@ -127,6 +127,36 @@ def test_the_configured_optimizer_takes_the_step(base_dir, tmp_path, optimizer, 
     assert moved.median().item() / lr == pytest.approx(step_over_lr, rel=0.1)
 
 
+def test_accumulated_and_checkpointed_steps_train_the_same_weights(base_dir, tmp_path, monkeypatch):
+    """Two optimizer steps of 8 pairs, taken as 8 pairs per pass, as 2 x 4 accumulated, and with gradient
+    checkpointing: plain SGD (a step linear in the gradient) ends at the same weights, so accumulation
+    is a mean over the step's pairs like a full batch, and checkpointing recomputes the same activations."""
+    from transformers import AutoModelForCausalLM, PreTrainedModel
+
+    checkpointing = []  # the models the Trainer switched checkpointing on for
+    enable = PreTrainedModel.gradient_checkpointing_enable
+    monkeypatch.setattr(PreTrainedModel, "gradient_checkpointing_enable",
+                        lambda self, *a, **k: checkpointing.append(self) or enable(self, *a, **k))
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in TRAIN[:16]))
+    weights, steps = {}, {}
+    for name, extra in [("full", {"batch_size": 8}), ("accumulated", {"batch_size": 4, "grad_accum": 2}),
+                        ("checkpointed", {"batch_size": 8, "gradient_checkpointing": True})]:
+        cfg = DPOStageConfig(lr=0.5, optimizer="sgd", epochs=1.0, max_length=32, **extra)
+        steps[name] = dpo.run(tmp_path / name, device="cpu", model=ModelConfig(path=str(base_dir)), dpo=cfg, world_dir=None,
+                              pairs_dir=tmp_path)["n_steps"]
+        weights[name] = AutoModelForCausalLM.from_pretrained(tmp_path / name / "model").transformer.h[0].mlp.c_fc.weight
+        assert bool(checkpointing) == (name == "checkpointed"), name
+    before = AutoModelForCausalLM.from_pretrained(base_dir).transformer.h[0].mlp.c_fc.weight
+    moved = (weights["full"] - before).abs().max().item()
+    assert steps == {"full": 2, "accumulated": 2, "checkpointed": 2} and moved > 1e-3
+    for name in ("accumulated", "checkpointed"):
+        assert (weights[name] - weights["full"]).abs().max().item() < 1e-4 * moved, name
+    half = DPOStageConfig(lr=0.5, optimizer="sgd", epochs=1.0, max_length=32, batch_size=4)  # 4 steps of 4: elsewhere
+    dpo.run(tmp_path / "half", device="cpu", model=ModelConfig(path=str(base_dir)), dpo=half, world_dir=None, pairs_dir=tmp_path)
+    other = AutoModelForCausalLM.from_pretrained(tmp_path / "half" / "model").transformer.h[0].mlp.c_fc.weight
+    assert (other - weights["full"]).abs().max().item() > 1e-2 * moved
+
+
 def test_curve_has_one_finite_row_per_step(trained):
     out, summary = trained
     steps = 2 * math.ceil(len(TRAIN) / 8)  # epochs * batches per epoch

@@ -32,8 +32,9 @@ st.dataframe(table, hide_index=True, width="stretch",
                                                        "DPO's drop is within two standard errors of zero.")})
 drop = queries.dpo_drop(path, version, run_id)
 if drop is not None:
-    se = "one prompt: no error estimate" if drop["se"] is None else f"± {drop['se']:.4f} standard error"
-    st.caption(f"DPO's toxicity drop: {drop['drop']:.4f} ({se}, paired over {drop['n_prompts']} prompts).")
+    error = ("one prompt: no standard error" if drop["se"] is None
+             else f"± {drop['se']:.4f} standard error, paired over {drop['n_prompts']} prompts")
+    st.caption(f"DPO's toxicity drop: {drop['drop']:.4f} ({error}).")
     if table["recovered"].null_count() == table.height:
         st.info("DPO's toxicity drop on this run is within two standard errors of zero, so no share of it is "
                 "given: `recovered` is empty. More prompts ([data] max_prompts) narrow the error.")
