@@ -19,6 +19,9 @@ from pathlib import Path
 from pipeline.config import ConfigError
 
 HUB = "hf:"
+# Version of the files from_hub writes: raised when a kind's file changes (2: heldout lines lost the
+# trailing space each entry's newline left), so a file an older version cached is written afresh
+HUB_FORMAT = 2
 WORLD_FILES = {"probe": "probe.csv", "prompts": "prompts.jsonl", "pairs": "pairs.jsonl", "heldout": "heldout.txt"}
 _FROM_HUB: dict[Path, str] = {}  # file written by from_hub -> the hf: value it came from
 
@@ -56,7 +59,7 @@ def from_hub(kind: str, value: str) -> Path:
     name, config, split = (value[len(HUB):].split(":") + ["", ""])[:3]
     if not name:
         raise DataError(f"[data] {kind} = {value!r} names no dataset; write hf:NAME[:CONFIG[:SPLIT]]")
-    out = Path(datasets.config.HF_DATASETS_CACHE) / "dpo-neurons" / (
+    out = Path(datasets.config.HF_DATASETS_CACHE) / "dpo-neurons" / f"v{HUB_FORMAT}" / (
         re.sub(r"[^A-Za-z0-9._-]+", "_", f"{name}_{config}_{split or 'train'}") + Path(WORLD_FILES[kind]).suffix)
     _FROM_HUB[out] = value
     if out.is_file():

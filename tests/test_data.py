@@ -1,6 +1,7 @@
 """Dataset loaders on small files in each real format, including bad ones (one-line errors)."""
 
 import json
+import re
 
 import pytest
 
@@ -162,6 +163,19 @@ def test_hub_dataset_goes_through_the_same_loaders(hub_cache):
     with pytest.raises(DataError) as e:
         data.resolve("heldout", f"hf:{rtp}", None)
     assert "no 'text' column" in one_line(e)
+
+
+def test_a_hub_file_cached_by_an_older_version_is_written_afresh(hub_cache):
+    """Before HUB_FORMAT 2 heldout files sat unversioned in dpo-neurons/ with a trailing space per line:
+    such a file is not read back."""
+    wiki = hub_cache / "wiki"
+    wiki.mkdir()
+    write(wiki, "test.jsonl", "".join(json.dumps({"text": t}) + "\n" for t in [" Some text .\n", " More text .\n"]))
+    stale = hub_cache / "hf-cache" / "dpo-neurons" / re.sub(r"[^A-Za-z0-9._-]+", "_", f"{wiki}__test.txt")
+    stale.parent.mkdir(parents=True)
+    stale.write_text(" Some text . \n Old text . \n")
+    path = data.resolve("heldout", f"hf:{wiki}::test", None)
+    assert path != stale and data.load_entries(path) == [" Some text .\n", " More text .\n"]  # the entries as written
 
 
 def test_errors_in_a_hub_dataset_name_its_hf_value_not_only_the_cached_file(hub_cache):
