@@ -359,7 +359,7 @@ def test_compare_runs_of_different_shapes_compares_group_shares_only(tiny_run, t
     assert set(chart_rows(at, 0, "label")) == {"A · tiny", "B · one layer"}
 
 
-def test_interventions_page_says_why_recovered_is_empty(tiny_run, tmp_path, monkeypatch, app_on_path):
+def test_interventions_page_says_why_recovered_is_empty(tmp_path, monkeypatch, app_on_path):
     """A planted run whose DPO drop is noise (stage score left recovered NULL): the page gives the drop
     with its error and says why the column is empty; one prompt has no error to give."""
     path = tmp_path / "noise.duckdb"

@@ -106,9 +106,9 @@ def test_set_overrides_keys_as_the_file_would():
     base = config.load(ROOT / "configs" / "gpt2-medium.toml")
     cfg = config.load(ROOT / "configs" / "gpt2-medium.toml",
                       ["data.max_prompts=64", "intervene.ablate_top = [5, 10]", "intervene.perplexity_windows=8",
-                       "run.device=cpu", "model.path=/ckpt/a=b", "run.name=2024", "dpo.lr=1e-5", "experts.steps=3"])
+                       "run.device=cpu", "model.path=/ckpt/a=b", "run.name=2024", "dpo.lr=2e-5", "experts.steps=3"])
     assert cfg.data.max_prompts == 64 and cfg.intervene.ablate_top == [5, 10] and cfg.intervene.perplexity_windows == 8
-    assert cfg.run.device == "cpu" and cfg.model.path == "/ckpt/a=b" and cfg.dpo.lr == 1e-5
+    assert cfg.run.device == "cpu" and cfg.model.path == "/ckpt/a=b" and cfg.dpo.lr == 2e-5 != base.dpo.lr
     assert cfg.run.name == "2024"  # a string key takes a bare word as written, though TOML reads 2024 as a number
     assert cfg.experts.steps == 3 and base.experts is None  # as a new [experts] table in the file would
     changed = {("data", "max_prompts"), ("intervene", "ablate_top"), ("intervene", "perplexity_windows"), ("run", "device"),
