@@ -7,6 +7,8 @@ import argparse
 import atexit
 import random
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -56,3 +58,9 @@ def text_of(tok, n_tokens: int, r: random.Random) -> str:
     while len(tok(text)["input_ids"]) < n_tokens:
         text += " " + corpus.neutral_sentence(r)
     return tok.decode(tok(text)["input_ids"][:n_tokens])
+
+
+def child_numbers(module: str, args: list[str]) -> list[float]:
+    """Run `python -m module *args` in a fresh process (its own peak RSS) and read the numbers its last line prints."""
+    out = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, check=True)
+    return [float(x) for x in out.stdout.strip().splitlines()[-1].split()]

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from bench.common import model_args, save_model
+from bench.common import child_numbers, model_args, save_model
 from bench.dpo_cost import write_pairs
 
 
@@ -66,9 +65,8 @@ def main(argv=None) -> None:
         write_pairs(Path(pairs) / "pairs.jsonl", AutoTokenizer.from_pretrained(model), args.steps * args.pairs_per_step,
                     args.max_length)
         for name, settings in ways(args.pairs_per_step).items():
-            out = subprocess.run([sys.executable, "-m", "bench.dpo_memory", *base, "--child", json.dumps(settings),
-                                  "--model", str(model), "--pairs", pairs], capture_output=True, text=True, check=True)
-            peaks[name] = [float(x) for x in out.stdout.strip().splitlines()[-1].split()]  # RSS, GPU, s/step, steps
+            peaks[name] = child_numbers("bench.dpo_memory", [*base, "--child", json.dumps(settings), "--model", str(model),
+                                                             "--pairs", pairs])  # RSS, GPU, s/step, steps
     print(f"{args.n_layer} x {4 * args.d_model} neurons, d_model {args.d_model}, vocab {args.vocab}; {args.pairs_per_step} "
           f"pairs per optimizer step, {args.max_length} tokens each, {args.steps} steps per way, {args.device}, "
           f"{torch.get_num_threads()} threads")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import model_args, prompts, save_model
+from bench.common import child_numbers, model_args, prompts, save_model
 
 
 def child(args) -> None:
@@ -50,9 +49,7 @@ def main(argv=None) -> None:
     base = [a for a in (argv if argv is not None else sys.argv[1:])]
     peaks = {}
     for n in args.sizes:
-        out = subprocess.run([sys.executable, "-m", "bench.record_memory", *base, "--child", str(n), "--model", str(model)],
-                             capture_output=True, text=True, check=True)
-        peaks[n] = [float(x) for x in out.stdout.strip().splitlines()[-1].split()]  # RSS, GPU, seconds
+        peaks[n] = child_numbers("bench.record_memory", [*base, "--child", str(n), "--model", str(model)])  # RSS, GPU, s
     print(f"{args.n_layer} x {4 * args.d_model} neurons, d_model {args.d_model}; T = {args.new_tokens}, batch {args.batch}, "
           f"{args.device}")
     first = peaks[args.sizes[0]]
