@@ -81,6 +81,8 @@ def weights(path: str, device: str) -> dict:
     W_out = bridge.W_out.detach().float().cpu().numpy()  # (L, d_mlp, d_model)
     W_U = bridge.W_U.detach().float().cpu()  # (d_model, d_vocab)
     scale = getattr(bridge.ln_final, "weight", None)
+    if scale is not None and getattr(bridge.ln_final, "uses_weight_offset", False):
+        scale = 1.0 + scale  # Gemma's RMSNorm stores its scale as an offset from 1
     out = {"W_out": W_out, "W_U": W_U, "ln_scale": None if scale is None else scale.detach().float().cpu(), "tokenizer": bridge.tokenizer}
     del bridge
     release_memory()

@@ -37,7 +37,7 @@ def fine_tune(base_path: str, texts: list[str], out: Path, cfg: ExpertsConfig, d
         **models.trainer_args(out, device),
     )
     # trl appends EOS; the BOS that generation sees is ours to add, where the model has one
-    train = Dataset.from_list([{"text": models.bos_prefix(tok) + t} for t in texts])
+    train = Dataset.from_list([{"text": models.bos_prefix(tok, model.config) + t} for t in texts])
     trainer = SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tok)
     trainer.train()
     model.config.use_cache = True

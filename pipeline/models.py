@@ -82,11 +82,24 @@ def trainer_args(out: Path, device: str) -> dict:
     )
 
 
-def bos_prefix(tok) -> str:
-    """Text to put before a prompt so that transformers sees the BOS that TransformerLens prepends:
-    the BOS token where the model has one and its tokenizer does not add it itself (GPT-2); nothing
-    where there is no BOS (Qwen2) or the tokenizer adds it (Llama)."""
-    if tok.bos_token is None or tok("a")["input_ids"][:1] == [tok.bos_token_id]:
+def prepends_bos(config) -> bool:
+    """Whether TransformerLens prepends BOS to this model's inputs (`cfg.default_prepend_bos`): each
+    architecture's adapter decides (GPT-2, Llama, Gemma: yes; Qwen2, GPT-NeoX, Phi: no). Read from the
+    HF config through the adapter alone, without building the model."""
+    from transformer_lens.factories.architecture_adapter_factory import ArchitectureAdapterFactory
+    from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_config_from_hf
+    from transformer_lens.model_bridge.sources._hf_format import determine_architecture_from_hf_config
+
+    cfg = build_bridge_config_from_hf(config, determine_architecture_from_hf_config(config), config.name_or_path, torch.float32)
+    return bool(ArchitectureAdapterFactory.select_architecture_adapter(cfg).cfg.default_prepend_bos)
+
+
+def bos_prefix(tok, config) -> str:
+    """Text to put before a prompt so that transformers (the model with this HF config) sees the BOS that
+    TransformerLens prepends: the BOS token where TransformerLens prepends one and the tokenizer does not
+    add it itself (GPT-2); nothing where TransformerLens prepends none (Qwen2, GPT-NeoX), the tokenizer
+    has no BOS, or it adds BOS itself (Llama)."""
+    if tok.bos_token is None or not prepends_bos(config) or tok("a")["input_ids"][:1] == [tok.bos_token_id]:
         return ""
     return tok.bos_token
 

@@ -33,7 +33,7 @@ def sample_continuations(model, tok, prompts: list[str], cfg: PairsConfig, devic
     set_seed(cfg.seed)
     tok.padding_side = "left"
     tok.pad_token = tok.eos_token
-    out, bos = [], models.bos_prefix(tok)
+    out, bos = [], models.bos_prefix(tok, model.config)
     for i in tqdm(range(0, len(prompts), batch_size), desc="sampling", unit="batch"):
         enc = tok([bos + p for p in prompts[i:i + batch_size]], return_tensors="pt", padding=True).to(device)
         # top_k=0 and top_p=1: plain temperature sampling, whatever the checkpoint's generation_config says

@@ -83,7 +83,7 @@ def completion_logp(model, tok, prompt: str, completion: str) -> float:
     """log p(completion + EOS | BOS + prompt), by a plain forward; no BOS where the model has none."""
     from pipeline.models import bos_prefix
 
-    bos = bos_prefix(tok)
+    bos = bos_prefix(tok, model.config)
     context = tok(bos + prompt)["input_ids"]
     ids = tok(bos + prompt + completion)["input_ids"] + [tok.eos_token_id]
     assert ids[:len(context)] == context

@@ -71,29 +71,92 @@ def tiny_qwen2(tok):
                                         bos_token_id=None, eos_token_id=tok.eos_token_id, tie_word_embeddings=True))
 
 
-def value_vectors(model) -> np.ndarray:
-    """(L, d_mlp, d_model) rows of each layer's down projection, read from the HF modules by architecture."""
-    if hasattr(model, "transformer"):  # GPT-2: Conv1D c_proj stores (d_mlp, d_model)
-        return np.stack([b.mlp.c_proj.weight.detach().numpy() for b in model.transformer.h])
-    return np.stack([b.mlp.down_proj.weight.detach().numpy().T for b in model.model.layers])  # Linear: (d_model, d_mlp)
+def tiny_neox(tok):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    # Pythia's architecture: attention and MLP read the same residual (parallel), rotary positions
+    return GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                            num_attention_heads=4, max_position_embeddings=64,
+                                            bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id))
+
+
+def tiny_gemma2(tok):
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    # GLU with GELU, no MLP biases, RMSNorm scales stored as offsets from 1, soft-capped logits
+    return Gemma2ForCausalLM(Gemma2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                          max_position_embeddings=64, bos_token_id=tok.eos_token_id,
+                                          eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id))
+
+
+ARCHS = {"gpt2-medium": gpt2_medium_shaped, "llama": tiny_llama, "neox": tiny_neox, "gemma2": tiny_gemma2}
+# TransformerLens' own choice per architecture (cfg.default_prepend_bos of its adapters)
+PREPENDS_BOS = {"gpt2-medium": True, "llama": True, "neox": False, "gemma2": True, "qwen2": False}
+
+
+def prompt_ids(arch: str, tok, text: str) -> list[int]:
+    return [tok.bos_token_id] * PREPENDS_BOS[arch] + tok(text)["input_ids"]
+
+
+def blocks(model) -> list:
+    for name in ("transformer.h", "gpt_neox.layers", "model.layers"):  # GPT-2, GPT-NeoX, Llama-like
+        try:
+            return list(model.get_submodule(name))
+        except AttributeError:
+            pass
+    raise AssertionError(f"no blocks found in {type(model).__name__}")
+
+
+def final_norm(model):
+    for name in ("transformer.ln_f", "gpt_neox.final_layer_norm", "model.norm"):
+        try:
+            return model.get_submodule(name)
+        except AttributeError:
+            pass
+    raise AssertionError(f"no final norm found in {type(model).__name__}")
+
+
+def final_norm_scale(model) -> torch.Tensor:
+    """The per-coordinate scale that the model's own final norm applies: a LayerNorm's weight; an
+    RMSNorm maps a vector of ones to its scale, however it stores it (Gemma: as an offset from 1)."""
+    norm = final_norm(model)
+    with torch.no_grad():
+        if isinstance(norm, torch.nn.LayerNorm):
+            return norm.weight.detach().clone()
+        return norm(torch.ones(1, model.config.hidden_size))[0]
 
 
 def down_projections(model) -> list:
-    if hasattr(model, "transformer"):
-        return [b.mlp.c_proj for b in model.transformer.h]
-    return [b.mlp.down_proj for b in model.model.layers]
+    names = ("c_proj", "dense_4h_to_h", "down_proj")
+    return [next(getattr(b.mlp, n) for n in names if hasattr(b.mlp, n)) for b in blocks(model)]
+
+
+def value_vectors(model) -> np.ndarray:
+    """(L, d_mlp, d_model) rows of each layer's down projection, read from the HF modules by architecture."""
+    if hasattr(model, "transformer"):  # GPT-2: Conv1D c_proj stores (d_mlp, d_model)
+        return np.stack([p.weight.detach().numpy() for p in down_projections(model)])
+    return np.stack([p.weight.detach().numpy().T for p in down_projections(model)])  # Linear: (d_model, d_mlp)
 
 
 def set_planted(model, toxic_on: bool):
     """Base (toxic_on): the toxic neurons fire strongly, the anti-toxic ones weakly; 'DPO': the reverse."""
+    mlp = blocks(model)[-1].mlp
     with torch.no_grad():
-        if hasattr(model, "transformer"):  # GELU(c_fc x + b)
-            b = model.transformer.h[-1].mlp.c_fc.bias
+        if hasattr(mlp, "c_fc") or hasattr(mlp, "dense_h_to_4h"):  # GELU(W_in x + b)
+            b = (mlp.c_fc if hasattr(mlp, "c_fc") else mlp.dense_h_to_4h).bias
             b[TOXIC], b[ANTI] = (3.0, 1.5) if toxic_on else (-3.0, 4.0)  # anti-toxic: clearly positive in both
-        else:  # SiLU(gate x + b_g) * (up x + b_u)
-            mlp = model.model.layers[-1].mlp
+        elif mlp.up_proj.bias is not None:  # SiLU(gate x + b_g) * (up x + b_u)
             mlp.up_proj.bias[TOXIC + ANTI] = 2.0
             mlp.gate_proj.bias[TOXIC], mlp.gate_proj.bias[ANTI] = (3.0, 0.5) if toxic_on else (-6.0, 3.5)
+        else:  # no biases: gate and up rows both s u, u the MLP's mean input: GELU(s u.x) s u.x, about s^2 (u.x)^2
+            seen = []
+            hook = mlp.register_forward_pre_hook(lambda module, args: seen.append(args[0].mean((0, 1))))
+            model(torch.randint(1, 300, (4, 12), generator=torch.Generator().manual_seed(1)))
+            hook.remove()
+            u = seen[0] / seen[0].norm()
+            size = torch.tensor([1.0] * len(TOXIC) + [0.2] * len(ANTI) if toxic_on else [0.2] * len(TOXIC) + [1.0] * len(ANTI))
+            mlp.gate_proj.weight[TOXIC + ANTI] = mlp.up_proj.weight[TOXIC + ANTI] = size[:, None] * u
 
 
 def save_planted(tmp, make) -> dict:
@@ -102,6 +165,8 @@ def save_planted(tmp, make) -> dict:
     tok = tokenizer()
     torch.manual_seed(0)
     model = make(tok)
+    with torch.no_grad():  # a trained final norm scales each direction differently; random init leaves it uniform
+        final_norm(model).weight.uniform_(-0.8, 2.0, generator=torch.Generator().manual_seed(2))
     paths = {"base": tmp / "base", "dpo": tmp / "dpo" / "model"}
     for variant, on in (("base", True), ("dpo", False)):
         set_planted(model, on)
@@ -157,11 +222,11 @@ def run_planted(tmp, paths, dtype: str = "float32") -> tuple[dict, dict]:
     return dirs, summary
 
 
-@pytest.fixture(scope="module", params=["gpt2-medium", "llama"])
+@pytest.fixture(scope="module", params=list(ARCHS))
 def planted_run(request, tmp_path_factory):
     """Every analysis stage on one architecture's planted pair; returns (arch, paths, stage dirs, summaries)."""
     tmp = tmp_path_factory.mktemp(request.param)
-    paths = save_planted(tmp, {"gpt2-medium": gpt2_medium_shaped, "llama": tiny_llama}[request.param])
+    paths = save_planted(tmp, ARCHS[request.param])
     write_datasets(tmp)
     return request.param, paths, *run_planted(tmp, paths)
 
@@ -188,7 +253,7 @@ def test_recorded_activation_is_the_input_of_the_down_projection(planted_run):
     n_layers, d_mlp = act_prompt.shape[1:]
     assert (n_layers, d_mlp) == ((24, 4096) if arch == "gpt2-medium" else (2, 96))
     for i in range(len(PROMPTS)):
-        ids = [tok.bos_token_id] + tok(PROMPTS[i])["input_ids"] + tokens[i].tolist()  # both models here prepend BOS
+        ids = prompt_ids(arch, tok, PROMPTS[i]) + tokens[i].tolist()
         with torch.no_grad():
             hf(torch.tensor([ids]))
         direct = torch.stack([seen[l][-T:].mean(0) for l in range(n_layers)]).numpy()  # (n_layers, d_mlp)
@@ -210,6 +275,21 @@ def test_planted_neurons_rank_first_and_cos_uses_the_models_own_w_out(planted_ru
     for layer, neuron, cos in sample.select("layer", "neuron", "cos").iter_rows():
         v = V[layer, neuron]
         assert cos == pytest.approx(v @ w / np.linalg.norm(v) / np.linalg.norm(w), rel=1e-4, abs=1e-7)
+
+
+def test_logit_lens_scales_by_the_models_own_final_norm(planted_run):
+    """method.md's logit lens, top-k of (v_i * final norm's scale) @ W_U, with the scale as the model's own
+    final norm applies it (Gemma stores it as an offset from 1) and the unembedding read from transformers."""
+    _, paths, dirs, _ = planted_run
+    hf = AutoModelForCausalLM.from_pretrained(paths["base"]).eval()
+    tok = AutoTokenizer.from_pretrained(paths["base"])
+    V, scale = torch.from_numpy(value_vectors(hf)), final_norm_scale(hf)
+    W_U = hf.get_output_embeddings().weight.detach()  # (vocab, d_model)
+    lens = pl.read_parquet(dirs["attribute"] / "neuron_tokens.parquet").sort("layer", "neuron", "rank")
+    assert lens.select("layer", "neuron").n_unique() >= 10
+    for (l, i), rows in lens.group_by("layer", "neuron", maintain_order=True):
+        top = torch.topk(W_U @ (V[l, i] * scale), rows.height).indices
+        assert rows["token"].to_list() == [tok.decode([int(t)]) for t in top], (l, i)
 
 
 def test_ablation_equals_zeroing_the_down_projection_rows(planted_run):
@@ -235,7 +315,7 @@ def test_ablation_equals_zeroing_the_down_projection_rows(planted_run):
     # 3 of gpt2-medium's 98,304 neurons flip no greedy token of a random model (test_intervene checks GPT-2's hook)
     assert moved or arch == "gpt2-medium"
     for p, got in zip(PROMPTS, gens.sort("prompt_id")["continuation"], strict=True):
-        ids = torch.tensor([[tok.bos_token_id] + tok(p)["input_ids"]])
+        ids = torch.tensor([prompt_ids(arch, tok, p)])
         with torch.no_grad():
             out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=T, do_sample=False,
                               pad_token_id=tok.eos_token_id)
@@ -293,17 +373,23 @@ def test_glu_model_without_bos_runs_the_whole_pipeline_into_a_store(tmp_path, de
     assert [r[:3] for r in new] == [r[:3] for r in old] and {r[3] for r in new} == {scoring.label(scoring.get_scorer(rescored.scorer))}
 
 
-def test_bos_prefix_follows_the_tokenizer(tmp_path):
+@pytest.mark.parametrize("arch", ["llama", "neox", "gemma2", "qwen2"])
+def test_bos_prefix_follows_transformer_lens_and_the_tokenizer(tmp_path, arch):
     """transformers-side prompts (DPO, self-generated pairs) get the BOS text only where TransformerLens
-    would prepend a BOS token and the tokenizer does not add one itself."""
-    from pipeline.models import bos_prefix
+    prepends a BOS token (as the bridge's own to_tokens shows, whatever the tokenizer has) and the
+    tokenizer does not add one itself."""
+    from pipeline.models import bos_prefix, load_bridge
 
     with_bos, without = tokenizer(), tokenizer(bos=False)
-    assert bos_prefix(with_bos) == with_bos.bos_token
-    assert bos_prefix(without) == ""
+    torch.manual_seed(0)
+    model = (ARCHS | {"qwen2": tiny_qwen2})[arch](with_bos)
+    model.save_pretrained(tmp_path)
     with_bos.save_pretrained(tmp_path)
+    assert (load_bridge(str(tmp_path), "cpu").to_tokens("a")[0, 0] == with_bos.bos_token_id) == PREPENDS_BOS[arch]
+    assert bos_prefix(with_bos, model.config) == (with_bos.bos_token if PREPENDS_BOS[arch] else "")
+    assert bos_prefix(without, model.config) == ""
     adds = AutoTokenizer.from_pretrained(tmp_path, add_bos_token=True)  # adds BOS itself, as Llama's does
-    assert adds("a")["input_ids"][0] == adds.bos_token_id and bos_prefix(adds) == ""
+    assert adds("a")["input_ids"][0] == adds.bos_token_id and bos_prefix(adds, model.config) == ""
 
 
 def test_dtype_reaches_the_weights_and_unknown_ones_are_refused(tmp_path):
