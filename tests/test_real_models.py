@@ -99,22 +99,22 @@ def prompt_ids(arch: str, tok, text: str) -> list[int]:
     return [tok.bos_token_id] * PREPENDS_BOS[arch] + tok(text)["input_ids"]
 
 
-def blocks(model) -> list:
-    for name in ("transformer.h", "gpt_neox.layers", "model.layers"):  # GPT-2, GPT-NeoX, Llama-like
-        try:
-            return list(model.get_submodule(name))
-        except AttributeError:
-            pass
-    raise AssertionError(f"no blocks found in {type(model).__name__}")
-
-
-def final_norm(model):
-    for name in ("transformer.ln_f", "gpt_neox.final_layer_norm", "model.norm"):
+def first_submodule(model, names: tuple[str, ...]):
+    """The first of names that the model has: GPT-2's, GPT-NeoX's or the Llama-like models' name for one thing."""
+    for name in names:
         try:
             return model.get_submodule(name)
         except AttributeError:
             pass
-    raise AssertionError(f"no final norm found in {type(model).__name__}")
+    raise AssertionError(f"{type(model).__name__} has none of {names}")
+
+
+def blocks(model) -> list:
+    return list(first_submodule(model, ("transformer.h", "gpt_neox.layers", "model.layers")))
+
+
+def final_norm(model):
+    return first_submodule(model, ("transformer.ln_f", "gpt_neox.final_layer_norm", "model.norm"))
 
 
 def final_norm_scale(model) -> torch.Tensor:
