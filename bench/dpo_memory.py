@@ -5,10 +5,10 @@ peak of torch's allocations, side by side in one run: what fits a smaller card o
 what it costs in time. Pairs as in bench.dpo_cost: every one fills max_length.
 
     python -m bench.dpo_memory --device cuda --steps 64                # gpt2-medium shape, 16 pairs a step
+    python -m bench.dpo_memory --n-layer 4 --d-model 256 --steps 2     # quick
 
 The time a step includes the first step's warm-up, a few seconds on a GPU: there take enough steps for it
 to fade (at 16 the ways' ratios mislead).
-    python -m bench.dpo_memory --n-layer 4 --d-model 256 --steps 2     # quick
 """
 
 from __future__ import annotations

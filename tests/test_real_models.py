@@ -2,10 +2,12 @@
 dir and every stage loads them by path, the code path a hub name takes (`[model] path`).
 
 - gpt2-medium's shape (24 layers x 4,096 MLP neurons, d_model 1,024; small vocabulary and context to
-  keep it to about 1.2 GB) and a tiny Llama with a gated (GLU) MLP: probe, record, attribute and
-  intervene on a planted base/"DPO" pair; the recorded activation must be the input of the model's own
-  down projection (GPT-2 `c_proj`, Llama `down_proj`, read from plain transformers) and the planted
-  neurons must come out on top.
+  keep it to about 1.2 GB), a tiny Llama with a gated (GLU) MLP, a tiny GPT-NeoX (Pythia: parallel
+  attention and MLP, no BOS) and a tiny Gemma 2 (GLU without biases, norm scales stored as offsets
+  from 1): probe, record, attribute and intervene on a planted base/"DPO" pair; the recorded activation
+  must be the input of the model's own down projection (GPT-2 `c_proj`, GPT-NeoX `dense_4h_to_h`,
+  Llama and Gemma `down_proj`, read from plain transformers), the planted neurons must come out on top
+  and the logit lens must scale by the model's own final norm.
 - a tiny Qwen2 (GLU, and no BOS token): the whole runner, DPO through trl included, into a store.
 - the presets load without a download; [model] dtype reaches the weights; recording sharded over two
   processes equals one process; DPO trains data-parallel under torchrun.
@@ -375,7 +377,7 @@ def test_glu_model_without_bos_runs_the_whole_pipeline_into_a_store(tmp_path, de
 
 @pytest.mark.parametrize("arch", ["llama", "neox", "gemma2", "qwen2"])
 def test_bos_prefix_follows_transformer_lens_and_the_tokenizer(tmp_path, arch):
-    """transformers-side prompts (DPO, self-generated pairs) get the BOS text only where TransformerLens
+    """transformers-side prompts (DPO, self-generated pairs, the experts) get the BOS text only where TransformerLens
     prepends a BOS token (as the bridge's own to_tokens shows, whatever the tokenizer has) and the
     tokenizer does not add one itself."""
     from pipeline.models import bos_prefix, load_bridge
