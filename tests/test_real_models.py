@@ -377,9 +377,9 @@ def test_glu_model_without_bos_runs_the_whole_pipeline_into_a_store(tmp_path, de
 
 @pytest.mark.parametrize("arch", ["llama", "neox", "gemma2", "qwen2"])
 def test_bos_prefix_follows_transformer_lens_and_the_tokenizer(tmp_path, arch):
-    """transformers-side prompts (DPO, self-generated pairs, the experts) get the BOS text only where TransformerLens
-    prepends a BOS token (as the bridge's own to_tokens shows, whatever the tokenizer has) and the
-    tokenizer does not add one itself."""
+    """transformers-side prompts (DPO, self-generated pairs, the experts) get the BOS text only where
+    TransformerLens prepends a BOS token (as the bridge's own to_tokens shows, whatever the tokenizer
+    has) and the tokenizer does not add one itself."""
     from pipeline.models import bos_prefix, load_bridge
 
     with_bos, without = tokenizer(), tokenizer(bos=False)
