@@ -1,6 +1,7 @@
 """Stage `attribute`: every MLP neuron's contribution to the drop in toxicity, per method.md.
 
-For neuron i of layer l, with value vector v_i = W_out[l][i] and probe direction w:
+For neuron i of layer l, with value vector v_i = W_out[l][i] and probe direction w (v_i times the scale
+of the norm between the MLP and the residual where the block has one, as Gemma 2 and 3 do):
     cos   = cos(v_i, w)                   proj     = act     * (v_i  . w_hat)
     delta = proj - proj_dpo               proj_dpo = act_dpo * (v'_i . w_hat)
     dact  = act - act_dpo
@@ -73,17 +74,26 @@ def neurons_needed(delta_sorted: np.ndarray, fraction: float) -> int:
     return int(reached[0]) + 1 if len(reached) else len(delta_sorted)
 
 
+def norm_scale(norm) -> torch.Tensor | None:
+    """(d_model,) the per-coordinate scale a norm bridge applies; None where there is no norm or no weight."""
+    w = getattr(norm, "weight", None)
+    if w is None:
+        return None
+    # Gemma's RMSNorm stores its scale as an offset from 1
+    return (1.0 + w if getattr(norm, "uses_weight_offset", False) else w).detach().float().cpu()
+
+
 @torch.no_grad()
 def weights(path: str, device: str) -> dict:
     """Value vectors, unembedding and final-norm scale of one model, loaded in float32 whatever [model]
     dtype says: DPO moves W_out by about bfloat16's rounding step, so delta needs the full precision."""
     bridge = load_bridge(path, device, "float32")
-    W_out = bridge.W_out.detach().float().cpu().numpy()  # (L, d_mlp, d_model)
+    W_out = bridge.W_out.detach().float().cpu()  # (L, d_mlp, d_model)
+    post = [norm_scale(getattr(block, "ln2_post", None)) for block in bridge.blocks]
+    if post[0] is not None:  # the MLP's output is normalized before the residual: a neuron writes v_i * scale there
+        W_out = W_out * torch.stack(post)[:, None, :]
     W_U = bridge.W_U.detach().float().cpu()  # (d_model, d_vocab)
-    scale = getattr(bridge.ln_final, "weight", None)
-    if scale is not None and getattr(bridge.ln_final, "uses_weight_offset", False):
-        scale = 1.0 + scale  # Gemma's RMSNorm stores its scale as an offset from 1
-    out = {"W_out": W_out, "W_U": W_U, "ln_scale": None if scale is None else scale.detach().float().cpu(), "tokenizer": bridge.tokenizer}
+    out = {"W_out": W_out.numpy(), "W_U": W_U, "ln_scale": norm_scale(bridge.ln_final), "tokenizer": bridge.tokenizer}
     del bridge
     release_memory()
     return out

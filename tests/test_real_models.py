@@ -119,14 +119,18 @@ def final_norm(model):
     return first_submodule(model, ("transformer.ln_f", "gpt_neox.final_layer_norm", "model.norm"))
 
 
-def final_norm_scale(model) -> torch.Tensor:
-    """The per-coordinate scale that the model's own final norm applies: a LayerNorm's weight; an
-    RMSNorm maps a vector of ones to its scale, however it stores it (Gemma: as an offset from 1)."""
-    norm = final_norm(model)
+def post_mlp_norms(model) -> list:
+    """Gemma 2's norm between each block's MLP and the residual; empty where blocks have none."""
+    return [b.post_feedforward_layernorm for b in blocks(model) if hasattr(b, "post_feedforward_layernorm")]
+
+
+def norm_scale(norm) -> torch.Tensor:
+    """The per-coordinate scale that a model's own norm applies: a LayerNorm's weight; an RMSNorm maps
+    a vector of ones to its scale, however it stores it (Gemma: as an offset from 1)."""
     with torch.no_grad():
         if isinstance(norm, torch.nn.LayerNorm):
             return norm.weight.detach().clone()
-        return norm(torch.ones(1, model.config.hidden_size))[0]
+        return norm(torch.ones(1, norm.weight.shape[0]))[0]
 
 
 def down_projections(model) -> list:
@@ -135,10 +139,16 @@ def down_projections(model) -> list:
 
 
 def value_vectors(model) -> np.ndarray:
-    """(L, d_mlp, d_model) rows of each layer's down projection, read from the HF modules by architecture."""
+    """(L, d_mlp, d_model) what each neuron writes toward the residual: the rows of its layer's down
+    projection, read from the HF modules by architecture, times the scale of the norm after the MLP
+    where the blocks have one (Gemma 2)."""
     if hasattr(model, "transformer"):  # GPT-2: Conv1D c_proj stores (d_mlp, d_model)
-        return np.stack([p.weight.detach().numpy() for p in down_projections(model)])
-    return np.stack([p.weight.detach().numpy().T for p in down_projections(model)])  # Linear: (d_model, d_mlp)
+        V = np.stack([p.weight.detach().numpy() for p in down_projections(model)])
+    else:
+        V = np.stack([p.weight.detach().numpy().T for p in down_projections(model)])  # Linear: (d_model, d_mlp)
+    for l, norm in enumerate(post_mlp_norms(model)):
+        V[l] *= norm_scale(norm).numpy()
+    return V
 
 
 def set_planted(model, toxic_on: bool):
@@ -167,8 +177,9 @@ def save_planted(tmp, make) -> dict:
     tok = tokenizer()
     torch.manual_seed(0)
     model = make(tok)
-    with torch.no_grad():  # a trained final norm scales each direction differently; random init leaves it uniform
-        final_norm(model).weight.uniform_(-0.8, 2.0, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():  # trained norms scale each direction differently; random init leaves them uniform
+        for i, norm in enumerate([final_norm(model), *post_mlp_norms(model)]):
+            norm.weight.uniform_(-0.8, 2.0, generator=torch.Generator().manual_seed(2 + i))
     paths = {"base": tmp / "base", "dpo": tmp / "dpo" / "model"}
     for variant, on in (("base", True), ("dpo", False)):
         set_planted(model, on)
@@ -285,7 +296,7 @@ def test_logit_lens_scales_by_the_models_own_final_norm(planted_run):
     _, paths, dirs, _ = planted_run
     hf = AutoModelForCausalLM.from_pretrained(paths["base"]).eval()
     tok = AutoTokenizer.from_pretrained(paths["base"])
-    V, scale = torch.from_numpy(value_vectors(hf)), final_norm_scale(hf)
+    V, scale = torch.from_numpy(value_vectors(hf)), norm_scale(final_norm(hf))
     W_U = hf.get_output_embeddings().weight.detach()  # (vocab, d_model)
     lens = pl.read_parquet(dirs["attribute"] / "neuron_tokens.parquet").sort("layer", "neuron", "rank")
     assert lens.select("layer", "neuron").n_unique() >= 10
