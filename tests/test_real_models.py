@@ -9,6 +9,7 @@ dir and every stage loads them by path, the code path a hub name takes (`[model]
   Llama and Gemma `down_proj`, read from plain transformers), the planted neurons must come out on top
   and the logit lens must scale by the model's own final norm.
 - a tiny Qwen2 (GLU, and no BOS token): the whole runner, DPO through trl included, into a store.
+- DPO through trl on GPT-NeoX and Gemma 2.
 - the presets load without a download; [model] dtype reaches the weights; recording sharded over two
   processes equals one process; DPO trains data-parallel under torchrun.
 
@@ -333,6 +334,28 @@ def test_ablation_equals_zeroing_the_down_projection_rows(planted_run):
             out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=T, do_sample=False,
                               pad_token_id=tok.eos_token_id)
         assert tok.decode(out[0, ids.shape[1]:]).replace(tok.eos_token, " ") == got
+
+
+@pytest.mark.parametrize("arch", ["neox", "gemma2"])
+def test_dpo_trains_each_architecture_toward_the_chosen_side(tmp_path, arch):
+    """Stage dpo through trl on GPT-NeoX and Gemma 2, loaded by path: the rejected completions lose
+    likelihood against the chosen ones."""
+    from pipeline import dpo
+    from pipeline.config import DPOStageConfig
+
+    tok = tokenizer()
+    torch.manual_seed(0)
+    ARCHS[arch](tok).save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    rows = [{"prompt": p, "chosen": " a kind word.", "rejected": " a stupid idiot."} for p in PROMPTS * 4]
+    (tmp_path / "pairs").mkdir()
+    (tmp_path / "pairs" / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "out").mkdir()
+    summary = dpo.run(tmp_path / "out", device="cpu", model=ModelConfig(path=str(tmp_path / "base")), world_dir=None,
+                      dpo=DPOStageConfig(beta=0.1, lr=1e-3, batch_size=4, max_length=24), pairs_dir=tmp_path / "pairs")
+    assert summary["n_steps"] == 3
+    before, after = (rejected_minus_chosen(path, rows) for path in (tmp_path / "base", tmp_path / "out" / "model"))
+    assert after < before - 1.0, (before, after)  # log p(rejected) - log p(chosen), in nats
 
 
 def test_glu_model_without_bos_runs_the_whole_pipeline_into_a_store(tmp_path, detoxify_checkpoint, monkeypatch):
