@@ -13,6 +13,9 @@ from pipeline.data import DataError
 
 def _load_error(path: str, e: Exception) -> DataError:
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if first.startswith("Could not determine supported architecture"):
+        return DataError(f"model {path!r} has an architecture that TransformerLens' bridge does not support; choose "
+                         "a model of one it does (GPT-2, GPT-NeoX, Llama, Qwen2, Gemma, Mistral, ...)")
     return DataError(f"model {path!r} could not be loaded ({first[:160]}); give a local HF checkpoint "
                      "folder or a hub name this machine can reach")
 
@@ -90,7 +93,11 @@ def prepends_bos(config) -> bool:
     from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_config_from_hf
     from transformer_lens.model_bridge.sources._hf_format import determine_architecture_from_hf_config
 
-    cfg = build_bridge_config_from_hf(config, determine_architecture_from_hf_config(config), config.name_or_path, torch.float32)
+    try:
+        arch = determine_architecture_from_hf_config(config)
+    except ValueError as e:
+        raise _load_error(config.name_or_path, e) from None
+    cfg = build_bridge_config_from_hf(config, arch, config.name_or_path, torch.float32)
     return bool(ArchitectureAdapterFactory.select_architecture_adapter(cfg).cfg.default_prepend_bos)
 
 

@@ -100,10 +100,33 @@ def prompts_jsonl(path, challenging):
     return str(path)
 
 
+def unsupported_checkpoint(path, tokenizer_from) -> str:
+    """A tiny CTRL, an architecture transformers knows and TransformerLens' bridge does not."""
+    from transformers import AutoTokenizer, CTRLConfig, CTRLLMHeadModel
+
+    CTRLLMHeadModel(CTRLConfig(vocab_size=400, n_embd=16, n_layer=1, n_head=2, dff=32, n_positions=64)).save_pretrained(path)
+    AutoTokenizer.from_pretrained(tokenizer_from).save_pretrained(path)
+    return str(path)
+
+
+def test_stages_that_train_through_transformers_refuse_an_unsupported_architecture_in_one_line(tmp_path, tiny_gpt2):
+    """DPO, self-generated pairs and the experts ask TransformerLens for its BOS convention before
+    they train: an architecture it does not support is the same one-line error as in the bridge stages."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from pipeline.data import DataError
+    from pipeline.models import bos_prefix
+
+    path = unsupported_checkpoint(tmp_path / "ctrl", tiny_gpt2)
+    with pytest.raises(DataError, match="architecture that TransformerLens' bridge does not support"):
+        bos_prefix(AutoTokenizer.from_pretrained(path), AutoConfig.from_pretrained(path))
+
+
 @pytest.mark.parametrize("case, pieces", [
     ("missing_column", ["lacks column(s) toxic", "found: comment_text, label", "needs comma-separated comment_text and toxic"]),
     ("non_utf8", ["is not UTF-8", "re-encode it as UTF-8"]),
     ("no_model", ["could not be loaded", "local HF checkpoint"]),
+    ("unsupported_model", ["architecture that TransformerLens' bridge does not support", "choose a model"]),
     ("empty_prompts", ["no usable prompts", "challenging_only = false"]),
 ])
 def test_bad_dataset_or_model_exits_with_one_line_and_store_intact(tmp_path, capsys, tiny_gpt2, case, pieces):
@@ -120,6 +143,8 @@ def test_bad_dataset_or_model_exits_with_one_line_and_store_intact(tmp_path, cap
         data["probe"] = str(tmp_path / "latin.csv")
     elif case == "no_model":
         model = str(tmp_path / "no-such-model")
+    elif case == "unsupported_model":
+        model = unsupported_checkpoint(tmp_path / "ctrl", tiny_gpt2)
     else:
         data["prompts"] = prompts_jsonl(tmp_path / "p.jsonl", False)
     cfg = toml(tmp_path / "c.toml", {"run": {"store": str(path), "cache_dir": str(tmp_path / "cache"), "device": "cpu"},
