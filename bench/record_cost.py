@@ -96,12 +96,12 @@ def main(argv=None) -> None:
             bridge_generate(T + 1)
 
     def generate_and_record():
-        act_sum = torch.zeros(bridge.cfg.n_layers, bridge.cfg.d_mlp, device=args.device)
-        proj_sum = torch.zeros(bridge.cfg.n_layers, device=args.device)
+        sums = {"act": torch.zeros(bridge.cfg.n_layers, bridge.cfg.d_mlp, device=args.device),
+                "mlp_proj": torch.zeros(bridge.cfg.n_layers, device=args.device)}
         with torch.no_grad():
             for s in range(0, len(rows), args.batch):
-                record._record_batch(bridge, rows[s:s + args.batch], T, w_hat, act_sum, proj_sum, io.BytesIO())
-        return act_sum
+                record._record_batch(bridge, rows[s:s + args.batch], T, w_hat, sums, {"act": io.BytesIO()})
+        return sums["act"]
 
     def hf_generate():
         with torch.no_grad():

@@ -31,7 +31,7 @@ def child(args) -> None:
     with tempfile.TemporaryDirectory() as d:
         t0 = time.perf_counter()
         record.generate_and_record(bridge, texts, w / np.linalg.norm(w), args.new_tokens, args.batch, "record",
-                                   Path(d) / "act_prompt.npy")
+                                   Path(d) / "record_")
         seconds = time.perf_counter() - t0  # the sums come back to the CPU at the end, so the GPU's work is done
     gpu = torch.cuda.max_memory_allocated() / 2**20 if args.device.startswith("cuda") else 0.0
     print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, gpu, seconds)  # MiB (Linux reports ru_maxrss in KiB)

@@ -5,7 +5,10 @@ of the norm between the MLP and the residual where the block has one, as Gemma 2
     cos   = cos(v_i, w)                   proj     = act     * (v_i  . w_hat)
     delta = proj - proj_dpo               proj_dpo = act_dpo * (v'_i . w_hat)
     dact  = act - act_dpo
-and the eight groups by the signs of cos, act and dact. Shares, intervals over prompts, the
+and the eight groups by the signs of cos, act and dact. Where that norm exists it also divides each
+position by its RMS s, so proj takes act_normed, the mean of a_i / s that stage record keeps, in place of
+act: proj is then what the neuron writes along w_hat, and a layer's deltas add up to the change of its
+mlp_proj (bar the down projection's bias) on every architecture. Shares, intervals over prompts, the
 cumulative curve, per-layer sums, the logit lens and the prompts where top neurons fire most follow.
 """
 
@@ -74,6 +77,14 @@ def neurons_needed(delta_sorted: np.ndarray, fraction: float) -> int:
     return int(reached[0]) + 1 if len(reached) else len(delta_sorted)
 
 
+def act_for_proj(record_dir: Path, variant: str, per_prompt: bool = False) -> np.ndarray:
+    """The activation proj multiplies: act_normed where record kept it (module docstring), else act; the
+    per-prompt means (P, L, d_mlp) memory-mapped if per_prompt."""
+    suffix = "_prompt" if per_prompt else ""
+    normed = record_dir / f"{variant}_act_normed{suffix}.npy"
+    return np.load(normed if normed.exists() else record_dir / f"{variant}_act{suffix}.npy", mmap_mode="r")
+
+
 def norm_scale(norm) -> torch.Tensor | None:
     """(d_model,) the per-coordinate scale a norm bridge applies; None where there is no norm or no weight."""
     w = getattr(norm, "weight", None)
@@ -117,8 +128,8 @@ def run(out: Path, *, device: str, model: ModelConfig, attribute: AttributeConfi
     n_layers, d_mlp = act.shape
 
     cos = cosines(W_out, w)
-    proj = projections(act, W_out, w_hat)
-    proj_dpo = projections(act_dpo, W_out_dpo, w_hat)
+    proj = projections(act_for_proj(record_dir, "base").astype(np.float64), W_out, w_hat)
+    proj_dpo = projections(act_for_proj(record_dir, "dpo").astype(np.float64), W_out_dpo, w_hat)
     delta = proj - proj_dpo
     dact = act - act_dpo
     codes = group_codes(cos, act, dact)
@@ -139,13 +150,12 @@ def run(out: Path, *, device: str, model: ModelConfig, attribute: AttributeConfi
     table.write_parquet(out / "neurons.parquet")
 
     # Per-prompt group sums of delta, for intervals over prompts (groups fixed by the full means).
-    a_p = np.load(record_dir / "base_act_prompt.npy", mmap_mode="r")
-    a_dpo_p = np.load(record_dir / "dpo_act_prompt.npy", mmap_mode="r")
+    n_p, n_dpo_p = act_for_proj(record_dir, "base", per_prompt=True), act_for_proj(record_dir, "dpo", per_prompt=True)
     onehot = np.stack([(codes == g) for g in GROUPS], axis=-1).astype(np.float64)  # (L, d_mlp, 8)
     per_prompt_layer = np.stack([
-        np.einsum("ln,lng->lg", projections(a_p[p].astype(np.float64), W_out, w_hat)
-                  - projections(a_dpo_p[p].astype(np.float64), W_out_dpo, w_hat), onehot)
-        for p in range(a_p.shape[0])
+        np.einsum("ln,lng->lg", projections(n_p[p].astype(np.float64), W_out, w_hat)
+                  - projections(n_dpo_p[p].astype(np.float64), W_out_dpo, w_hat), onehot)
+        for p in range(n_p.shape[0])
     ])  # (P, L, 8)
     lo, hi = bootstrap_shares(per_prompt_layer.sum(1), attribute.n_bootstrap, attribute.seed)
     P = per_prompt_layer.shape[0]
@@ -185,6 +195,8 @@ def run(out: Path, *, device: str, model: ModelConfig, attribute: AttributeConfi
     ]).write_parquet(out / "neuron_tokens.parquet")
 
     # Prompts where the top neurons (by delta and by cos) fire most under the base model.
+    a_p = np.load(record_dir / "base_act_prompt.npy", mmap_mode="r")
+    a_dpo_p = np.load(record_dir / "dpo_act_prompt.npy", mmap_mode="r")
     m = min(attribute.n_top_prompt_neurons, order.size)
     top_ids = np.union1d(order[:m], np.argsort(-cos, axis=None)[:m])
     flat_p = a_p.reshape(a_p.shape[0], -1)[:, top_ids].astype(np.float64)  # (P, n_top)

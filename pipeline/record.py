@@ -13,9 +13,14 @@ position. With transformer-lens 4.3 and transformers 5.24 the bridge's attention
 under a name transformers no longer uses; models.load_bridge hands it over (without that, every
 cached step silently attends to itself alone; tests/test_record.py catches it).
 
+Where blocks normalize the MLP's output before adding it to the residual (Gemma 2 and 3, OLMo 2), that
+norm divides each position by its RMS s, so neuron i writes (a_i / s) v_i there: record also keeps the mean
+of a_i / s (act_normed), which stage attribute takes for proj, while act stays the hook's activation.
+
 Outputs, per variant (base, dpo):
   {variant}_act.npy         (n_layers, d_mlp) float32  mean neuron activation (mlp.hook_post)
   {variant}_act_prompt.npy  (n_prompts, n_layers, d_mlp) float16  the same mean, per prompt
+  {variant}_act_normed.npy, {variant}_act_normed_prompt.npy  the same for a_i / s, on models with that norm
   {variant}_mlp_proj.npy    (n_layers,) float32  mean of (MLP output . w_hat)
   {variant}_tokens.npy      (n_prompts, T) int64  the generated token ids
   continuations.parquet     {variant, prompt_id, prompt, continuation}, scored by stage score
@@ -23,9 +28,11 @@ Outputs, per variant (base, dpo):
 
 from __future__ import annotations
 
+import contextlib
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import polars as pl
@@ -37,6 +44,7 @@ from pipeline import models
 from pipeline.config import DataConfig, ModelConfig, RecordConfig
 
 VARIANTS = ("base", "dpo")
+PER_NEURON = ("act", "act_normed")  # means kept per neuron, and per neuron and prompt (module docstring)
 CONTINUATIONS = {"variant": pl.String, "prompt_id": pl.Int64, "prompt": pl.String, "continuation": pl.String}
 
 
@@ -79,6 +87,20 @@ class AfterPromptPass:
         self.passes += 1
 
 
+class OverPostNormScale(AfterPromptPass):
+    """Adds a_i / s into total (B, d_mlp), s the RMS by which the norm after the MLP divides the newest
+    position (its hook_scale). Two hooks a layer: `keep` at mlp.hook_post holds the newest activation
+    until ln2_post.hook_scale, later in the same pass, divides it."""
+
+    def keep(self, x, hook):  # x (B, pos, d_mlp)
+        self.act = x[:, -1]
+
+    def __call__(self, scale, hook):  # scale (B, pos, 1)
+        if self.passes:
+            self.total.add_(self.act / scale[:, -1])
+        self.passes += 1
+
+
 def mlp_out_readers(out: torch.Tensor) -> list:
     """Hooks that sum each layer's hook_mlp_out over the generated positions into out (B, n_layers,
     d_model); mlp_proj is then (out summed over B) . w_hat, once per batch instead of per pass."""
@@ -99,40 +121,60 @@ def hooked_generate(bridge, ids: torch.Tensor, mask: torch.Tensor, new_tokens: i
     return out[:, ids.shape[1]:ids.shape[1] + T]
 
 
+def open_npy(path: Path, shape: tuple, dtype) -> BinaryIO:
+    """A .npy file opened for its rows to be written in order after the header, a batch at a time."""
+    f = open(path, "wb")
+    np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                             "fortran_order": False, "shape": shape})
+    return f
+
+
+def per_prompt_names(bridge) -> tuple[str, ...]:
+    """The means record keeps per neuron and prompt: act, and act_normed where blocks normalize the MLP's output."""
+    return PER_NEURON if hasattr(bridge.blocks[0], "ln2_post") else PER_NEURON[:1]
+
+
 @torch.no_grad()
 def generate_and_record(bridge, prompts: list[str], w_hat: np.ndarray, new_tokens: int, batch_size: int, desc: str,
-                        act_prompt_file: Path) -> dict:
-    """Means over the generated positions (module docstring); the per-prompt means are streamed to the
-    .npy file act_prompt_file batch by batch, so memory does not grow with the number of prompts."""
+                        prefix: Path) -> dict:
+    """Means over the generated positions (module docstring); the per-prompt means are streamed to
+    {prefix}{name}_prompt.npy batch by batch, so memory does not grow with the number of prompts."""
     cfg = bridge.cfg
     n_layers, d_mlp, T, dev = cfg.n_layers, cfg.d_mlp, new_tokens, cfg.device
     w = torch.tensor(w_hat, dtype=torch.float32, device=dev)  # (d_model,)
     rows = prompt_tokens(bridge, prompts, T)
 
-    act_sum = torch.zeros(n_layers, d_mlp, device=dev)
-    proj_sum = torch.zeros(n_layers, device=dev)
+    names = per_prompt_names(bridge)
+    sums = {name: torch.zeros(n_layers, d_mlp, device=dev) for name in names} | {"mlp_proj": torch.zeros(n_layers, device=dev)}
     tokens = np.zeros((len(prompts), T), np.int64)
-    with open(act_prompt_file, "wb") as f:
-        np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)),
-                                                 "fortran_order": False, "shape": (len(prompts), n_layers, d_mlp)})
+    with contextlib.ExitStack() as stack:
+        files = {name: stack.enter_context(open_npy(Path(f"{prefix}{name}_prompt.npy"), (len(prompts), n_layers, d_mlp),
+                                                    np.float16)) for name in names}
         for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch"):
-            tokens[start:start + batch_size] = _record_batch(bridge, rows[start:start + batch_size], T, w, act_sum, proj_sum, f)
+            tokens[start:start + batch_size] = _record_batch(bridge, rows[start:start + batch_size], T, w, sums, files)
     n = len(prompts) * T
-    return {"act": (act_sum / n).cpu().numpy(), "mlp_proj": (proj_sum / n).cpu().numpy(), "tokens": tokens}
+    return {name: (s / n).cpu().numpy() for name, s in sums.items()} | {"tokens": tokens}
 
 
-def _record_batch(bridge, rows: list[torch.Tensor], T: int, w: torch.Tensor, act_sum: torch.Tensor, proj_sum: torch.Tensor,
-                  act_prompt_out) -> np.ndarray:
-    """Generate one batch, add its sums into act_sum and proj_sum, append its per-prompt means (float16)."""
+def _record_batch(bridge, rows: list[torch.Tensor], T: int, w: torch.Tensor, sums: dict[str, torch.Tensor],
+                  prompt_files: dict) -> np.ndarray:
+    """Generate one batch, add its sums into sums (mlp_proj and the per-neuron means that prompt_files names),
+    append its per-prompt means (float16) to prompt_files."""
     n_layers, d_mlp, dev = bridge.cfg.n_layers, bridge.cfg.d_mlp, bridge.cfg.device
     ids, mask = left_pad(rows, bridge.tokenizer.pad_token_id)
-    act = torch.zeros(len(ids), n_layers, d_mlp, device=dev)  # (B, n_layers, d_mlp) sums over T positions
+    # (B, n_layers, d_mlp) sums over T positions
+    batch = {name: torch.zeros(len(ids), n_layers, d_mlp, device=dev) for name in prompt_files}
     out = torch.zeros(len(ids), n_layers, bridge.cfg.d_model, device=dev)  # (B, n_layers, d_model) likewise
-    hooks = [(f"blocks.{l}.mlp.hook_post", AfterPromptPass(act[:, l])) for l in range(n_layers)] + mlp_out_readers(out)
+    hooks = [(f"blocks.{l}.mlp.hook_post", AfterPromptPass(batch["act"][:, l])) for l in range(n_layers)] + mlp_out_readers(out)
+    if "act_normed" in batch:
+        for l in range(n_layers):
+            normed = OverPostNormScale(batch["act_normed"][:, l])
+            hooks += [(f"blocks.{l}.mlp.hook_post", normed.keep), (f"blocks.{l}.ln2_post.hook_scale", normed)]
     tokens = hooked_generate(bridge, ids, mask, T, hooks).cpu().numpy()
-    act_sum += act.sum(0)
-    proj_sum += out.sum(0) @ w
-    act_prompt_out.write((act / T).cpu().numpy().astype(np.float16).tobytes())
+    sums["mlp_proj"] += out.sum(0) @ w
+    for name, total in batch.items():
+        sums[name] += total.sum(0)
+        prompt_files[name].write((total / T).cpu().numpy().astype(np.float16).tobytes())
     return tokens
 
 
@@ -142,10 +184,10 @@ def shard_device(device: str, i: int) -> str:
 
 
 def record_shard(path: str, device: str, dtype: str, prompts: list[str], w_hat: np.ndarray, record: RecordConfig,
-                 desc: str, act_prompt_file: Path) -> dict:
+                 desc: str, prefix: Path) -> dict:
     """One process's share of the prompts: generate_and_record on them, plus the decoded continuations."""
     bridge = models.load_bridge(path, device, dtype)
-    rec = generate_and_record(bridge, prompts, w_hat, record.new_tokens, record.batch_size, desc, act_prompt_file)
+    rec = generate_and_record(bridge, prompts, w_hat, record.new_tokens, record.batch_size, desc, prefix)
     eos = bridge.tokenizer.eos_token  # ends a text mid-continuation: show it as the break it is, not glue
     rec["texts"] = [t.replace(eos, " ") for t in bridge.tokenizer.batch_decode(rec["tokens"])]
     rec["n"] = len(prompts)
@@ -154,20 +196,22 @@ def record_shard(path: str, device: str, dtype: str, prompts: list[str], w_hat: 
     return rec
 
 
-def reduce_shards(parts: list[dict], act_prompt_files: list[Path], act_prompt_out: Path) -> tuple[dict, list[str]]:
+def reduce_shards(parts: list[dict], prefixes: list[Path], out_prefix: Path) -> tuple[dict, list[str]]:
     """Shards in prompt order -> the single-process result: means weighted by prompt count (every prompt
-    has T positions), tokens and texts concatenated, per-prompt files joined into one (streamed)."""
+    has T positions), tokens and texts concatenated, each per-prompt file ({prefix}{name}_prompt.npy)
+    joined into one (streamed)."""
     n = sum(p["n"] for p in parts)
-    rec = {"act": sum(p["act"] * p["n"] for p in parts) / n, "mlp_proj": sum(p["mlp_proj"] * p["n"] for p in parts) / n,
-           "tokens": np.concatenate([p["tokens"] for p in parts])}
-    if len(act_prompt_files) == 1:
-        act_prompt_files[0].rename(act_prompt_out)
-    else:
-        first = np.load(act_prompt_files[0], mmap_mode="r")
-        with open(act_prompt_out, "wb") as f:
-            np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(first.dtype), "fortran_order": False,
-                                                     "shape": (n, *first.shape[1:])})
-            for file in act_prompt_files:
+    names = [name for name in PER_NEURON if name in parts[0]]
+    rec = {name: sum(p[name] * p["n"] for p in parts) / n for name in [*names, "mlp_proj"]}
+    rec["tokens"] = np.concatenate([p["tokens"] for p in parts])
+    for name in names:
+        files, joined = [Path(f"{prefix}{name}_prompt.npy") for prefix in prefixes], Path(f"{out_prefix}{name}_prompt.npy")
+        if len(files) == 1:
+            files[0].rename(joined)
+            continue
+        first = np.load(files[0], mmap_mode="r")
+        with open_npy(joined, (n, *first.shape[1:]), first.dtype) as f:
+            for file in files:
                 for row in np.load(file, mmap_mode="r"):
                     f.write(np.ascontiguousarray(row).tobytes())
                 file.unlink()
@@ -193,7 +237,7 @@ def run(out: Path, *, device: str, model: ModelConfig, data: DataConfig, record:
         shards = np.array_split(np.arange(len(prompts)), min(record.processes, len(prompts)))
         jobs = [(paths[variant], shard_device(device, i), model.dtype, [prompts[j] for j in idx], w_hat, record,
                  f"record {variant}" + (f" {i + 1}/{len(shards)}" if len(shards) > 1 else ""),
-                 out / f"{variant}_act_prompt.{i}.npy") for i, idx in enumerate(shards)]
+                 out / f"shard{i}_{variant}_") for i, idx in enumerate(shards)]
         if len(jobs) == 1:
             parts = [record_shard(*jobs[0])]
         else:
@@ -201,7 +245,7 @@ def run(out: Path, *, device: str, model: ModelConfig, data: DataConfig, record:
             # replaced forever while the stage waits.
             with ProcessPoolExecutor(len(jobs), mp_context=torch.multiprocessing.get_context("spawn")) as pool:
                 parts = list(pool.map(record_shard, *zip(*jobs)))
-        rec, texts = reduce_shards(parts, [j[-1] for j in jobs], out / f"{variant}_act_prompt.npy")
+        rec, texts = reduce_shards(parts, [j[-1] for j in jobs], out / f"{variant}_")
         summary[f"seconds_{variant}"] = round(time.perf_counter() - t0, 2)
         for name, arr in rec.items():
             np.save(out / f"{variant}_{name}.npy", arr)

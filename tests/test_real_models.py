@@ -6,8 +6,9 @@ dir and every stage loads them by path, the code path a hub name takes (`[model]
   attention and MLP, no BOS) and a tiny Gemma 2 (GLU without biases, norm scales stored as offsets
   from 1): probe, record, attribute and intervene on a planted base/"DPO" pair; the recorded activation
   must be the input of the model's own down projection (GPT-2 `c_proj`, GPT-NeoX `dense_4h_to_h`,
-  Llama and Gemma `down_proj`, read from plain transformers), the planted neurons must come out on top
-  and the logit lens must scale by the model's own final norm.
+  Llama and Gemma `down_proj`, read from plain transformers), the planted neurons must come out on top,
+  the logit lens must scale by the model's own final norm, and each layer's deltas must add up to the
+  change of its MLP output along the probe (on Gemma 2, through the norm after its MLP).
 - a tiny Qwen2 (GLU, and no BOS token): the whole runner, DPO through trl included, into a store.
 - DPO through trl on GPT-NeoX and Gemma 2.
 - the presets load without a download; [model] dtype reaches the weights; recording sharded over two
@@ -255,15 +256,21 @@ def test_probe_reads_the_jigsaw_csv_on_each_architecture(planted_run):
 
 def test_recorded_activation_is_the_input_of_the_down_projection(planted_run):
     """a_i of method.md per architecture: whatever the model's own down projection receives (GPT-2:
-    GELU(c_fc x); GLU: SiLU(gate x) * up x), averaged over the last T positions of one plain forward."""
+    GELU(c_fc x); GLU: SiLU(gate x) * up x), averaged over the last T positions of one plain forward.
+    Gemma 2 also gets act_normed: a_i over the RMS that its post-feedforward norm divides each position by."""
     arch, paths, dirs, _ = planted_run
     tok = AutoTokenizer.from_pretrained(paths["base"])
     hf = AutoModelForCausalLM.from_pretrained(paths["base"]).eval()
-    seen = {}
+    seen, rms = {}, {}
     for l, proj in enumerate(down_projections(hf)):
         proj.register_forward_pre_hook(lambda mod, args, l=l: seen.__setitem__(l, args[0][0]))
+    for l, norm in enumerate(post_mlp_norms(hf)):
+        norm.register_forward_pre_hook(lambda mod, args, l=l: rms.__setitem__(l, (args[0][0].pow(2).mean(-1, keepdim=True)
+                                                                                  + mod.eps).sqrt()))
     tokens = np.load(dirs["record"] / "base_tokens.npy")
     act_prompt = np.load(dirs["record"] / "base_act_prompt.npy")
+    normed = dirs["record"] / "base_act_normed_prompt.npy"
+    assert normed.exists() == (arch == "gemma2")
     n_layers, d_mlp = act_prompt.shape[1:]
     assert (n_layers, d_mlp) == ((24, 4096) if arch == "gpt2-medium" else (2, 96))
     for i in range(len(PROMPTS)):
@@ -272,6 +279,9 @@ def test_recorded_activation_is_the_input_of_the_down_projection(planted_run):
             hf(torch.tensor([ids]))
         direct = torch.stack([seen[l][-T:].mean(0) for l in range(n_layers)]).numpy()  # (n_layers, d_mlp)
         np.testing.assert_allclose(act_prompt[i], direct, atol=5e-3, rtol=5e-3)  # float16 storage
+        if rms:
+            direct = torch.stack([(seen[l] / rms[l])[-T:].mean(0) for l in range(n_layers)]).numpy()
+            np.testing.assert_allclose(np.load(normed)[i], direct, atol=5e-3, rtol=5e-3)
 
 
 def test_planted_neurons_rank_first_and_cos_uses_the_models_own_w_out(planted_run):
@@ -289,6 +299,19 @@ def test_planted_neurons_rank_first_and_cos_uses_the_models_own_w_out(planted_ru
     for layer, neuron, cos in sample.select("layer", "neuron", "cos").iter_rows():
         v = V[layer, neuron]
         assert cos == pytest.approx(v @ w / np.linalg.norm(v) / np.linalg.norm(w), rel=1e-4, abs=1e-7)
+
+
+def test_deltas_add_up_to_the_change_of_each_layers_mlp_output(planted_run):
+    """Per layer, the neurons' deltas sum to the change of mlp_proj, which record reads from hook_mlp_out on its
+    own: the pair shares its down-projection biases, so nothing else moves the MLP's output along w_hat. On
+    Gemma 2 that output has passed a norm that divides each position by its RMS, so this holds only if proj
+    takes each position's act over that RMS."""
+    _, _, dirs, _ = planted_run
+    neurons = pl.read_parquet(dirs["attribute"] / "neurons.parquet")
+    by_layer = neurons.group_by("layer").agg(pl.col("delta").sum()).sort("layer")["delta"].to_numpy()
+    mlp = np.load(dirs["record"] / "base_mlp_proj.npy") - np.load(dirs["record"] / "dpo_mlp_proj.npy")  # (L,)
+    np.testing.assert_allclose(by_layer, mlp, rtol=1e-3, atol=1e-4)
+    assert abs(mlp[-1]) > 100 * 1e-4  # the planted layer's change is far above the tolerance
 
 
 def test_logit_lens_scales_by_the_models_own_final_norm(planted_run):
@@ -473,12 +496,18 @@ def test_presets_load_without_a_world_or_a_download(preset):
     assert (cfg.dpo.beta, cfg.dpo.optimizer) == (0.1, "rmsprop")
 
 
-def test_record_sharded_over_processes_equals_one_process(tmp_path):
+@pytest.mark.parametrize("arch", ["gpt2", "gemma2"])
+def test_record_sharded_over_processes_equals_one_process(tmp_path, arch):
     """[record] processes = 2: two spawned processes record uneven shares of the prompts; the reduced
-    result equals one process's (sums weighted by prompt count, per-prompt rows in prompt order)."""
+    result equals one process's (sums weighted by prompt count, per-prompt rows in prompt order), for
+    act_normed too where the model has a norm after its MLP (Gemma 2)."""
     from tests.conftest import save_planted_pair
 
-    base = save_planted_pair(tmp_path)
+    if arch == "gpt2":
+        base = save_planted_pair(tmp_path)
+    else:
+        base = save_planted(tmp_path, tiny_gemma2)["base"]
+        (tmp_path / "planted").rename(tmp_path / "probe")
     prompts = PROMPTS + ["We will", "The cat"]
     (tmp_path / "rtp.jsonl").write_text("".join(json.dumps({"prompt": {"text": p}, "challenging": True}) + "\n" for p in prompts))
     outs = {}
@@ -492,10 +521,11 @@ def test_record_sharded_over_processes_equals_one_process(tmp_path):
     for variant in record.VARIANTS:
         assert (np.load(outs[1] / f"{variant}_tokens.npy") == np.load(outs[2] / f"{variant}_tokens.npy")).all()
         assert np.load(outs[2] / f"{variant}_act_prompt.npy").shape[0] == len(prompts)
-        for name in ("act", "mlp_proj", "act_prompt"):
+        names = ("act", "mlp_proj", "act_prompt") + (("act_normed", "act_normed_prompt") if arch == "gemma2" else ())
+        for name in names:
             one, two = (np.load(outs[n] / f"{variant}_{name}.npy") for n in (1, 2))
             assert one.shape == two.shape
-            np.testing.assert_allclose(two, one, atol=1e-5 if name != "act_prompt" else 2e-3)
+            np.testing.assert_allclose(two, one, atol=1e-5 if not name.endswith("_prompt") else 2e-3)
     assert sorted(p.name for p in outs[2].iterdir()) == sorted(p.name for p in outs[1].iterdir())  # shard files joined
     assert pl.read_parquet(outs[2] / "continuations.parquet").equals(pl.read_parquet(outs[1] / "continuations.parquet"))
 
