@@ -9,6 +9,7 @@ dir and every stage loads them by path, the code path a hub name takes (`[model]
   Llama and Gemma `down_proj`, read from plain transformers), the planted neurons must come out on top,
   the logit lens must scale by the model's own final norm, and each layer's deltas must add up to the
   change of its MLP output along the probe (on Gemma 2, through the norm after its MLP).
+- a tiny OLMo 2 (norms after attention and MLP, none before): the same planted run.
 - a tiny Qwen2 (GLU, and no BOS token): the whole runner, DPO through trl included, into a store.
 - DPO through trl on GPT-NeoX and Gemma 2.
 - the presets load without a download; [model] dtype reaches the weights; recording sharded over two
@@ -94,9 +95,19 @@ def tiny_gemma2(tok):
                                           eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id))
 
 
-ARCHS = {"gpt2-medium": gpt2_medium_shaped, "llama": tiny_llama, "neox": tiny_neox, "gemma2": tiny_gemma2}
+def tiny_olmo2(tok):
+    from transformers import Olmo2Config, Olmo2ForCausalLM
+
+    # norms after attention and MLP only (none before them), no MLP biases, RMSNorm on queries and keys
+    return Olmo2ForCausalLM(Olmo2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                        num_attention_heads=4, max_position_embeddings=64, bos_token_id=tok.eos_token_id,
+                                        eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id))
+
+
+ARCHS = {"gpt2-medium": gpt2_medium_shaped, "llama": tiny_llama, "neox": tiny_neox, "gemma2": tiny_gemma2,
+         "olmo2": tiny_olmo2}
 # TransformerLens' own choice per architecture (cfg.default_prepend_bos of its adapters)
-PREPENDS_BOS = {"gpt2-medium": True, "llama": True, "neox": False, "gemma2": True, "qwen2": False}
+PREPENDS_BOS = {"gpt2-medium": True, "llama": True, "neox": False, "gemma2": True, "olmo2": True, "qwen2": False}
 
 
 def prompt_ids(arch: str, tok, text: str) -> list[int]:
@@ -122,7 +133,7 @@ def final_norm(model):
 
 
 def post_mlp_norms(model) -> list:
-    """Gemma 2's norm between each block's MLP and the residual; empty where blocks have none."""
+    """Gemma 2's and OLMo 2's norm between each block's MLP and the residual; empty where blocks have none."""
     return [b.post_feedforward_layernorm for b in blocks(model) if hasattr(b, "post_feedforward_layernorm")]
 
 
@@ -143,7 +154,7 @@ def down_projections(model) -> list:
 def value_vectors(model) -> np.ndarray:
     """(L, d_mlp, d_model) what each neuron writes toward the residual: the rows of its layer's down
     projection, read from the HF modules by architecture, times the scale of the norm after the MLP
-    where the blocks have one (Gemma 2)."""
+    where the blocks have one (Gemma 2, OLMo 2)."""
     if hasattr(model, "transformer"):  # GPT-2: Conv1D c_proj stores (d_mlp, d_model)
         V = np.stack([p.weight.detach().numpy() for p in down_projections(model)])
     else:
@@ -257,7 +268,8 @@ def test_probe_reads_the_jigsaw_csv_on_each_architecture(planted_run):
 def test_recorded_activation_is_the_input_of_the_down_projection(planted_run):
     """a_i of method.md per architecture: whatever the model's own down projection receives (GPT-2:
     GELU(c_fc x); GLU: SiLU(gate x) * up x), averaged over the last T positions of one plain forward.
-    Gemma 2 also gets act_normed: a_i over the RMS that its post-feedforward norm divides each position by."""
+    Gemma 2 and OLMo 2 also get act_normed: a_i over the RMS that the post-feedforward norm divides each
+    position by."""
     arch, paths, dirs, _ = planted_run
     tok = AutoTokenizer.from_pretrained(paths["base"])
     hf = AutoModelForCausalLM.from_pretrained(paths["base"]).eval()
@@ -265,12 +277,13 @@ def test_recorded_activation_is_the_input_of_the_down_projection(planted_run):
     for l, proj in enumerate(down_projections(hf)):
         proj.register_forward_pre_hook(lambda mod, args, l=l: seen.__setitem__(l, args[0][0]))
     for l, norm in enumerate(post_mlp_norms(hf)):
-        norm.register_forward_pre_hook(lambda mod, args, l=l: rms.__setitem__(l, (args[0][0].pow(2).mean(-1, keepdim=True)
-                                                                                  + mod.eps).sqrt()))
+        eps = getattr(norm, "eps", getattr(norm, "variance_epsilon", None))  # Gemma's name, OLMo's
+        norm.register_forward_pre_hook(lambda mod, args, l=l, eps=eps: rms.__setitem__(
+            l, (args[0][0].pow(2).mean(-1, keepdim=True) + eps).sqrt()))
     tokens = np.load(dirs["record"] / "base_tokens.npy")
     act_prompt = np.load(dirs["record"] / "base_act_prompt.npy")
     normed = dirs["record"] / "base_act_normed_prompt.npy"
-    assert normed.exists() == (arch == "gemma2")
+    assert normed.exists() == bool(post_mlp_norms(hf))
     n_layers, d_mlp = act_prompt.shape[1:]
     assert (n_layers, d_mlp) == ((24, 4096) if arch == "gpt2-medium" else (2, 96))
     for i in range(len(PROMPTS)):
@@ -304,8 +317,8 @@ def test_planted_neurons_rank_first_and_cos_uses_the_models_own_w_out(planted_ru
 def test_deltas_add_up_to_the_change_of_each_layers_mlp_output(planted_run):
     """Per layer, the neurons' deltas sum to the change of mlp_proj, which record reads from hook_mlp_out on its
     own: the pair shares its down-projection biases, so nothing else moves the MLP's output along w_hat. On
-    Gemma 2 that output has passed a norm that divides each position by its RMS, so this holds only if proj
-    takes each position's act over that RMS."""
+    Gemma 2 and OLMo 2 that output has passed a norm that divides each position by its RMS, so this holds
+    only if proj takes each position's act over that RMS."""
     _, _, dirs, _ = planted_run
     neurons = pl.read_parquet(dirs["attribute"] / "neurons.parquet")
     by_layer = neurons.group_by("layer").agg(pl.col("delta").sum()).sort("layer")["delta"].to_numpy()
@@ -432,7 +445,7 @@ def test_glu_model_without_bos_runs_the_whole_pipeline_into_a_store(tmp_path, de
     assert [r[:3] for r in new] == [r[:3] for r in old] and {r[3] for r in new} == {scoring.label(scoring.get_scorer(rescored.scorer))}
 
 
-@pytest.mark.parametrize("arch", ["llama", "neox", "gemma2", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "neox", "gemma2", "olmo2", "qwen2"])
 def test_bos_prefix_follows_transformer_lens_and_the_tokenizer(tmp_path, arch):
     """transformers-side prompts (DPO, self-generated pairs, the experts) get the BOS text only where
     TransformerLens prepends a BOS token (as the bridge's own to_tokens shows, whatever the tokenizer
