@@ -30,16 +30,18 @@ INCREASING = ("TP+", "TN-", "AP-", "AN+")
 GROUPS = REDUCING + INCREASING
 
 
-def cosines(W_out: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """(L, d_mlp): cos(v_i, w); 0 for a neuron whose value vector is zero (pruned): it writes nothing, so it is
-    "unchanged" and never ranked as the most toxic, where 0/0 = NaN sorts first."""
-    norms = np.linalg.norm(W_out, axis=-1) * np.linalg.norm(w)
-    return np.divide(W_out @ w, norms, out=np.zeros(norms.shape), where=norms > 0)
+def along(W_out: torch.Tensor, w_hat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(L, d_mlp) v_i . w_hat and |v_i|, in float64 a layer at a time: no float64 copy of a large model's
+    W_out is ever made (15 GB for Llama 3 8B's), and proj of every prompt reuses v . w_hat."""
+    w = torch.from_numpy(np.asarray(w_hat, dtype=np.float64))
+    layers = [W.double() for W in W_out]
+    return torch.stack([V @ w for V in layers]).numpy(), torch.stack([V.norm(dim=-1) for V in layers]).numpy()
 
 
-def projections(act: np.ndarray, W_out: np.ndarray, w_hat: np.ndarray) -> np.ndarray:
-    """(..., L, d_mlp): act * (v . w_hat); act may carry a leading prompt axis."""
-    return act * (W_out @ w_hat)
+def cosines(vw: np.ndarray, v_norm: np.ndarray) -> np.ndarray:
+    """(L, d_mlp): cos(v_i, w) = (v_i . w_hat) / |v_i|; 0 for a neuron whose value vector is zero (pruned): it
+    writes nothing, so it is "unchanged" and never ranked as the most toxic, where 0/0 = NaN sorts first."""
+    return np.divide(vw, v_norm, out=np.zeros(vw.shape), where=v_norm > 0)
 
 
 def group_codes(cos: np.ndarray, act: np.ndarray, dact: np.ndarray) -> np.ndarray:
@@ -104,7 +106,7 @@ def weights(path: str, device: str) -> dict:
     if post[0] is not None:  # the MLP's output is normalized before the residual: a neuron writes v_i * scale there
         W_out = W_out * torch.stack(post)[:, None, :]
     W_U = bridge.W_U.detach().float().cpu()  # (d_model, d_vocab)
-    out = {"W_out": W_out.numpy(), "W_U": W_U, "ln_scale": norm_scale(bridge.ln_final), "tokenizer": bridge.tokenizer}
+    out = {"W_out": W_out, "W_U": W_U, "ln_scale": norm_scale(bridge.ln_final), "tokenizer": bridge.tokenizer}
     del bridge
     release_memory()
     return out
@@ -122,14 +124,15 @@ def run(out: Path, *, device: str, model: ModelConfig, attribute: AttributeConfi
     w = np.load(probe_dir / "w.npy").astype(np.float64)
     w_hat = w / np.linalg.norm(w)
     base = weights(datasets.model_path(model.path, world_dir), device)
-    W_out, W_out_dpo = base["W_out"].astype(np.float64), weights(str(dpo_dir / "model"), device)["W_out"].astype(np.float64)
+    vw, v_norm = along(base["W_out"], w_hat)  # (L, d_mlp) each
+    vw_dpo, _ = along(weights(str(dpo_dir / "model"), device)["W_out"], w_hat)
     act = np.load(record_dir / "base_act.npy").astype(np.float64)  # (L, d_mlp)
     act_dpo = np.load(record_dir / "dpo_act.npy").astype(np.float64)
     n_layers, d_mlp = act.shape
 
-    cos = cosines(W_out, w)
-    proj = projections(act_for_proj(record_dir, "base").astype(np.float64), W_out, w_hat)
-    proj_dpo = projections(act_for_proj(record_dir, "dpo").astype(np.float64), W_out_dpo, w_hat)
+    cos = cosines(vw, v_norm)
+    proj = act_for_proj(record_dir, "base") * vw
+    proj_dpo = act_for_proj(record_dir, "dpo") * vw_dpo
     delta = proj - proj_dpo
     dact = act - act_dpo
     codes = group_codes(cos, act, dact)
@@ -153,8 +156,7 @@ def run(out: Path, *, device: str, model: ModelConfig, attribute: AttributeConfi
     n_p, n_dpo_p = act_for_proj(record_dir, "base", per_prompt=True), act_for_proj(record_dir, "dpo", per_prompt=True)
     onehot = np.stack([(codes == g) for g in GROUPS], axis=-1).astype(np.float64)  # (L, d_mlp, 8)
     per_prompt_layer = np.stack([
-        np.einsum("ln,lng->lg", projections(n_p[p].astype(np.float64), W_out, w_hat)
-                  - projections(n_dpo_p[p].astype(np.float64), W_out_dpo, w_hat), onehot)
+        np.einsum("ln,lng->lg", n_p[p] * vw - n_dpo_p[p] * vw_dpo, onehot)
         for p in range(n_p.shape[0])
     ])  # (P, L, 8)
     lo, hi = bootstrap_shares(per_prompt_layer.sum(1), attribute.n_bootstrap, attribute.seed)
@@ -186,7 +188,7 @@ def run(out: Path, *, device: str, model: ModelConfig, attribute: AttributeConfi
     # Logit lens for the top neurons by delta and by cos.
     n = min(attribute.n_logit_lens, order.size)
     lens_ids = np.union1d(order[:n], np.argsort(-cos, axis=None)[:n])
-    v = torch.from_numpy(W_out.reshape(-1, W_out.shape[-1])[lens_ids]).float()
+    v = base["W_out"].reshape(-1, base["W_out"].shape[-1])[torch.from_numpy(lens_ids)]
     logits, ids = logit_lens(v, base["W_U"], base["ln_scale"], attribute.top_k_tokens)
     tok = base["tokenizer"]
     pl.DataFrame([

@@ -7,6 +7,7 @@ import shutil
 import numpy as np
 import polars as pl
 import pytest
+import torch
 
 from pipeline import attribute
 from pipeline.config import AttributeConfig, ModelConfig
@@ -285,8 +286,10 @@ def test_stored_numbers_match_checkpoint_and_direction(tiny_run):
 
 
 def test_a_neuron_with_a_zero_value_vector_has_cos_zero_and_is_unchanged():
-    W_out = np.array([[[1.0, 0.0], [0.0, 0.0], [-2.0, 0.0]]])  # (L=1, d_mlp=3, d_model=2); neuron 1 is pruned
-    cos = attribute.cosines(W_out, np.array([3.0, 0.0]))
+    W_out = torch.tensor([[[1.0, 0.0], [0.0, 0.0], [-2.0, 0.0]]])  # (L=1, d_mlp=3, d_model=2); neuron 1 is pruned
+    cos = attribute.cosines(*attribute.along(W_out, np.array([0.6, 0.8])))
+    assert cos == pytest.approx(np.array([[0.6, 0.0, -0.6]]))
+    cos = attribute.cosines(*attribute.along(W_out, np.array([1.0, 0.0])))
     assert cos.tolist() == [[1.0, 0.0, -1.0]]
     codes = attribute.group_codes(cos, act=np.array([[1.0, 1.0, 1.0]]), dact=np.array([[0.5, 0.5, -0.5]]))
     assert codes.tolist() == [["TP-", "unchanged", "AP+"]]
