@@ -9,7 +9,7 @@ dir and every stage loads them by path, the code path a hub name takes (`[model]
   Llama and Gemma `down_proj`, read from plain transformers), the planted neurons must come out on top,
   the logit lens must scale by the model's own final norm, and each layer's deltas must add up to the
   change of its MLP output along the probe (on Gemma 2, through the norm after its MLP).
-- a tiny OLMo 2 (norms after attention and MLP, none before): the same planted run.
+- a tiny Gemma 3 and a tiny OLMo 2 (norms after attention and MLP, none before): the same planted run.
 - a tiny Qwen2 (GLU, and no BOS token): the whole runner, DPO through trl included, into a store.
 - DPO through trl on GPT-NeoX and Gemma 2.
 - the presets load without a download; [model] dtype reaches the weights; recording sharded over two
@@ -95,6 +95,16 @@ def tiny_gemma2(tok):
                                           eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id))
 
 
+def tiny_gemma3(tok):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    # Gemma 2's block plus RMSNorm on queries and keys, and local and global attention layers by turns
+    return Gemma3ForCausalLM(Gemma3TextConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                              num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                              max_position_embeddings=64, sliding_window=8, bos_token_id=tok.eos_token_id,
+                                              eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id))
+
+
 def tiny_olmo2(tok):
     from transformers import Olmo2Config, Olmo2ForCausalLM
 
@@ -105,9 +115,9 @@ def tiny_olmo2(tok):
 
 
 ARCHS = {"gpt2-medium": gpt2_medium_shaped, "llama": tiny_llama, "neox": tiny_neox, "gemma2": tiny_gemma2,
-         "olmo2": tiny_olmo2}
+         "gemma3": tiny_gemma3, "olmo2": tiny_olmo2}
 # TransformerLens' own choice per architecture (cfg.default_prepend_bos of its adapters)
-PREPENDS_BOS = {"gpt2-medium": True, "llama": True, "neox": False, "gemma2": True, "olmo2": True, "qwen2": False}
+PREPENDS_BOS = {"gpt2-medium": True, "llama": True, "neox": False, "gemma2": True, "gemma3": True, "olmo2": True, "qwen2": False}
 
 
 def prompt_ids(arch: str, tok, text: str) -> list[int]:
@@ -445,7 +455,7 @@ def test_glu_model_without_bos_runs_the_whole_pipeline_into_a_store(tmp_path, de
     assert [r[:3] for r in new] == [r[:3] for r in old] and {r[3] for r in new} == {scoring.label(scoring.get_scorer(rescored.scorer))}
 
 
-@pytest.mark.parametrize("arch", ["llama", "neox", "gemma2", "olmo2", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "neox", "gemma2", "gemma3", "olmo2", "qwen2"])
 def test_bos_prefix_follows_transformer_lens_and_the_tokenizer(tmp_path, arch):
     """transformers-side prompts (DPO, self-generated pairs, the experts) get the BOS text only where
     TransformerLens prepends a BOS token (as the bridge's own to_tokens shows, whatever the tokenizer
