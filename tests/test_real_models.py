@@ -327,14 +327,19 @@ def test_planted_neurons_rank_first_and_cos_uses_the_models_own_w_out(planted_ru
 def test_deltas_add_up_to_the_change_of_each_layers_mlp_output(planted_run):
     """Per layer, the neurons' deltas sum to the change of mlp_proj, which record reads from hook_mlp_out on its
     own: the pair shares its down-projection biases, so nothing else moves the MLP's output along w_hat. On
-    Gemma 2 and OLMo 2 that output has passed a norm that divides each position by its RMS, so this holds
-    only if proj takes each position's act over that RMS."""
+    Gemma 2 and 3 and OLMo 2 that output has passed a norm that divides each position by its RMS, so this
+    holds only if proj takes each position's act over that RMS. The per-prompt group sums behind the
+    intervals must take it too: every prompt has T positions, so they average to the groups' sums."""
     _, _, dirs, _ = planted_run
     neurons = pl.read_parquet(dirs["attribute"] / "neurons.parquet")
     by_layer = neurons.group_by("layer").agg(pl.col("delta").sum()).sort("layer")["delta"].to_numpy()
     mlp = np.load(dirs["record"] / "base_mlp_proj.npy") - np.load(dirs["record"] / "dpo_mlp_proj.npy")  # (L,)
     np.testing.assert_allclose(by_layer, mlp, rtol=1e-3, atol=1e-4)
     assert abs(mlp[-1]) > 100 * 1e-4  # the planted layer's change is far above the tolerance
+    per_prompt = (pl.read_parquet(dirs["attribute"] / "prompt_groups.parquet").group_by("group_code")
+                  .agg(pl.col("sum_delta").sum() / len(PROMPTS)))
+    groups = pl.read_parquet(dirs["attribute"] / "group_summary.parquet").join(per_prompt, on="group_code", suffix="_prompts")
+    np.testing.assert_allclose(groups["sum_delta_prompts"], groups["sum_delta"], rtol=1e-2, atol=1e-3)  # float16 per prompt
 
 
 def test_logit_lens_scales_by_the_models_own_final_norm(planted_run):
