@@ -143,7 +143,7 @@ def final_norm(model):
 
 
 def post_mlp_norms(model) -> list:
-    """Gemma 2's and OLMo 2's norm between each block's MLP and the residual; empty where blocks have none."""
+    """Gemma 2's, Gemma 3's and OLMo 2's norm between each block's MLP and the residual; empty where blocks have none."""
     return [b.post_feedforward_layernorm for b in blocks(model) if hasattr(b, "post_feedforward_layernorm")]
 
 
@@ -164,7 +164,7 @@ def down_projections(model) -> list:
 def value_vectors(model) -> np.ndarray:
     """(L, d_mlp, d_model) what each neuron writes toward the residual: the rows of its layer's down
     projection, read from the HF modules by architecture, times the scale of the norm after the MLP
-    where the blocks have one (Gemma 2, OLMo 2)."""
+    where the blocks have one (Gemma 2 and 3, OLMo 2)."""
     if hasattr(model, "transformer"):  # GPT-2: Conv1D c_proj stores (d_mlp, d_model)
         V = np.stack([p.weight.detach().numpy() for p in down_projections(model)])
     else:
@@ -278,7 +278,7 @@ def test_probe_reads_the_jigsaw_csv_on_each_architecture(planted_run):
 def test_recorded_activation_is_the_input_of_the_down_projection(planted_run):
     """a_i of method.md per architecture: whatever the model's own down projection receives (GPT-2:
     GELU(c_fc x); GLU: SiLU(gate x) * up x), averaged over the last T positions of one plain forward.
-    Gemma 2 and OLMo 2 also get act_normed: a_i over the RMS that the post-feedforward norm divides each
+    Gemma 2 and 3 and OLMo 2 also get act_normed: a_i over the RMS that the post-feedforward norm divides each
     position by."""
     arch, paths, dirs, _ = planted_run
     tok = AutoTokenizer.from_pretrained(paths["base"])
