@@ -251,6 +251,7 @@ def run(out: Path, *, device: str, model: ModelConfig, data: DataConfig, record:
             np.save(out / f"{variant}_{name}.npy", arr)
         rows += continuations(variant, prompts, texts)
     pl.DataFrame(rows, schema=CONTINUATIONS).write_parquet(out / "continuations.parquet")
+    summary["act_normed"] = (out / "base_act_normed.npy").exists()  # SQL on a run shows which activation proj took
     return summary
 
 

@@ -280,7 +280,7 @@ def test_recorded_activation_is_the_input_of_the_down_projection(planted_run):
     GELU(c_fc x); GLU: SiLU(gate x) * up x), averaged over the last T positions of one plain forward.
     Gemma 2 and 3 and OLMo 2 also get act_normed: a_i over the RMS that the post-feedforward norm divides each
     position by."""
-    arch, paths, dirs, _ = planted_run
+    arch, paths, dirs, summary = planted_run
     tok = AutoTokenizer.from_pretrained(paths["base"])
     hf = AutoModelForCausalLM.from_pretrained(paths["base"]).eval()
     seen, rms = {}, {}
@@ -293,7 +293,7 @@ def test_recorded_activation_is_the_input_of_the_down_projection(planted_run):
     tokens = np.load(dirs["record"] / "base_tokens.npy")
     act_prompt = np.load(dirs["record"] / "base_act_prompt.npy")
     normed = dirs["record"] / "base_act_normed_prompt.npy"
-    assert normed.exists() == bool(post_mlp_norms(hf))
+    assert normed.exists() == summary["record"]["act_normed"] == bool(post_mlp_norms(hf))
     n_layers, d_mlp = act_prompt.shape[1:]
     assert (n_layers, d_mlp) == ((24, 4096) if arch == "gpt2-medium" else (2, 96))
     for i in range(len(PROMPTS)):
