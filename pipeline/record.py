@@ -44,7 +44,7 @@ from pipeline import models
 from pipeline.config import DataConfig, ModelConfig, RecordConfig
 
 VARIANTS = ("base", "dpo")
-PER_NEURON = ("act", "act_normed")  # means kept per neuron, and per neuron and prompt (module docstring)
+NEURON_MEANS = ("act", "act_normed")  # kept per neuron, and per neuron and prompt (module docstring)
 CONTINUATIONS = {"variant": pl.String, "prompt_id": pl.Int64, "prompt": pl.String, "continuation": pl.String}
 
 
@@ -129,9 +129,9 @@ def open_npy(path: Path, shape: tuple, dtype) -> BinaryIO:
     return f
 
 
-def per_prompt_names(bridge) -> tuple[str, ...]:
-    """The means record keeps per neuron and prompt: act, and act_normed where blocks normalize the MLP's output."""
-    return PER_NEURON if hasattr(bridge.blocks[0], "ln2_post") else PER_NEURON[:1]
+def neuron_means(bridge) -> tuple[str, ...]:
+    """The means record keeps per neuron: act, and act_normed where blocks normalize the MLP's output."""
+    return NEURON_MEANS if hasattr(bridge.blocks[0], "ln2_post") else NEURON_MEANS[:1]
 
 
 @torch.no_grad()
@@ -144,7 +144,7 @@ def generate_and_record(bridge, prompts: list[str], w_hat: np.ndarray, new_token
     w = torch.tensor(w_hat, dtype=torch.float32, device=dev)  # (d_model,)
     rows = prompt_tokens(bridge, prompts, T)
 
-    names = per_prompt_names(bridge)
+    names = neuron_means(bridge)
     sums = {name: torch.zeros(n_layers, d_mlp, device=dev) for name in names} | {"mlp_proj": torch.zeros(n_layers, device=dev)}
     tokens = np.zeros((len(prompts), T), np.int64)
     with contextlib.ExitStack() as stack:
@@ -201,7 +201,7 @@ def reduce_shards(parts: list[dict], prefixes: list[Path], out_prefix: Path) -> 
     has T positions), tokens and texts concatenated, each per-prompt file ({prefix}{name}_prompt.npy)
     joined into one (streamed)."""
     n = sum(p["n"] for p in parts)
-    names = [name for name in PER_NEURON if name in parts[0]]
+    names = [name for name in NEURON_MEANS if name in parts[0]]
     rec = {name: sum(p[name] * p["n"] for p in parts) / n for name in [*names, "mlp_proj"]}
     rec["tokens"] = np.concatenate([p["tokens"] for p in parts])
     for name in names:

@@ -143,7 +143,7 @@ def final_norm(model):
 
 
 def post_mlp_norms(model) -> list:
-    """Gemma 2's, Gemma 3's and OLMo 2's norm between each block's MLP and the residual; empty where blocks have none."""
+    """The norm between each block's MLP and the residual (Gemma 2 and 3, OLMo 2); empty where blocks have none."""
     return [b.post_feedforward_layernorm for b in blocks(model) if hasattr(b, "post_feedforward_layernorm")]
 
 
@@ -278,8 +278,8 @@ def test_probe_reads_the_jigsaw_csv_on_each_architecture(planted_run):
 def test_recorded_activation_is_the_input_of_the_down_projection(planted_run):
     """a_i of method.md per architecture: whatever the model's own down projection receives (GPT-2:
     GELU(c_fc x); GLU: SiLU(gate x) * up x), averaged over the last T positions of one plain forward.
-    Gemma 2 and 3 and OLMo 2 also get act_normed: a_i over the RMS that the post-feedforward norm divides each
-    position by."""
+    Gemma 2 and 3 and OLMo 2 also get act_normed: a_i over the RMS that the post-feedforward norm divides
+    each position by."""
     arch, paths, dirs, summary = planted_run
     tok = AutoTokenizer.from_pretrained(paths["base"])
     hf = AutoModelForCausalLM.from_pretrained(paths["base"]).eval()
