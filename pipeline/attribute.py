@@ -204,7 +204,7 @@ def run(out: Path, *, device: str, model: ModelConfig, attribute: AttributeConfi
     flat_p = a_p.reshape(a_p.shape[0], -1)[:, top_ids].astype(np.float64)  # (P, n_top)
     flat_dpo_p = a_dpo_p.reshape(a_dpo_p.shape[0], -1)[:, top_ids].astype(np.float64)
     k = min(attribute.top_prompts, flat_p.shape[0])
-    best = np.argsort(-flat_p, axis=0, kind="stable")[:k]  # (k, n_top); float16 means often tie: lower prompt_id first
+    best = np.argsort(-flat_p, axis=0, kind="stable")[:k]  # (k, n_top); ties: lower prompt_id first
     pl.DataFrame([
         {"layer": int(i // d_mlp), "neuron": int(i % d_mlp), "rank": r + 1, "prompt_id": int(best[r, j]),
          "act": float(flat_p[best[r, j], j]), "act_dpo": float(flat_dpo_p[best[r, j], j])}

@@ -19,7 +19,8 @@ of a_i / s (act_normed), which stage attribute takes for proj, while act stays t
 
 Outputs, per variant (base, dpo):
   {variant}_act.npy         (n_layers, d_mlp) float32  mean neuron activation (mlp.hook_post)
-  {variant}_act_prompt.npy  (n_prompts, n_layers, d_mlp) float16  the same mean, per prompt
+  {variant}_act_prompt.npy  (n_prompts, n_layers, d_mlp) float32  the same mean, per prompt (float16 would
+                            overflow past 65,504 and round away DPO's small per-prompt changes)
   {variant}_act_normed.npy, {variant}_act_normed_prompt.npy  the same for a_i / s, on models with that norm
   {variant}_mlp_proj.npy    (n_layers,) float32  mean of (MLP output . w_hat)
   {variant}_tokens.npy      (n_prompts, T) int64  the generated token ids
@@ -149,7 +150,7 @@ def generate_and_record(bridge, prompts: list[str], w_hat: np.ndarray, new_token
     tokens = np.zeros((len(prompts), T), np.int64)
     with contextlib.ExitStack() as stack:
         files = {name: stack.enter_context(open_npy(Path(f"{prefix}{name}_prompt.npy"), (len(prompts), n_layers, d_mlp),
-                                                    np.float16)) for name in names}
+                                                    np.float32)) for name in names}
         for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch"):
             tokens[start:start + batch_size] = _record_batch(bridge, rows[start:start + batch_size], T, w, sums, files)
     n = len(prompts) * T
@@ -159,7 +160,7 @@ def generate_and_record(bridge, prompts: list[str], w_hat: np.ndarray, new_token
 def _record_batch(bridge, rows: list[torch.Tensor], T: int, w: torch.Tensor, sums: dict[str, torch.Tensor],
                   prompt_files: dict) -> np.ndarray:
     """Generate one batch, add its sums into sums (mlp_proj and the per-neuron means that prompt_files names),
-    append its per-prompt means (float16) to prompt_files."""
+    append its per-prompt means to prompt_files."""
     n_layers, d_mlp, dev = bridge.cfg.n_layers, bridge.cfg.d_mlp, bridge.cfg.device
     ids, mask = left_pad(rows, bridge.tokenizer.pad_token_id)
     # (B, n_layers, d_mlp) sums over T positions
@@ -174,7 +175,7 @@ def _record_batch(bridge, rows: list[torch.Tensor], T: int, w: torch.Tensor, sum
     sums["mlp_proj"] += out.sum(0) @ w
     for name, total in batch.items():
         sums[name] += total.sum(0)
-        prompt_files[name].write((total / T).cpu().numpy().astype(np.float16).tobytes())
+        prompt_files[name].write((total / T).cpu().numpy().tobytes())
     return tokens
 
 

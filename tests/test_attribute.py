@@ -67,7 +67,7 @@ def fake_record(tmp, act, act_dpo, n_prompts=6, seed=0):
         noise = rng.normal(0, 0.01, (n_prompts,) + a.shape)
         noise -= noise.mean(0)
         np.save(rec / f"{name}_act.npy", a.astype(np.float32))
-        np.save(rec / f"{name}_act_prompt.npy", (a + noise).astype(np.float16))
+        np.save(rec / f"{name}_act_prompt.npy", (a + noise).astype(np.float32))
     return rec
 
 
