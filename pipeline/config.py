@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import tomllib
 import types
 import typing
@@ -382,6 +383,8 @@ def _check_type(value, hint, where: str):
         return float(value)
     if hint is int and isinstance(value, bool) or not isinstance(value, hint):
         raise ConfigError(f"{where} must be {expected.get(hint, hint.__name__)}, got {value!r}")
+    if hint is float and not math.isfinite(value):  # TOML has nan and inf; every check below would let nan through
+        raise ConfigError(f"{where} must be a finite number, got {value!r}")
     return value
 
 

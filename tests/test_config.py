@@ -42,6 +42,9 @@ def test_demo_config_loads():
     ("[probe]\nmax_examples = 1\n[world]\n", ["[probe] max_examples must be at least 4"]),
     ("[world]\ntoxic_fraction = 0.6\n", ["[world]", "toxic_fraction must lie above 0 and at most 0.44"]),
     ("[detox]\nalpha = [1.0, 1.0000001]\n[world]\n", ["[detox] alpha values must differ", "poe_1, poe_1"]),  # one store row each
+    ("[dpo]\nlr = nan\n[world]\n", ["[dpo] lr must be a finite number", "nan"]),  # passes lr <= 0, trains to NaN
+    ("[scorer]\nrate_limit = inf\n[world]\n", ["[scorer] rate_limit must be a finite number"]),
+    ("[detox]\nalpha = [1.0, -inf]\n[world]\n", ["[detox] alpha[1] must be a finite number"]),
 ])
 def test_bad_config_names_key_and_file(tmp_path, text, pieces):
     with pytest.raises(config.ConfigError) as e:
@@ -127,6 +130,7 @@ def test_set_overrides_keys_as_the_file_would():
     ("data.max_prompt=64", ["unknown key [data] max_prompt", "did you mean max_prompts"]),
     ("data.max_prompts=many", ["[data] max_prompts must be an integer", "'many'"]),
     ("intervene.perplexity_windows=-1", ["perplexity_windows must be 0 (all)"]),
+    ("probe.l2=nan", ["[probe] l2 must be a finite number"]),
 ])
 def test_bad_set_is_a_one_line_error(assignment, pieces):
     with pytest.raises(config.ConfigError) as e:
