@@ -77,7 +77,7 @@ class ScorerConfig:
     batch_size: int = _f(256, "Texts scored per call (Perspective takes one text per request).")
     rate_limit: float = _f(1.0, "Perspective: requests per second at most (the API's default quota is 1); "
                            "requests overlap, so a larger quota is used in full.")
-    max_retries: int = _f(5, "Perspective: retries of a request answered 429 or 5xx, with doubling waits from 1 s.")
+    max_retries: int = _f(5, "Perspective: retries of a request answered 429 or 5xx, timed out or dropped, with doubling waits from 1 s.")
     cache_dir: str = _f("~/.cache/dpo-neurons/scores", "Perspective: every answer is appended here, keyed by the text's "
                         "SHA-256, so no text is requested twice, across rows, stages and runs; empty: keep them in memory only.")
     detoxify_model: str = _f("original", "Detoxify: which released model (original, unbiased, multilingual, "

@@ -12,7 +12,7 @@ on human-labelled comments, independent of the demo world's generator. The other
   perspective  Google's Perspective API, TOXICITY summary score, the paper's scorer. Key from the
                environment variable PERSPECTIVE_API_KEY; one text per request, request starts spaced
                to [scorer] rate_limit per second (several in flight), retried with doubling waits on
-               429 (quota), 5xx and timeouts. Each answer is kept by the text's SHA-256, in memory and
+               429 (quota), 5xx, timeouts and dropped connections. Each answer is kept by the text's SHA-256, in memory and
                appended to a file in [scorer] cache_dir as it arrives: at the default quota the paper's
                setup takes a day of requests, so a text is never requested twice (interventions leave
                most continuations as they were), and a run that fails part way resumes where it stopped.
@@ -21,6 +21,7 @@ on human-labelled comments, independent of the demo world's generator. The other
 from __future__ import annotations
 
 import hashlib
+import http.client
 import importlib.metadata
 import importlib.util
 import json
@@ -181,19 +182,31 @@ class Perspective:
             req = urllib.request.Request(f"{self.url}?key={self.key}", data=body, headers={"Content-Type": "application/json"})
             try:
                 with urllib.request.urlopen(req, timeout=self.timeout) as r:
-                    value = float(json.load(r)["attributeScores"]["TOXICITY"]["summaryScore"]["value"])
-                self._remember(text_key(text), value)
-                return value
+                    answer = r.read()
             except urllib.error.HTTPError as e:
                 if e.code != 429 and e.code < 500:
-                    raise ConfigError(f"Perspective API refused a request (HTTP {e.code} {e.reason}); check "
-                                      f"{self.KEY_VAR} and that the key has the Comment Analyzer API enabled") from None
+                    hint = (f"check {self.KEY_VAR} and that the key has the Comment Analyzer API enabled" if e.code in (401, 403)
+                            else f"the text began {text[:40]!r}")
+                    raise ConfigError(f"Perspective API refused a request (HTTP {e.code}: {api_message(e)}); {hint}") from None
                 failure = f"answers HTTP {e.code}"
-            except (TimeoutError, urllib.error.URLError) as e:  # a busy API times out; a wrong host never answers
-                if not isinstance(getattr(e, "reason", e), TimeoutError):
-                    raise ConfigError(f"Perspective API unreachable ({e.reason}); score offline with detoxify or "
+            except (OSError, http.client.HTTPException) as e:
+                # a busy API times out, a long run meets dropped connections: both pass; a wrong host never answers
+                reason = getattr(e, "reason", e)
+                if isinstance(reason, TimeoutError):
+                    failure = f"times out ({self.timeout:g} s)"
+                elif isinstance(reason, (http.client.HTTPException, ConnectionResetError, ConnectionAbortedError, BrokenPipeError)):
+                    failure = f"drops the connection ({type(reason).__name__})"
+                else:
+                    raise ConfigError(f"Perspective API unreachable ({reason}); score offline with detoxify or "
                                       "profanity-check") from None
-                failure = f"times out ({self.timeout:g} s)"
+            else:
+                try:
+                    value = float(json.loads(answer)["attributeScores"]["TOXICITY"]["summaryScore"]["value"])
+                except (ValueError, KeyError, TypeError):
+                    raise ConfigError(f"Perspective API answered without a TOXICITY score ({answer[:120]!r}); "
+                                      "a proxy may stand between here and the API: try again, or score with detoxify") from None
+                self._remember(text_key(text), value)
+                return value
             if attempt == self.max_retries:
                 raise ConfigError(f"Perspective API still {failure} after {self.max_retries} retries; "
                                   "lower [scorer] rate_limit or try later")
@@ -224,6 +237,14 @@ class Perspective:
             self._stop.set()
             pool.shutdown(cancel_futures=True)
         return [self.known[k] if t.strip() else 0.0 for t, k in zip(texts, keys)]
+
+
+def api_message(e: urllib.error.HTTPError) -> str:
+    """The reason a Google API gives in its error body ({"error": {"message": ...}}), else the HTTP reason."""
+    try:
+        return str(json.loads(e.read())["error"]["message"])[:160]
+    except (OSError, ValueError, KeyError, TypeError, http.client.HTTPException):
+        return str(e.reason)
 
 
 def text_key(text: str) -> str:

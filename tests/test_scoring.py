@@ -15,8 +15,9 @@ from pipeline.config import ConfigError, ScorerConfig, from_dict
 
 class FakePerspective(BaseHTTPRequestHandler):
     """Scores a text by its share of the letter x; answers 429 to the server's first n_429 requests and 403
-    once it has scored n_ok texts; takes `delay` seconds over each answer and counts the most requests it
-    held at once."""
+    once it has scored n_ok texts; closes the connection unanswered on its first n_drop requests; sends
+    `error` as the body of a refusal and `answer`, where set, in place of a score; takes `delay` seconds
+    over each answer and counts the most requests it held at once."""
 
     def do_POST(self):
         srv = self.server
@@ -35,6 +36,9 @@ class FakePerspective(BaseHTTPRequestHandler):
         time.sleep(srv.delay)
         if len(srv.seen) <= srv.n_slow:
             time.sleep(0.5)
+        if len(srv.seen) <= srv.n_drop:
+            self.close_connection = True  # no status line: the client sees the connection end
+            return
         if len(srv.seen) <= srv.n_429:
             self.send_response(429)
             self.end_headers()
@@ -45,10 +49,12 @@ class FakePerspective(BaseHTTPRequestHandler):
                 srv.scored.append(body["comment"]["text"])
         if status != 200:
             self.send_response(status)
+            self.send_header("Content-Length", str(len(srv.error)))
             self.end_headers()
+            self.wfile.write(srv.error)
             return
         text = body["comment"]["text"]
-        out = {"attributeScores": {"TOXICITY": {"summaryScore": {"value": text.count("x") / len(text), "type": "PROBABILITY"}}}}
+        out = srv.answer or {"attributeScores": {"TOXICITY": {"summaryScore": {"value": text.count("x") / len(text), "type": "PROBABILITY"}}}}
         data = json.dumps(out).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -64,6 +70,7 @@ class FakePerspective(BaseHTTPRequestHandler):
 def server():
     srv = ThreadingHTTPServer(("127.0.0.1", 0), FakePerspective)
     srv.seen, srv.scored, srv.n_429, srv.n_slow, srv.n_ok, srv.status, srv.delay = [], [], 0, 0, float("inf"), 200, 0.0
+    srv.n_drop, srv.error, srv.answer = 0, b"", None
     srv.lock, srv.in_flight, srv.most_in_flight = threading.Lock(), 0, 0
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     yield srv
@@ -164,6 +171,50 @@ def test_perspective_retries_a_request_that_times_out(server, monkeypatch):
     with pytest.raises(ConfigError) as e:
         sc.score(["x"])
     assert "times out (0.2 s) after 2 retries" in str(e.value) and len(server.seen) == 3
+
+
+def test_perspective_retries_a_dropped_connection(server, monkeypatch):
+    """Over a day of requests some connections end before the answer; the request is sent again."""
+    server.n_drop = 2
+    sc = perspective(server, monkeypatch, rate_limit=1000.0, retry_wait=0.01, max_retries=2)
+    assert sc.score(["xx"]) == [1.0] and len(server.seen) == 3
+    server.seen, server.n_drop = [], 10
+    with pytest.raises(ConfigError) as e:
+        sc.score(["x"])
+    assert "drops the connection (RemoteDisconnected) after 2 retries" in str(e.value) and len(server.seen) == 3
+
+
+def test_perspective_refusal_gives_the_apis_reason_and_blames_the_key_only_on_401_or_403(server, monkeypatch):
+    server.status = 400
+    server.error = json.dumps({"error": {"code": 400, "message": "Comment text too long.", "status": "INVALID_ARGUMENT"}}).encode()
+    sc = perspective(server, monkeypatch, rate_limit=1000.0, retry_wait=0.01)
+    with pytest.raises(ConfigError) as e:
+        sc.score(["x" * 50])
+    msg = str(e.value)
+    assert "HTTP 400: Comment text too long." in msg and "'xxxx" in msg and "PERSPECTIVE_API_KEY" not in msg
+    assert "\n" not in msg and len(server.seen) == 1
+
+
+def test_perspective_answer_without_a_toxicity_score_is_a_one_line_error(server, monkeypatch):
+    server.answer = {"attributeScores": {}}
+    with pytest.raises(ConfigError) as e:
+        perspective(server, monkeypatch, rate_limit=1000.0).score(["x"])
+    assert "without a TOXICITY score" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_perspective_host_that_refuses_connections_is_one_line_and_not_retried(monkeypatch):
+    import socket
+
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there now
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("PERSPECTIVE_API_KEY", "test-key")
+    sc = scoring.Perspective(url=f"http://127.0.0.1:{port}/analyze", rate_limit=1000.0, retry_wait=10.0)
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError) as e:
+        sc.score(["x"])
+    assert "Perspective API unreachable" in str(e.value) and "\n" not in str(e.value)
+    assert time.monotonic() - t0 < 5  # no retry's 10 s wait
 
 
 def test_perspective_refused_key_is_not_retried(server, monkeypatch):
