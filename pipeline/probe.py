@@ -22,19 +22,30 @@ from pipeline.config import DataConfig, ModelConfig, ProbeConfig
 from pipeline.models import load_bridge, release_memory
 
 
+def text_tokens(bridge, texts: list[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids (B, T) and the 0/1 mask of each text's own tokens. Texts are tokenized as generation
+    tokenizes prompts (to_tokens: BOS exactly where TransformerLens prepends one, though the bridge's
+    tokenizer adds one on GPT-NeoX too), so w is fit in the context record reads it in; cut to max_tokens
+    and right-padded, as causal attention leaves the real positions untouched by padding after them."""
+    rows = [bridge.to_tokens(t, move_to_device=False, truncate=False)[0][:max_tokens] for t in texts]
+    ids = torch.full((len(rows), max(len(r) for r in rows)), bridge.tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros(ids.shape)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = r
+        mask[i, :len(r)] = 1
+    if bridge.cfg.default_prepend_bos:
+        mask[:, 0] = 0
+    return ids, mask
+
+
 @torch.no_grad()
 def mean_residual(bridge, texts: list[str], batch_size: int, max_tokens: int) -> np.ndarray:
     """(N, d_model) mean of the last block's output over each text's own tokens (BOS and padding excluded)."""
     layer = bridge.cfg.n_layers - 1
-    tok = bridge.tokenizer
-    tok.padding_side = "right"  # causal attention: right padding leaves the real positions untouched
     feats = []
     for i in tqdm(range(0, len(texts), batch_size), desc="probe features", unit="batch"):
-        enc = tok(texts[i:i + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=max_tokens)
-        ids = enc["input_ids"].to(bridge.cfg.device)  # (B, T), BOS first where the model has one (not Qwen2)
-        mask = enc["attention_mask"].to(ids.device).float()
-        if tok.bos_token_id is not None:
-            mask[:, 0] *= (ids[:, 0] != tok.bos_token_id).float()
+        ids, mask = text_tokens(bridge, texts[i:i + batch_size], max_tokens)
+        ids, mask = ids.to(bridge.cfg.device), mask.to(bridge.cfg.device)
         captured = {}
 
         def grab(resid, hook):
