@@ -1,15 +1,18 @@
 """Stage `attribute`: every MLP neuron's contribution to the drop in toxicity, per method.md.
 
 For neuron i of layer l, with value vector v_i = W_out[l][i] and probe direction w (v_i times the scale
-of the norm between the MLP and the residual where the block has one, as Gemma 2 and 3 do):
+of the norm between the MLP and the residual where the block has one, as Gemma 2 and 3 and OLMo 2 do):
     cos   = cos(v_i, w)                   proj     = act     * (v_i  . w_hat)
     delta = proj - proj_dpo               proj_dpo = act_dpo * (v'_i . w_hat)
     dact  = act - act_dpo
-and the eight groups by the signs of cos, act and dact. Where that norm exists it also divides each
-position by its RMS s, so proj takes act_normed, the mean of a_i / s that stage record keeps, in place of
-act: proj is then what the neuron writes along w_hat, and a layer's deltas add up to the change of its
-mlp_proj (bar the down projection's bias) on every architecture. Shares, intervals over prompts, the
-cumulative curve, per-layer sums, the logit lens and the prompts where top neurons fire most follow.
+and the eight groups by the signs of cos, act and dact. act is the mean of a neuron's coefficient on v_i
+in what its block adds to the residual: the activation a_i at mlp.hook_post (GELU(pre) on GPT-2,
+act_fn(gate) * up on a GLU MLP), and where that norm exists a_i / s, s the RMS by which it divides each
+position (act_normed, which stage record keeps). So proj is what the neuron writes along w_hat, a layer's
+deltas add up to the change of its mlp_proj (bar the down projection's bias) on every architecture, and
+with v' = v every neuron of a reducing group has delta > 0 as method.md says: the means of a_i and of
+a_i / s can differ in sign, so groups taken from a_i's would break that. Shares, intervals over prompts,
+the cumulative curve, per-layer sums, the logit lens and the prompts where top neurons fire most follow.
 """
 
 from __future__ import annotations
@@ -79,9 +82,9 @@ def neurons_needed(delta_sorted: np.ndarray, fraction: float) -> int:
     return int(reached[0]) + 1 if len(reached) else len(delta_sorted)
 
 
-def act_for_proj(record_dir: Path, variant: str, per_prompt: bool = False) -> np.ndarray:
-    """The activation proj multiplies: act_normed where record kept it (module docstring), else act; the
-    per-prompt means (P, L, d_mlp) memory-mapped if per_prompt."""
+def activation(record_dir: Path, variant: str, per_prompt: bool = False) -> np.ndarray:
+    """act as the module docstring defines it: act_normed where record kept it, else act; the per-prompt
+    means (P, L, d_mlp) memory-mapped if per_prompt."""
     suffix = "_prompt" if per_prompt else ""
     normed = record_dir / f"{variant}_act_normed{suffix}.npy"
     return np.load(normed if normed.exists() else record_dir / f"{variant}_act{suffix}.npy", mmap_mode="r")
@@ -126,13 +129,13 @@ def run(out: Path, *, device: str, model: ModelConfig, attribute: AttributeConfi
     base = weights(datasets.model_path(model.path, world_dir), device)
     vw, v_norm = along(base["W_out"], w_hat)  # (L, d_mlp) each
     vw_dpo, _ = along(weights(str(dpo_dir / "model"), device)["W_out"], w_hat)
-    act = np.load(record_dir / "base_act.npy").astype(np.float64)  # (L, d_mlp)
-    act_dpo = np.load(record_dir / "dpo_act.npy").astype(np.float64)
+    act = activation(record_dir, "base").astype(np.float64)  # (L, d_mlp)
+    act_dpo = activation(record_dir, "dpo").astype(np.float64)
     n_layers, d_mlp = act.shape
 
     cos = cosines(vw, v_norm)
-    proj = act_for_proj(record_dir, "base") * vw
-    proj_dpo = act_for_proj(record_dir, "dpo") * vw_dpo
+    proj = act * vw
+    proj_dpo = act_dpo * vw_dpo
     delta = proj - proj_dpo
     dact = act - act_dpo
     codes = group_codes(cos, act, dact)
@@ -153,11 +156,11 @@ def run(out: Path, *, device: str, model: ModelConfig, attribute: AttributeConfi
     table.write_parquet(out / "neurons.parquet")
 
     # Per-prompt group sums of delta, for intervals over prompts (groups fixed by the full means).
-    n_p, n_dpo_p = act_for_proj(record_dir, "base", per_prompt=True), act_for_proj(record_dir, "dpo", per_prompt=True)
+    a_p, a_dpo_p = activation(record_dir, "base", per_prompt=True), activation(record_dir, "dpo", per_prompt=True)
     onehot = np.stack([(codes == g) for g in GROUPS], axis=-1).astype(np.float64)  # (L, d_mlp, 8)
     per_prompt_layer = np.stack([
-        np.einsum("ln,lng->lg", n_p[p] * vw - n_dpo_p[p] * vw_dpo, onehot)
-        for p in range(n_p.shape[0])
+        np.einsum("ln,lng->lg", a_p[p] * vw - a_dpo_p[p] * vw_dpo, onehot)
+        for p in range(a_p.shape[0])
     ])  # (P, L, 8)
     lo, hi = bootstrap_shares(per_prompt_layer.sum(1), attribute.n_bootstrap, attribute.seed)
     P = per_prompt_layer.shape[0]
@@ -197,8 +200,6 @@ def run(out: Path, *, device: str, model: ModelConfig, attribute: AttributeConfi
     ]).write_parquet(out / "neuron_tokens.parquet")
 
     # Prompts where the top neurons (by delta and by cos) fire most under the base model.
-    a_p = np.load(record_dir / "base_act_prompt.npy", mmap_mode="r")
-    a_dpo_p = np.load(record_dir / "dpo_act_prompt.npy", mmap_mode="r")
     m = min(attribute.n_top_prompt_neurons, order.size)
     top_ids = np.union1d(order[:m], np.argsort(-cos, axis=None)[:m])
     flat_p = a_p.reshape(a_p.shape[0], -1)[:, top_ids].astype(np.float64)  # (P, n_top)

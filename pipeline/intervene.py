@@ -5,8 +5,10 @@ An intervention is a set of (layer, neuron) and a hook per layer on `blocks.{l}.
 activation, the input to W_out) that overwrites those neurons at every position of every pass:
     ablate_top_N           the N largest cos              -> 0
     ablate_top_positive_N  the same among act > 0         -> 0
-    patch_{groups}         the neurons of those groups    -> act_dpo (DPO's mean activation)
-    patch_top_N            the N largest delta            -> act_dpo
+    patch_{groups}         the neurons of those groups    -> DPO's mean activation at hook_post
+    patch_top_N            the N largest delta            -> the same
+(the neurons table's act_dpo, except where the block normalizes the MLP's output: act is then over that
+norm's RMS (stage attribute), which no hook before the norm can set, so patches take record's hook_post mean)
 A new kind is one function (neurons table, argument) -> (chosen rows, per-layer hook maker) in KINDS.
 
 Each is measured with the same code on one loaded base model:
@@ -78,7 +80,7 @@ def ablate(rows: pl.DataFrame) -> Hook:
 
 
 def patch_to_dpo(rows: pl.DataFrame) -> Hook:
-    return set_to(rows["neuron"].to_numpy(), rows["act_dpo"].to_numpy())
+    return set_to(rows["neuron"].to_numpy(), rows["hook_act_dpo"].to_numpy())
 
 
 def ablate_top(neurons: pl.DataFrame, n: int):
@@ -115,7 +117,8 @@ class Intervention:
 
 
 def plan(cfg: InterveneConfig, neurons: pl.DataFrame) -> list[Intervention]:
-    """The configured interventions in config order. N is capped at the neurons available and names
+    """The configured interventions in config order, on stage attribute's neurons table with hook_act_dpo
+    (record's DPO mean at hook_post, which patches write) added. N is capped at the neurons available and names
     the id, so two entries that pick the same set (1000 and 2000 of 1500) share an id: the later is skipped."""
     asked = ([("ablate_top", n) for n in cfg.ablate_top] + [("ablate_top_positive", n) for n in cfg.ablate_top_positive]
              + [("patch_groups", u.split()) for u in cfg.patch_groups] + [("patch_top", n) for n in cfg.patch_top])
@@ -251,12 +254,15 @@ def quality(bridge, held: Heldout, fwd_hooks: list, cfg: InterveneConfig, w_hat:
 
 
 def run(out: Path, *, device: str, model: ModelConfig, data: DataConfig, record: RecordConfig, intervene: InterveneConfig,
-        world_dir: Path | None, probe_dir: Path, dpo_dir: Path, attribute_dir: Path) -> dict:
+        world_dir: Path | None, probe_dir: Path, dpo_dir: Path, record_dir: Path, attribute_dir: Path) -> dict:
     prompts = datasets.load_prompts(datasets.resolve("prompts", data.prompts, world_dir), data.challenging_only, data.max_prompts)
     heldout_file = datasets.resolve("heldout", data.heldout, world_dir)
     w = np.load(Path(probe_dir) / "w.npy").astype(np.float32)
     w_hat = w / np.linalg.norm(w)
-    todo = plan(intervene, pl.read_parquet(Path(attribute_dir) / "neurons.parquet"))
+    neurons = pl.read_parquet(Path(attribute_dir) / "neurons.parquet")
+    hook_act_dpo = np.load(Path(record_dir) / "dpo_act.npy")  # (L, d_mlp)
+    todo = plan(intervene, neurons.with_columns(hook_act_dpo=pl.Series(hook_act_dpo[neurons["layer"].to_numpy(),
+                                                                                    neurons["neuron"].to_numpy()])))
     T = record.new_tokens
 
     rows, generations, layers = [], [], []

@@ -15,7 +15,8 @@ cached step silently attends to itself alone; tests/test_record.py catches it).
 
 Where blocks normalize the MLP's output before adding it to the residual (Gemma 2 and 3, OLMo 2), that
 norm divides each position by its RMS s, so neuron i writes (a_i / s) v_i there: record also keeps the mean
-of a_i / s (act_normed), which stage attribute takes for proj, while act stays the hook's activation.
+of a_i / s (act_normed), which stage attribute takes as the activation, while act stays the hook's (patches
+write it back there).
 
 Outputs, per variant (base, dpo):
   {variant}_act.npy         (n_layers, d_mlp) float32  mean neuron activation (mlp.hook_post)
@@ -252,7 +253,7 @@ def run(out: Path, *, device: str, model: ModelConfig, data: DataConfig, record:
             np.save(out / f"{variant}_{name}.npy", arr)
         rows += continuations(variant, prompts, texts)
     pl.DataFrame(rows, schema=CONTINUATIONS).write_parquet(out / "continuations.parquet")
-    summary["act_normed"] = (out / "base_act_normed.npy").exists()  # SQL on a run shows which activation proj took
+    summary["act_normed"] = (out / "base_act_normed.npy").exists()  # SQL on a run shows which activation attribute took
     return summary
 
 

@@ -62,7 +62,7 @@ STAGES = (
           code=(data, models)),
     Stage("intervene", intervene, sections=("model", "data.prompts", "data.challenging_only", "data.max_prompts",
                                             "data.heldout", "record.new_tokens", "record.batch_size", "intervene"),
-          deps=("world", "probe", "dpo", "attribute"), code=(data, models, record)),
+          deps=("world", "probe", "dpo", "record", "attribute"), code=(data, models, record)),
     Stage("experts", experts, sections=("model.path", "data.probe", "experts"), deps=("world",), code=(data, models)),
     Stage("detox", detox, sections=("model", "data.prompts", "data.challenging_only", "data.max_prompts", "data.heldout",
                                     "record.new_tokens", "intervene.n_heldout", "intervene.f1_tokens", "detox"),

@@ -22,13 +22,15 @@ TEXTS = ["The soup was cold", "After lunch, my neighbor said that the bus", "We 
 
 
 def neuron_table(cos: np.ndarray, act: np.ndarray, act_dpo: np.ndarray, codes: np.ndarray, delta: np.ndarray) -> pl.DataFrame:
-    """The columns of attribute's neurons.parquet that intervene reads, from (L, d_mlp) arrays."""
+    """The columns of attribute's neurons.parquet that intervene reads, from (L, d_mlp) arrays, and the
+    hook_act_dpo that intervene.run adds from record (act_dpo itself on a model without a norm after its MLP)."""
     L, d_mlp = cos.shape
     layer, neuron = np.divmod(np.arange(L * d_mlp), d_mlp)
     rank = np.empty(L * d_mlp, np.int64)
     rank[np.argsort(-delta, axis=None, kind="stable")] = np.arange(1, L * d_mlp + 1)
     return pl.DataFrame({"layer": layer, "neuron": neuron, "cos": cos.ravel(), "act": act.ravel(),
-                         "act_dpo": act_dpo.ravel(), "delta": delta.ravel(), "group_code": codes.ravel(), "delta_rank": rank})
+                         "act_dpo": act_dpo.ravel(), "hook_act_dpo": act_dpo.ravel(), "delta": delta.ravel(),
+                         "group_code": codes.ravel(), "delta_rank": rank})
 
 
 def test_ablation_hook_equals_zeroed_value_vectors(tiny_gpt2):
@@ -244,7 +246,8 @@ def test_run_end_to_end_on_planted_pair(tmp_path, monkeypatch):
     batches = []  # (rows, batch size) of every generation run makes
     generate = intervene.generate
     monkeypatch.setattr(intervene, "generate", lambda bridge, rows, *a: batches.append((len(rows), a[1])) or generate(bridge, rows, *a))
-    summary = intervene.run(dirs["out"], data=data, record=rec_cfg, intervene=cfg, attribute_dir=dirs["attribute"], **common)
+    summary = intervene.run(dirs["out"], data=data, record=rec_cfg, intervene=cfg, record_dir=dirs["record"],
+                            attribute_dir=dirs["attribute"], **common)
     monkeypatch.setattr(intervene, "generate", generate)
     score.run(dirs["score"], device="cpu", scorer=scorer, record_dir=dirs["record"], intervene_dir=dirs["out"], detox_dir=None)
     t = intervene.tables(dirs["out"]) | score.tables(dirs["score"])

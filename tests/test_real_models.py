@@ -253,7 +253,7 @@ def run_planted(tmp, paths, dtype: str = "float32") -> tuple[dict, dict]:
     # checks it against the reference code's loop; the Qwen2 run below takes the passages)
     iv = InterveneConfig(ablate_top=[3], ablate_top_positive=[], patch_groups=["TP-"], patch_top=[6], n_heldout=2,
                          f1_tokens=3, batch_size=2, perplexity="stream", perplexity_window=16)
-    summary["intervene"] = intervene.run(dirs["intervene"], data=data, record=rec, intervene=iv,
+    summary["intervene"] = intervene.run(dirs["intervene"], data=data, record=rec, intervene=iv, record_dir=dirs["record"],
                                          attribute_dir=dirs["attribute"], **common)
     return dirs, summary
 
@@ -273,6 +273,25 @@ def test_probe_reads_the_jigsaw_csv_on_each_architecture(planted_run):
     assert summary["probe"]["n_train"] + summary["probe"]["n_val"] == 8
     fitted = np.load(dirs["probe"] / "w_fitted.npy")
     assert fitted.shape == (d_model,) and np.isfinite(fitted).all() and np.linalg.norm(fitted) > 0
+
+
+def test_probe_features_are_the_last_residual_in_the_context_generation_uses(planted_run):
+    """probe.mean_residual averages the last block's output over a text's own tokens, tokenized as record
+    tokenizes prompts: BOS exactly where TransformerLens prepends one (on GPT-NeoX the bridge's tokenizer
+    adds one that generation never sees), here in plain transformers."""
+    from pipeline.models import load_bridge
+
+    arch, paths, _, _ = planted_run
+    texts = PROMPTS[:3]
+    got = probe.mean_residual(load_bridge(str(paths["base"]), DEVICE), texts, batch_size=3, max_tokens=64)
+    hf = AutoModelForCausalLM.from_pretrained(paths["base"]).eval()
+    tok = AutoTokenizer.from_pretrained(paths["base"])
+    captured = {}
+    blocks(hf)[-1].register_forward_hook(lambda m, i, o: captured.__setitem__("x", o[0] if isinstance(o, tuple) else o))
+    for text, row in zip(texts, got, strict=True):
+        with torch.no_grad():
+            hf(torch.tensor([prompt_ids(arch, tok, text)]))
+        np.testing.assert_allclose(row, captured["x"][0, PREPENDS_BOS[arch]:].mean(0).numpy(), rtol=1e-4, atol=1e-4)
 
 
 def test_recorded_activation_is_the_input_of_the_down_projection(planted_run):
@@ -379,6 +398,48 @@ def test_ablation_equals_zeroing_the_down_projection_rows(planted_run):
     # the equality below means something only where the ablation moved a token: on the GLU model it does;
     # 3 of gpt2-medium's 98,304 neurons flip no greedy token of a random model (test_intervene checks GPT-2's hook)
     assert moved or arch == "gpt2-medium"
+    for p, got in zip(PROMPTS, gens.sort("prompt_id")["continuation"], strict=True):
+        ids = torch.tensor([prompt_ids(arch, tok, p)])
+        with torch.no_grad():
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=T, do_sample=False,
+                              pad_token_id=tok.eos_token_id)
+        assert tok.decode(out[0, ids.shape[1]:]).replace(tok.eos_token, " ") == got
+
+
+def test_groups_have_the_sign_of_delta_when_no_value_vector_moved(planted_run):
+    """The planted 'DPO' moves no value vector (W_out and the norms are the base's), so delta is dact times
+    v . w_hat, and method.md's groups hold by construction: delta >= 0 in every reducing group, <= 0 in every
+    increasing one. On Gemma 2 and 3 and OLMo 2 act must be over the post-MLP norm's RMS for this, as in proj:
+    the means of a_i and of a_i / s can differ in sign."""
+    arch, _, dirs, _ = planted_run
+    neurons = pl.read_parquet(dirs["attribute"] / "neurons.parquet")
+    np.testing.assert_array_equal(neurons["dact"], neurons["act"] - neurons["act_dpo"])
+    assert (neurons.filter(pl.col("group_code").is_in(attribute.REDUCING))["delta"] >= 0).all()
+    assert (neurons.filter(pl.col("group_code").is_in(attribute.INCREASING))["delta"] <= 0).all()
+
+
+def test_patch_writes_dpos_mean_activation_into_the_down_projection(planted_run):
+    """patch_TP- continuations equal transformers' greedy generation with the down projection's input for
+    the TP- neurons set to the DPO model's mean activation there, as record read it at mlp.hook_post (not
+    act_dpo where act is over the post-MLP norm's RMS: no hook before that norm can set it)."""
+    arch, paths, dirs, _ = planted_run
+    tp = pl.read_parquet(dirs["attribute"] / "neurons.parquet").filter(pl.col("group_code") == "TP-")
+    hook_act_dpo = np.load(dirs["record"] / "dpo_act.npy")
+    hf = AutoModelForCausalLM.from_pretrained(paths["base"]).eval()
+    tok = AutoTokenizer.from_pretrained(paths["base"])
+    for (l,), rows in tp.group_by("layer"):
+        idx = torch.tensor(rows["neuron"].to_numpy())
+        value = torch.tensor(hook_act_dpo[l, rows["neuron"].to_numpy()])
+
+        def patch(module, args, idx=idx, value=value):
+            x = args[0].clone()
+            x[..., idx] = value
+            return (x,)
+
+        down_projections(hf)[l].register_forward_pre_hook(patch)
+    gens = pl.read_parquet(dirs["intervene"] / "continuations.parquet").filter(pl.col("variant") == "patch_TP-")
+    base = pl.read_parquet(dirs["record"] / "continuations.parquet").filter(pl.col("variant") == "base")
+    assert (gens.sort("prompt_id")["continuation"] != base.sort("prompt_id")["continuation"]).any() or arch == "gpt2-medium"
     for p, got in zip(PROMPTS, gens.sort("prompt_id")["continuation"], strict=True):
         ids = torch.tensor([prompt_ids(arch, tok, p)])
         with torch.no_grad():
