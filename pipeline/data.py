@@ -20,8 +20,9 @@ from pipeline.config import ConfigError
 
 HUB = "hf:"
 # Version of the files from_hub writes: raised when a kind's file changes (2: heldout lines lost the
-# trailing space each entry's newline left), so a file an older version cached is written afresh
-HUB_FORMAT = 2
+# trailing space each entry's newline left; 3: every probe field quoted), so a file an older version cached is
+# written afresh
+HUB_FORMAT = 3
 WORLD_FILES = {"probe": "probe.csv", "prompts": "prompts.jsonl", "pairs": "pairs.jsonl", "heldout": "heldout.txt"}
 _FROM_HUB: dict[Path, str] = {}  # file written by from_hub -> the hf: value it came from
 
@@ -78,7 +79,8 @@ def from_hub(kind: str, value: str) -> Path:
         # one line per entry, its closing newline dropped, so that load_entries gives the entries back
         tmp.write_text("".join(t.removesuffix("\n").replace("\n", " ") + "\n" for t in ds["text"]), encoding="utf-8")
     elif kind == "probe":
-        ds.to_csv(str(tmp), index=False)
+        # pandas quotes a field with a newline but not one with a lone carriage return, which ends a CSV row
+        ds.to_csv(str(tmp), index=False, quoting=csv.QUOTE_ALL)
     else:
         ds.to_json(str(tmp), lines=True, force_ascii=False)
     tmp.rename(out)

@@ -165,6 +165,20 @@ def test_hub_dataset_goes_through_the_same_loaders(hub_cache):
     assert "no 'text' column" in one_line(e)
 
 
+def test_hub_comments_keep_their_carriage_returns_and_labels(hub_cache):
+    """A Jigsaw-style hub dataset whose comment holds a lone carriage return: written out and read back, every
+    row keeps its text and its label."""
+    jigsaw = hub_cache / "jigsaw"
+    jigsaw.mkdir()
+    rows = [{"id": "a", "comment_text": "You are an idiot\rreally", "toxic": 1, "severe_toxic": 0},
+            {"id": "b", "comment_text": "Shut up,\r\nloser", "toxic": 1, "severe_toxic": 0},
+            {"id": "c", "comment_text": "Nice day", "toxic": 0, "severe_toxic": 1},
+            {"id": "d", "comment_text": "Fresh bread", "toxic": 0, "severe_toxic": 0}]
+    write(jigsaw, "train.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    texts, labels = data.load_probe(data.resolve("probe", f"hf:{jigsaw}", None), 100, 0)
+    assert sorted(zip(texts, labels)) == sorted((r["comment_text"], r["toxic"]) for r in rows)
+
+
 def test_a_hub_file_cached_by_an_older_version_is_written_afresh(hub_cache):
     """Before HUB_FORMAT 2 heldout files sat unversioned in dpo-neurons/ with a trailing space per line:
     such a file is not read back."""
