@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import hashlib
 import io
 import json
 import math
@@ -51,6 +52,19 @@ def local_file(kind: str, value: str) -> Path:
     return path
 
 
+def stamp(path: Path) -> list:
+    """[name within path, size, mtime] of a file, or of every file in a folder: a file replaced at the same
+    path changes it."""
+    files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+    return [[str(f.relative_to(path)) if path.is_dir() else "", f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+
+
+def local_hub_folder(value: str) -> Path | None:
+    """The local folder that an `hf:NAME` value names, where NAME is one (load_dataset reads it then)."""
+    name = value[len(HUB):].split(":")[0] if value.startswith(HUB) else ""
+    return Path(name) if name and Path(name).is_dir() else None
+
+
 def from_hub(kind: str, value: str) -> Path:
     """`hf:NAME[:CONFIG[:SPLIT]]` (split default train), loaded with `datasets.load_dataset` and written
     once to a file in the format of `kind` under the datasets cache, so that one loader reads hub and
@@ -60,8 +74,12 @@ def from_hub(kind: str, value: str) -> Path:
     name, config, split = (value[len(HUB):].split(":") + ["", ""])[:3]
     if not name:
         raise DataError(f"[data] {kind} = {value!r} names no dataset; write hf:NAME[:CONFIG[:SPLIT]]")
+    # Named by what it holds: the readable part alone would give hf:a/b and hf:a_b one file, and a local
+    # folder's file would outlive an edit of the folder.
+    local = local_hub_folder(value)
+    held = hashlib.sha256(json.dumps([kind, value, local and [str(local.resolve()), stamp(local)]]).encode()).hexdigest()[:12]
     out = Path(datasets.config.HF_DATASETS_CACHE) / "dpo-neurons" / f"v{HUB_FORMAT}" / (
-        re.sub(r"[^A-Za-z0-9._-]+", "_", f"{name}_{config}_{split or 'train'}") + Path(WORLD_FILES[kind]).suffix)
+        re.sub(r"[^A-Za-z0-9._-]+", "_", f"{name}_{config}_{split or 'train'}_{held}") + Path(WORLD_FILES[kind]).suffix)
     _FROM_HUB[out] = value
     if out.is_file():
         return out

@@ -84,16 +84,14 @@ LOADED_PAIRS = (*LOADED_PAIRS_TEXT, *SCORES)
 
 def _fingerprint(value):
     """A config value with every string that names a local file or folder (data files, a checkpoint, a
-    model folder) stamped with size and mtime of what is there, so that a file replaced at the same
-    path reruns what read it. Hub names and 'world' are kept as they are."""
+    model folder, an hf: dataset that is a local folder) stamped with size and mtime of what is there, so
+    that a file replaced at the same path reruns what read it. Hub names and 'world' are kept as they are."""
     if isinstance(value, dict):
         return {k: _fingerprint(v) for k, v in value.items()}
-    if not isinstance(value, str) or not value or not os.path.exists(value):
+    if not isinstance(value, str) or not value:
         return value
-    p = Path(value)
-    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
-    return {"path": value, "files": [[str(f.relative_to(p)) if p.is_dir() else "", f.stat().st_size,
-                                      f.stat().st_mtime_ns] for f in files]}
+    local = data.local_hub_folder(value) or (Path(value) if os.path.exists(value) else None)
+    return {"path": value, "files": data.stamp(local)} if local else value
 
 
 def _reads(cfg: config_mod.Config, s: Stage) -> tuple[str, ...]:
@@ -214,14 +212,14 @@ def run(cfg: config_mod.Config, force: set[str] = frozenset(), only: str | None 
 
 
 def _check_inputs(cfg: config_mod.Config, to_run: list[Stage]) -> None:
-    """The local data files and the scorer that the stages about to run need, checked before the first
-    one starts: a missing pairs file or API key is found before hours of probe and record, not after."""
+    """The data files (hub datasets fetched) and the scorer that the stages about to run need, checked before
+    the first one starts: a missing pairs file or API key is found before hours of probe and record, not after."""
     for s in to_run:
         for sec in _reads(cfg, s):
             section, _, kind = sec.partition(".")
             value = getattr(cfg.data, kind) if section == "data" and kind in data.WORLD_FILES else None
-            if value is not None and value not in ("world", "self") and not value.startswith(data.HUB):
-                data.local_file(kind, value)
+            if value is not None and value not in ("world", "self"):
+                data.resolve(kind, value, None)  # a hub dataset is fetched now: a wrong split fails before hours of DPO
     if any("scorer.backend" in _reads(cfg, s) for s in to_run):
         scoring.check(cfg.scorer)
 

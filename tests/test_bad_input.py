@@ -240,3 +240,16 @@ def test_a_missing_input_of_a_later_stage_is_refused_before_any_stage_runs(tmp_p
             "pairs": "self", "heldout": str(tmp_path / "p.jsonl")}
     refused_before_any_stage(tmp_path, capsys, {"run": {"device": "cpu"}, "model": {"path": str(tiny_gpt2)}, "data": data},
                              change, pieces)
+
+
+def test_a_hub_dataset_of_a_later_stage_is_fetched_before_any_stage_runs(tmp_path, capsys, monkeypatch, tiny_gpt2):
+    """A wrong hf: split or name of the held-out text fails now, not after probe, pairs, DPO and record."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)
+    data = {"probe": probe_csv(tmp_path / "probe.csv"), "prompts": prompts_jsonl(tmp_path / "p.jsonl", True),
+            "pairs": "self", "heldout": "hf:no-such-owner/no-such-dataset::test"}
+    refused_before_any_stage(tmp_path, capsys, {"run": {"device": "cpu"}, "model": {"path": str(tiny_gpt2)}, "data": data},
+                             {}, ["[data] heldout = 'hf:no-such-owner/no-such-dataset::test' could not be loaded"])

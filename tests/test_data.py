@@ -179,6 +179,17 @@ def test_hub_comments_keep_their_carriage_returns_and_labels(hub_cache):
     assert sorted(zip(texts, labels)) == sorted((r["comment_text"], r["toxic"]) for r in rows)
 
 
+def test_hub_files_are_named_by_what_they_hold(hub_cache):
+    """hf:X/a and hf:X/a_ share a readable name; an edit of a local folder given as hf: is read afresh."""
+    for folder, text in (("a", "from a"), ("a_", "from a_")):
+        (hub_cache / folder).mkdir()
+        write(hub_cache / folder, "test.jsonl", json.dumps({"text": text}) + "\n")
+    a, a_ = (data.resolve("heldout", f"hf:{hub_cache / f}::test", None) for f in ("a", "a_"))
+    assert a != a_ and data.load_text(a) == ["from a"] and data.load_text(a_) == ["from a_"]
+    write(hub_cache / "a", "test.jsonl", json.dumps({"text": "edited"}) + "\n")
+    assert data.load_text(data.resolve("heldout", f"hf:{hub_cache / 'a'}::test", None)) == ["edited"]
+
+
 def test_a_hub_file_cached_by_an_older_version_is_written_afresh(hub_cache):
     """Before HUB_FORMAT 2 heldout files sat unversioned in dpo-neurons/ with a trailing space per line:
     such a file is not read back."""

@@ -219,3 +219,14 @@ def test_a_file_replaced_at_the_same_path_reruns_what_read_it(tmp_path, replaced
     before = runner.cache_keys(real_model_config(tmp_path))
     (tmp_path / replaced).write_text("new contents, another length\n")
     assert changed(before, runner.cache_keys(real_model_config(tmp_path))) == reruns
+
+
+def test_an_edit_of_a_local_folder_given_as_hf_reruns_what_read_it(tmp_path):
+    """hf:FOLDER (load_dataset on local data files) is stamped like a local file; a hub name is not."""
+    (tmp_path / "rtp").mkdir()
+    (tmp_path / "rtp" / "train.jsonl").write_text("first\n")
+    before = runner.cache_keys(real_model_config(tmp_path, data__prompts=f"hf:{tmp_path / 'rtp'}"))
+    (tmp_path / "rtp" / "train.jsonl").write_text("second, longer\n")
+    after = runner.cache_keys(real_model_config(tmp_path, data__prompts=f"hf:{tmp_path / 'rtp'}"))
+    assert changed(before, after) == {"record", "attribute", "intervene", "score"}  # loaded pairs read no prompts
+    assert runner._fingerprint("hf:allenai/real-toxicity-prompts") == "hf:allenai/real-toxicity-prompts"
