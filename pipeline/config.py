@@ -253,7 +253,8 @@ class InterveneConfig:
     patch_top: list[int] = _f([10, 30, 100, 300, 1000], "Patching sweep: the top-N neurons by delta patched to act_dpo.")
     n_heldout: int = _f(200, "Held-out passages for perplexity and for F1 of continuations against gold ones.")
     f1_tokens: int = _f(20, "Tokens generated (and gold tokens compared) per F1 sample.")
-    batch_size: int = _f(32, "Held-out passages per batch. The challenge prompts go in [record] batch_size batches, as "
+    batch_size: int = _f(32, "Held-out passages or stream windows per batch, fewer where their logits would pass 1.6 GB "
+                         "(long rows, a large vocabulary). The challenge prompts go in [record] batch_size batches, as "
                          "in record, so that the rows compare like with like.")
     perplexity: str = _f("passages", "passages: each of the n_heldout held-out passages alone, after BOS. stream: the "
                          "reference code's WikiText-2 protocol: the whole held-out file, headings and blank lines "

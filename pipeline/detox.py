@@ -84,7 +84,7 @@ class ProductOfExperts:
     expert: object
     anti: object
     tokenizer: object
-    cfg: SimpleNamespace  # device, n_ctx
+    cfg: SimpleNamespace  # device, n_ctx, d_vocab
     alpha: float = 0.0
 
     @contextmanager
@@ -188,7 +188,7 @@ def run(out: Path, *, device: str, model: ModelConfig, data: DataConfig, record:
     # The base of the PoE is the transformers model inside the bridge, called directly (no hooks run): one copy.
     loaded = [models.load_hf(str(Path(experts_dir) / name), device, model.dtype)[0] for name in ("expert", "anti")]
     poe = ProductOfExperts(bridge.original_model, *loaded, tokenizer=bridge.tokenizer,
-                           cfg=SimpleNamespace(device=device, n_ctx=bridge.cfg.n_ctx))
+                           cfg=SimpleNamespace(device=device, n_ctx=bridge.cfg.n_ctx, d_vocab=bridge.cfg.d_vocab))
 
     rows, generations, layers = [], [], []
 

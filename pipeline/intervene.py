@@ -156,22 +156,43 @@ def decode(bridge, tokens: np.ndarray) -> list[str]:
     return [t.replace(eos, " ") for t in bridge.tokenizer.batch_decode(tokens)]
 
 
+# A perplexity batch holds at most this many logits (8,192 tokens of GPT-2's vocabulary, 1.6 GB in float32):
+# with a larger vocabulary (Gemma's 256k) it takes fewer rows, not 40 GB of logits.
+LOGITS_PER_BATCH = 8192 * 50257
+POSITIONS_PER_CHUNK = 1024  # log-probabilities are taken this many positions at a time, in float32
+
+
+def logit_batches(rows: list[torch.Tensor], batch_size: int, d_vocab: int) -> list[list[torch.Tensor]]:
+    """rows in order, in batches of at most batch_size whose padded logits stay within LOGITS_PER_BATCH (a
+    longer row alone)."""
+    batches, width = [[]], 0
+    for r in rows:
+        width = max(width, len(r))
+        if batches[-1] and (len(batches[-1]) == batch_size or (len(batches[-1]) + 1) * width * d_vocab > LOGITS_PER_BATCH):
+            batches.append([])
+            width = len(r)
+        batches[-1].append(r)
+    return batches
+
+
 @torch.no_grad()
 def perplexity(bridge, rows: list[torch.Tensor], batch_size: int, fwd_hooks: list) -> float:
     """exp of the mean NLL over every token of the rows but each one's first (BOS for passages), left
     padded and masked."""
     nll, n = torch.zeros((), dtype=torch.float64, device=bridge.cfg.device), 0
-    for start in range(0, len(rows), batch_size):
-        ids, mask = left_pad(rows[start:start + batch_size], bridge.tokenizer.pad_token_id)  # (B, L)
+    for batch in logit_batches(rows, batch_size, bridge.cfg.d_vocab):
+        ids, mask = left_pad(batch, bridge.tokenizer.pad_token_id)  # (B, L)
         ids, mask = ids.to(bridge.cfg.device), mask.to(bridge.cfg.device)
         with bridge.hooks(fwd_hooks=fwd_hooks):
             logits = bridge(ids, attention_mask=mask)  # (B, L, vocab)
         scored = (mask[:, :-1] * mask[:, 1:]).bool()  # real token predicted from a real position: a row's first is never a target
-        # One row at a time: the whole batch's float32 log-probabilities would be as large again as its float32
-        # logits (8,192 tokens x GPT-2's 50,257: 1.6 GB), and four times its logits in bfloat16.
+        # A row and a chunk of positions at a time: the float32 log-probabilities of all logits would take as
+        # much memory again as float32 logits, four times bfloat16's.
         for b in range(len(ids)):
-            logp = logits[b, :-1].float().log_softmax(-1).gather(-1, ids[b, 1:, None])[:, 0]  # (L-1,)
-            nll -= logp[scored[b]].sum(dtype=torch.float64)
+            for s in range(0, ids.shape[1] - 1, POSITIONS_PER_CHUNK):
+                e = min(s + POSITIONS_PER_CHUNK, ids.shape[1] - 1)
+                logp = logits[b, s:e].float().log_softmax(-1).gather(-1, ids[b, s + 1:e + 1, None])[:, 0]  # (e - s,)
+                nll -= logp[scored[b, s:e]].sum(dtype=torch.float64)
         n += int(scored.sum())
     return math.exp(float(nll) / n)
 
@@ -185,11 +206,6 @@ def f1(pred: list[int], gold: list[int]) -> float:
         return 0.0
     precision, recall = same / len(pred), same / len(gold)
     return 2 * precision * recall / (precision + recall)
-
-
-# Stream windows per perplexity batch: as many as make this many tokens, so that the batch's logits
-# (windows x window x vocabulary floats) stay near those of a batch of passages
-STREAM_BATCH_TOKENS = 8192
 
 
 @dataclass
@@ -223,7 +239,7 @@ def load_heldout(bridge, path: Path, cfg: InterveneConfig, batch_size: int) -> H
     if cfg.perplexity == "passages":
         return held
     windows = stream_windows(bridge, datasets.load_entries(path), cfg.perplexity_window, cfg.perplexity_windows)
-    return replace(held, rows=windows, batch_size=max(1, STREAM_BATCH_TOKENS // len(windows[0])))
+    return replace(held, rows=windows)
 
 
 def stream_windows(bridge, entries: list[str], window: int, keep: int = 0) -> list[torch.Tensor]:

@@ -162,7 +162,7 @@ def test_stream_perplexity_follows_the_reference_code(tiny_gpt2, tmp_path):
             logits = hf(window[None]).logits[0, :-1]
         nll += float(torch.nn.functional.cross_entropy(logits, window[1:], reduction="sum"))
         n += len(window) - 1
-    assert len(held.rows) > 2 and held.batch_size >= len(held.rows)  # several windows, the last one padded
+    assert len(held.rows) > 2 and len(held.rows[-1]) < 16  # several windows, the last one shorter
     assert torch.equal(torch.cat(held.rows), ids[:sum(len(r) for r in held.rows)])
     assert ours == pytest.approx(math.exp(nll / n), rel=1e-4)
     # headings count here, unlike in the passages protocol, which also keeps F1's passages
@@ -211,6 +211,21 @@ def hf_perplexity(path, texts: list[str]) -> float:
         nll += float(loss) * (ids.shape[1] - 1)
         n += ids.shape[1] - 1
     return math.exp(nll / n)
+
+
+def test_perplexity_batches_keep_to_the_logits_budget_and_the_value(tiny_gpt2, monkeypatch):
+    """Batches cut by the logits they would hold, and log-probabilities taken a few positions at a time, give
+    the perplexity of plain transformers on each passage alone."""
+    bridge = models.load_bridge(str(tiny_gpt2), "cpu")
+    rows = [bridge.to_tokens(t, move_to_device=False)[0] for t in HELDOUT]
+    V, widest = bridge.cfg.d_vocab, max(len(r) for r in rows)
+    monkeypatch.setattr(intervene, "LOGITS_PER_BATCH", 2 * widest * V)
+    monkeypatch.setattr(intervene, "POSITIONS_PER_CHUNK", 3)
+    batches = intervene.logit_batches(rows, 3, V)
+    assert [r for b in batches for r in b] == rows and [len(b) for b in batches] == [2, 2]
+    assert [len(b) for b in intervene.logit_batches(rows, 1, V)] == [1, 1, 1, 1]
+    assert [len(b) for b in intervene.logit_batches(rows, 4, widest * V - 1)] == [1, 1, 1, 1]  # a row over budget: alone
+    assert intervene.perplexity(bridge, rows, 3, []) == pytest.approx(hf_perplexity(tiny_gpt2, HELDOUT), rel=1e-4)
 
 
 class CharScorer:
