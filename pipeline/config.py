@@ -258,7 +258,8 @@ class InterveneConfig:
                          "in record, so that the rows compare like with like.")
     perplexity: str = _f("passages", "passages: each of the n_heldout held-out passages alone, after BOS. stream: the "
                          "reference code's WikiText-2 protocol: the whole held-out file, headings and blank lines "
-                         "included, joined with blank lines and scored in consecutive windows without BOS.")
+                         "included, joined with blank lines and scored in consecutive windows without BOS (each window after BOS "
+                         "where the model's BOS is not its end of text, as Llama's and Gemma's).")
     perplexity_window: int = _f(1024, "stream: tokens per window (the reference code's 1024), at most the model's context.")
     perplexity_windows: int = _f(0, "stream: score only this many windows, spread evenly over the text (0: all, as the "
                                  "reference). WikiText-2's test split is 280 windows, about an hour per row for gpt2-medium "

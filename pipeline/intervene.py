@@ -18,7 +18,8 @@ Each is measured with the same code on one loaded base model:
                            [intervene] perplexity = "stream", of the reference code's WikiText-2 text
                            (the held-out file's entries joined with blank lines, headings included)
                            in consecutive windows without BOS, every token but a window's first (all
-                           windows, or perplexity_windows of them spread over the text)
+                           windows, or perplexity_windows of them spread over the text; on a model whose
+                           BOS is not its end of text, each window after BOS, every text token predicted)
     f1                     F1 of the bags of token ids of a greedy continuation of each passage's first
                            half and of its gold second half (both `f1_tokens` tokens): the reference
                            code's run_f1 (Lee et al.) counts token ids too, but over prompt and
@@ -246,10 +247,15 @@ def stream_windows(bridge, entries: list[str], window: int, keep: int = 0) -> li
     """The reference code's perplexity text, "\n\n".join of WikiText-2's entries, tokenized as one text
     without BOS and cut into consecutive windows of `window` tokens (at most the context). A last window
     of one token predicts nothing and is left out. keep > 0: that many windows, spread evenly from the
-    first to the last, so that a subset samples the whole text rather than its first articles."""
-    W = min(window, bridge.cfg.n_ctx)
-    ids = torch.tensor(bridge.tokenizer("\n\n".join(entries), add_special_tokens=False, verbose=False)["input_ids"])
-    windows = [ids[i:i + W] for i in range(0, len(ids) - 1, W)]
+    first to the last, so that a subset samples the whole text rather than its first articles.
+    A model whose BOS is a start token of its own (Llama's, Gemma's; GPT-2's is its end of text) saw it
+    first in every training sequence, and Gemma's predictions fall apart without it: there each window is
+    BOS and window - 1 text tokens, every text token predicted, as lm-evaluation-harness scores rolling windows."""
+    tok = bridge.tokenizer
+    bos = [tok.bos_token_id] if bridge.cfg.default_prepend_bos and tok.bos_token_id not in (None, tok.eos_token_id) else []
+    W = min(window, bridge.cfg.n_ctx) - len(bos)
+    ids = torch.tensor(tok("\n\n".join(entries), add_special_tokens=False, verbose=False)["input_ids"])
+    windows = [torch.tensor(bos + ids[i:i + W].tolist()) for i in range(0, len(ids) - 1 + len(bos), W)]
     if 0 < keep < len(windows):
         windows = [windows[i] for i in np.linspace(0, len(windows) - 1, keep).round().astype(int)]
     return windows

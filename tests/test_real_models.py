@@ -540,6 +540,30 @@ def test_bos_prefix_follows_transformer_lens_and_the_tokenizer(tmp_path, arch):
     assert adds("a")["input_ids"][0] == adds.bos_token_id and bos_prefix(adds, model.config) == ""
 
 
+def test_stream_windows_start_with_a_bos_that_is_not_the_end_of_text(tmp_path):
+    """A Llama-style BOS of its own begins every stream window (Gemma's predictions fall apart without it), and
+    the windows still hold every text token once, in order, each predicted: the perplexity is plain
+    transformers' over exactly those windows."""
+    from pipeline.models import load_bridge
+
+    tok = tokenizer()
+    tok.add_special_tokens({"bos_token": "<bos>"})
+    torch.manual_seed(0)
+    model = tiny_llama(tok)
+    model.config.bos_token_id = tok.bos_token_id
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    bridge = load_bridge(str(tmp_path), DEVICE)
+    windows = intervene.stream_windows(bridge, HELDOUT, 8)
+    text = tok("\n\n".join(HELDOUT), add_special_tokens=False)["input_ids"]
+    assert all(w[0] == tok.bos_token_id and len(w) <= 8 for w in windows) and len(windows) > 2
+    assert torch.cat([w[1:] for w in windows]).tolist() == text
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        nll = sum(float(torch.nn.functional.cross_entropy(hf(w[None]).logits[0, :-1], w[1:], reduction="sum")) for w in windows)
+    assert intervene.perplexity(bridge, windows, 4, []) == pytest.approx(np.exp(nll / len(text)), rel=1e-4)
+
+
 def test_dtype_reaches_the_weights_and_unknown_ones_are_refused(tmp_path):
     from pipeline.config import ConfigError
     from pipeline.models import load_bridge
