@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from pipeline import data as datasets
 from pipeline import models
-from pipeline.config import DataConfig, ModelConfig, RecordConfig
+from pipeline.config import ConfigError, DataConfig, ModelConfig, RecordConfig
 
 VARIANTS = ("base", "dpo")
 NEURON_MEANS = ("act", "act_normed")  # kept per neuron, and per neuron and prompt (module docstring)
@@ -154,6 +154,11 @@ def generate_and_record(bridge, prompts: list[str], w_hat: np.ndarray, new_token
                                                     np.float32)) for name in names}
         for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch"):
             tokens[start:start + batch_size] = _record_batch(bridge, rows[start:start + batch_size], T, w, sums, files)
+    broken = [name for name, s in sums.items() if not torch.isfinite(s).all()]
+    if broken:  # NaN means would pass through attribute into every share and chart of the run
+        dtype = str(cfg.dtype).removeprefix("torch.")
+        raise ConfigError(f"{desc}: the model's {' and '.join(broken)} overflowed to inf or NaN in {dtype}; set [model] "
+                          "dtype = \"bfloat16\" (float16's range is too narrow for some models, Gemma's among them) or \"float32\"")
     n = len(prompts) * T
     return {name: (s / n).cpu().numpy() for name, s in sums.items()} | {"tokens": tokens}
 

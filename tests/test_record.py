@@ -157,3 +157,25 @@ def test_prompt_longer_than_the_context_allows_is_refused(stage):
     with pytest.raises(record.datasets.DataError, match="new_tokens") as e:
         record.prompt_tokens(bridge, ["short", "I think " * 40], new_tokens=T)
     assert str(e.value).startswith("prompt 1 ('I think I think") and "\n" not in str(e.value)
+
+
+def test_activations_that_overflow_the_dtype_are_a_one_line_error(tiny_gpt2, tmp_path):
+    """float16 tops out at 65,504: an MLP that passes it gives inf sums, which would reach every share as NaN."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.config import ConfigError
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_gpt2)
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight.mul_(1e7)
+    model.save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(tiny_gpt2).save_pretrained(tmp_path)
+    w_hat = np.ones(model.config.n_embd, np.float32) / np.sqrt(model.config.n_embd)
+    for dtype, fails in (("float32", False), ("float16", True)):
+        bridge = models.load_bridge(str(tmp_path), "cpu", dtype)
+        if not fails:
+            record.generate_and_record(bridge, ["The soup was"], w_hat, 3, 1, "record base", tmp_path / f"{dtype}_")
+            continue
+        with pytest.raises(ConfigError) as e:
+            record.generate_and_record(bridge, ["The soup was"], w_hat, 3, 1, "record base", tmp_path / f"{dtype}_")
+        assert "record base: the model's act" in str(e.value) and "in float16;" in str(e.value) and "\n" not in str(e.value)
