@@ -67,6 +67,12 @@ def load_hf(path: str, device: str | None = None, dtype: str = "float32"):
         raise _load_error(path, e) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    if getattr(model.config, "vision_config", None) is not None:
+        # Gemma 3 from 4B is multimodal. Stages feed it text only, and under DDP with gradient checkpointing a
+        # parameter that gets no gradient (the vision tower's) stops the first step: train the language model alone.
+        text = {id(p) for part in (model.get_decoder(), model.get_output_embeddings()) for p in part.parameters()}
+        for p in model.parameters():
+            p.requires_grad_(id(p) in text)
     return (model if device is None else model.to(device)), tok
 
 

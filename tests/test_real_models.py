@@ -105,6 +105,21 @@ def tiny_gemma3(tok):
                                               eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id))
 
 
+def tiny_gemma3_multimodal(tok):
+    """Gemma 3's 4B-and-up checkpoints: Gemma3ForConditionalGeneration, a SigLIP vision tower and a projector
+    around tiny_gemma3's language model; tok gains the image tokens such a config names."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, SiglipVisionConfig
+
+    tok.add_special_tokens({"additional_special_tokens": ["<start_of_image>", "<end_of_image>", "<image_soft_token>"]})
+    boi, eoi, image = tok.convert_tokens_to_ids(["<start_of_image>", "<end_of_image>", "<image_soft_token>"])
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=32, patch_size=16)
+    return Gemma3ForConditionalGeneration(Gemma3Config(
+        text_config=tiny_gemma3(tok).config, vision_config=vision, mm_tokens_per_image=4, boi_token_index=boi,
+        eoi_token_index=eoi, image_token_index=image, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.eos_token_id))
+
+
 def tiny_olmo2(tok):
     from transformers import Olmo2Config, Olmo2ForCausalLM
 
@@ -115,9 +130,10 @@ def tiny_olmo2(tok):
 
 
 ARCHS = {"gpt2-medium": gpt2_medium_shaped, "llama": tiny_llama, "neox": tiny_neox, "gemma2": tiny_gemma2,
-         "gemma3": tiny_gemma3, "olmo2": tiny_olmo2}
+         "gemma3": tiny_gemma3, "gemma3-multimodal": tiny_gemma3_multimodal, "olmo2": tiny_olmo2}
 # TransformerLens' own choice per architecture (cfg.default_prepend_bos of its adapters)
-PREPENDS_BOS = {"gpt2-medium": True, "llama": True, "neox": False, "gemma2": True, "gemma3": True, "olmo2": True, "qwen2": False}
+PREPENDS_BOS = {"gpt2-medium": True, "llama": True, "neox": False, "gemma2": True, "gemma3": True, "gemma3-multimodal": True,
+                "olmo2": True, "qwen2": False}
 
 
 def prompt_ids(arch: str, tok, text: str) -> list[int]:
@@ -135,11 +151,11 @@ def first_submodule(model, names: tuple[str, ...]):
 
 
 def blocks(model) -> list:
-    return list(first_submodule(model, ("transformer.h", "gpt_neox.layers", "model.layers")))
+    return list(first_submodule(model, ("transformer.h", "gpt_neox.layers", "model.layers", "model.language_model.layers")))
 
 
 def final_norm(model):
-    return first_submodule(model, ("transformer.ln_f", "gpt_neox.final_layer_norm", "model.norm"))
+    return first_submodule(model, ("transformer.ln_f", "gpt_neox.final_layer_norm", "model.norm", "model.language_model.norm"))
 
 
 def post_mlp_norms(model) -> list:
@@ -269,7 +285,7 @@ def planted_run(request, tmp_path_factory):
 
 def test_probe_reads_the_jigsaw_csv_on_each_architecture(planted_run):
     _, paths, dirs, summary = planted_run
-    d_model = AutoModelForCausalLM.from_pretrained(paths["base"]).config.hidden_size
+    d_model = AutoModelForCausalLM.from_pretrained(paths["base"]).config.get_text_config().hidden_size
     assert summary["probe"]["n_train"] + summary["probe"]["n_val"] == 8
     fitted = np.load(dirs["probe"] / "w_fitted.npy")
     assert fitted.shape == (d_model,) and np.isfinite(fitted).all() and np.linalg.norm(fitted) > 0
@@ -521,7 +537,7 @@ def test_glu_model_without_bos_runs_the_whole_pipeline_into_a_store(tmp_path, de
     assert [r[:3] for r in new] == [r[:3] for r in old] and {r[3] for r in new} == {scoring.label(scoring.get_scorer(rescored.scorer))}
 
 
-@pytest.mark.parametrize("arch", ["llama", "neox", "gemma2", "gemma3", "olmo2", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "neox", "gemma2", "gemma3", "gemma3-multimodal", "olmo2", "qwen2"])
 def test_bos_prefix_follows_transformer_lens_and_the_tokenizer(tmp_path, arch):
     """transformers-side prompts (DPO, self-generated pairs, the experts) get the BOS text only where
     TransformerLens prepends a BOS token (as the bridge's own to_tokens shows, whatever the tokenizer
@@ -643,9 +659,12 @@ def test_record_sharded_over_processes_equals_one_process(tmp_path, arch):
     assert pl.read_parquet(outs[2] / "continuations.parquet").equals(pl.read_parquet(outs[1] / "continuations.parquet"))
 
 
-def test_dpo_trains_data_parallel_under_torchrun_and_the_rest_finds_it_cached(tmp_path, monkeypatch):
+@pytest.mark.parametrize("arch", ["gpt2", "gemma3-multimodal"])
+def test_dpo_trains_data_parallel_under_torchrun_and_the_rest_finds_it_cached(tmp_path, monkeypatch, arch):
     """`torchrun --nproc_per_node 2 -m pipeline run --only dpo` (what accelerate launch starts too): the
-    pairs are split over two CPU processes (half the steps of one process), rank 0 alone keeps the result."""
+    pairs are split over two CPU processes (half the steps of one process), rank 0 alone keeps the result.
+    A multimodal Gemma 3 trains with gradient checkpointing too, which needs its vision tower frozen: DDP
+    stops at a parameter that text never gives a gradient."""
     import os
     import subprocess
     import sys
@@ -653,14 +672,21 @@ def test_dpo_trains_data_parallel_under_torchrun_and_the_rest_finds_it_cached(tm
     from pipeline.config import ConfigError
     from tests.conftest import save_tiny_gpt2
 
-    save_tiny_gpt2(tmp_path / "model")
+    if arch == "gpt2":
+        save_tiny_gpt2(tmp_path / "model")
+    else:
+        tok = tokenizer()
+        torch.manual_seed(0)
+        tiny_gemma3_multimodal(tok).save_pretrained(tmp_path / "model")
+        tok.save_pretrained(tmp_path / "model")
     write_datasets(tmp_path)
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps({"prompt": f"p{i} says", "chosen": " a kind word.",
                                                               "rejected": " a stupid idiot."}) + "\n" for i in range(16)))
     toml = tmp_path / "c.toml"
     toml.write_text(f"""[run]\ncache_dir = "{tmp_path / 'cache'}"\nstore = "{tmp_path / 's.duckdb'}"\ndevice = "cpu"\n
 [model]\npath = "{tmp_path / 'model'}"\n[data]\nprobe = "{tmp_path / 'train.csv'}"\nprompts = "{tmp_path / 'rtp.jsonl'}"
-pairs = "{tmp_path / 'pairs.jsonl'}"\nheldout = "{tmp_path / 'wiki.txt'}"\n[dpo]\nbatch_size = 2\nmax_length = 24\n""")
+pairs = "{tmp_path / 'pairs.jsonl'}"\nheldout = "{tmp_path / 'wiki.txt'}"\n[dpo]\nbatch_size = 2\nmax_length = 24
+gradient_checkpointing = {str(arch != "gpt2").lower()}\n""")
     cfg = load(toml)
     runner.run(cfg, only="pairs", log=lambda *_: None)
     torchrun = Path(sys.executable).with_name("torchrun")
