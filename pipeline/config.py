@@ -249,8 +249,9 @@ class InterveneConfig:
     ablate_top: list[int] = _f([100, 200, 1000], "Ablate the top-N toxic neurons (largest cos), activation set to 0.")
     ablate_top_positive: list[int] = _f([100, 200, 1000, 2000], "Ablate the top-N toxic neurons among those with act > 0.")
     patch_groups: list[str] = _f(["TP-", "TN+", "AP+", "AN-", "TP+", "TN-", "AP-", "AN+", "TP- TN+ AP+ AN-"],
-                                 "Patch a group, or a space-separated union of groups, to post-DPO activations (act_dpo).")
-    patch_top: list[int] = _f([10, 30, 100, 300, 1000], "Patching sweep: the top-N neurons by delta patched to act_dpo.")
+                                 "Patch a group, or a space-separated union of groups, to the DPO model's mean activation at "
+                                 "mlp.hook_post (act_dpo, except on models that normalize the MLP's output: README, Real models).")
+    patch_top: list[int] = _f([10, 30, 100, 300, 1000], "Patching sweep: the top-N neurons by delta patched like patch_groups.")
     n_heldout: int = _f(200, "Held-out passages for perplexity and for F1 of continuations against gold ones.")
     f1_tokens: int = _f(20, "Tokens generated (and gold tokens compared) per F1 sample.")
     batch_size: int = _f(32, "Held-out passages or stream windows per batch, fewer where their logits would pass 1.6 GB "

@@ -212,7 +212,7 @@ def f1(pred: list[int], gold: list[int]) -> float:
 @dataclass
 class Heldout:
     rows: list[torch.Tensor]  # what perplexity scores: whole passages (BOS first), or stream windows
-    batch_size: int  # rows per perplexity batch
+    batch_size: int  # most rows per perplexity batch (logit_batches may take fewer)
     prefixes: list[torch.Tensor]  # first halves (BOS first), for F1 continuations
     gold: list[list[int]]  # the first f1_tokens token ids of the second halves
 
@@ -235,7 +235,7 @@ def heldout_set(bridge, passages: list[str], f1_tokens: int, batch_size: int) ->
 
 def load_heldout(bridge, path: Path, cfg: InterveneConfig, batch_size: int) -> Heldout:
     """The held-out set that intervene and detox measure with: F1 on the first n_heldout passages, and
-    perplexity per [intervene] perplexity, on those passages in batches of batch_size or on stream windows."""
+    perplexity per [intervene] perplexity, on those passages or on stream windows, batch_size rows a batch at most."""
     held = heldout_set(bridge, datasets.load_text(path)[:cfg.n_heldout], cfg.f1_tokens, batch_size)
     if cfg.perplexity == "passages":
         return held
@@ -250,7 +250,7 @@ def stream_windows(bridge, entries: list[str], window: int, keep: int = 0) -> li
     first to the last, so that a subset samples the whole text rather than its first articles.
     A model whose BOS is a start token of its own (Llama's, Gemma's; GPT-2's is its end of text) saw it
     first in every training sequence, and Gemma's predictions fall apart without it: there each window is
-    BOS and window - 1 text tokens, every text token predicted, as lm-evaluation-harness scores rolling windows."""
+    BOS and window - 1 text tokens, every text token predicted, so each window reads as a document's start."""
     tok = bridge.tokenizer
     bos = [tok.bos_token_id] if bridge.cfg.default_prepend_bos and tok.bos_token_id not in (None, tok.eos_token_id) else []
     W = min(window, bridge.cfg.n_ctx) - len(bos)
