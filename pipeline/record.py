@@ -154,13 +154,20 @@ def generate_and_record(bridge, prompts: list[str], w_hat: np.ndarray, new_token
                                                     np.float32)) for name in names}
         for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch"):
             tokens[start:start + batch_size] = _record_batch(bridge, rows[start:start + batch_size], T, w, sums, files)
-    broken = [name for name, s in sums.items() if not torch.isfinite(s).all()]
-    if broken:  # NaN means would pass through attribute into every share and chart of the run
-        dtype = str(cfg.dtype).removeprefix("torch.")
-        raise ConfigError(f"{desc}: the model's {' and '.join(broken)} overflowed to inf or NaN in {dtype}; set [model] "
-                          "dtype = \"bfloat16\" (float16's range is too narrow for some models, Gemma's among them) or \"float32\"")
+            check_finite(sums, desc, cfg.dtype)
     n = len(prompts) * T
     return {name: (s / n).cpu().numpy() for name, s in sums.items()} | {"tokens": tokens}
+
+
+def check_finite(sums: dict[str, torch.Tensor], desc: str, dtype: torch.dtype) -> None:
+    """Refuses sums that reached inf or NaN, after the batch where they did: NaN means would pass through
+    attribute into every share and chart of the run."""
+    broken = [name for name, s in sums.items() if not torch.isfinite(s).all()]
+    if not broken:
+        return
+    fix = ("set [model] dtype = \"bfloat16\" or \"float32\" (float16's range is too narrow for some models, Gemma's among "
+           "them)" if dtype == torch.float16 else "the weights may hold inf or NaN (a DPO run that diverged: lower [dpo] lr)")
+    raise ConfigError(f"{desc}: the model's {' and '.join(broken)} reached inf or NaN in {str(dtype).removeprefix('torch.')}; {fix}")
 
 
 def _record_batch(bridge, rows: list[torch.Tensor], T: int, w: torch.Tensor, sums: dict[str, torch.Tensor],

@@ -159,23 +159,33 @@ def test_prompt_longer_than_the_context_allows_is_refused(stage):
     assert str(e.value).startswith("prompt 1 ('I think I think") and "\n" not in str(e.value)
 
 
-def test_activations_that_overflow_the_dtype_are_a_one_line_error(tiny_gpt2, tmp_path):
-    """float16 tops out at 65,504: an MLP that passes it gives inf sums, which would reach every share as NaN."""
+def test_activations_that_reach_inf_or_nan_stop_record_at_the_first_such_batch(tiny_gpt2, tmp_path, monkeypatch):
+    """float16 tops out at 65,504: an MLP that passes it gives inf sums, which would reach every share as NaN.
+    Record stops after the batch where they appear, not after every prompt, and tells a dtype too narrow from
+    weights that hold NaN (a DPO run that diverged)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from pipeline.config import ConfigError
 
     model = AutoModelForCausalLM.from_pretrained(tiny_gpt2)
+    AutoTokenizer.from_pretrained(tiny_gpt2).save_pretrained(tmp_path / "big")
+    AutoTokenizer.from_pretrained(tiny_gpt2).save_pretrained(tmp_path / "nan")
     with torch.no_grad():
         model.transformer.h[0].mlp.c_fc.weight.mul_(1e7)
-    model.save_pretrained(tmp_path)
-    AutoTokenizer.from_pretrained(tiny_gpt2).save_pretrained(tmp_path)
+        model.save_pretrained(tmp_path / "big")
+        model.transformer.h[1].mlp.c_proj.weight[0, 0] = float("nan")
+        model.save_pretrained(tmp_path / "nan")
+    batches = []
+    record_batch = record._record_batch
+    monkeypatch.setattr(record, "_record_batch", lambda *a: batches.append(1) or record_batch(*a))
     w_hat = np.ones(model.config.n_embd, np.float32) / np.sqrt(model.config.n_embd)
-    for dtype, fails in (("float32", False), ("float16", True)):
-        bridge = models.load_bridge(str(tmp_path), "cpu", dtype)
-        if not fails:
-            record.generate_and_record(bridge, ["The soup was"], w_hat, 3, 1, "record base", tmp_path / f"{dtype}_")
-            continue
+    prompts = ["The soup was", "We will", "Hello there"]
+    record.generate_and_record(models.load_bridge(str(tmp_path / "big"), "cpu"), prompts, w_hat, 3, 1, "record base",
+                               tmp_path / "float32_")
+    for name, dtype, says in (("big", "float16", "in float16; set [model] dtype"), ("nan", "float32", "DPO run that diverged")):
+        batches.clear()
         with pytest.raises(ConfigError) as e:
-            record.generate_and_record(bridge, ["The soup was"], w_hat, 3, 1, "record base", tmp_path / f"{dtype}_")
-        assert "record base: the model's act" in str(e.value) and "in float16;" in str(e.value) and "\n" not in str(e.value)
+            record.generate_and_record(models.load_bridge(str(tmp_path / name), "cpu", dtype), prompts, w_hat, 3, 1,
+                                       "record dpo", tmp_path / f"{name}_")
+        assert "record dpo: the model's " in str(e.value) and says in str(e.value) and "\n" not in str(e.value)
+        assert len(batches) == 1
