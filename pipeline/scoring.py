@@ -28,6 +28,7 @@ import json
 import math
 import os
 import pickle
+import ssl
 import threading
 import time
 import urllib.error
@@ -120,6 +121,10 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
+# How a connection that the API or the network dropped surfaces: retried like a timeout
+DROPPED = (http.client.HTTPException, ConnectionResetError, ConnectionAbortedError, BrokenPipeError, ssl.SSLError)
+
+
 class Perspective:
     name = "perspective"
     version = "v1alpha1"
@@ -164,6 +169,7 @@ class Perspective:
         self.workers = max(1, min(32, math.ceil(2 * rate_limit)))
         self._next, self._lock = -float("inf"), threading.Lock()  # earliest start of the next request (monotonic)
         self._stop = threading.Event()
+        self.answered = False  # once the API has answered, any network error is taken as passing
 
     def _wait_turn(self) -> None:
         """Starts of requests, from every thread, are spaced by 1 / rate_limit; a failed request elsewhere
@@ -190,11 +196,12 @@ class Perspective:
                     raise ConfigError(f"Perspective API refused a request (HTTP {e.code}: {api_message(e)}); {hint}") from None
                 failure = f"answers HTTP {e.code}"
             except (OSError, http.client.HTTPException) as e:
-                # a busy API times out, a long run meets dropped connections: both pass; a wrong host never answers
+                # A busy API times out and a long run meets dropped connections (TLS ones too): both pass, as does any
+                # network error once the API has answered. A wrong host, or a certificate refused, never answers.
                 reason = getattr(e, "reason", e)
                 if isinstance(reason, TimeoutError):
                     failure = f"times out ({self.timeout:g} s)"
-                elif isinstance(reason, (http.client.HTTPException, ConnectionResetError, ConnectionAbortedError, BrokenPipeError)):
+                elif self.answered or isinstance(reason, DROPPED) and not isinstance(reason, ssl.SSLCertVerificationError):
                     failure = f"drops the connection ({type(reason).__name__})"
                 else:
                     raise ConfigError(f"Perspective API unreachable ({reason}); score offline with detoxify or "
@@ -206,6 +213,7 @@ class Perspective:
                     raise ConfigError(f"Perspective API answered without a TOXICITY score ({answer[:120]!r}); "
                                       "a proxy may stand between here and the API: try again, or score with detoxify") from None
                 self._remember(text_key(text), value)
+                self.answered = True
                 return value
             if attempt == self.max_retries:
                 raise ConfigError(f"Perspective API still {failure} after {self.max_retries} retries; "

@@ -184,6 +184,30 @@ def test_perspective_retries_a_dropped_connection(server, monkeypatch):
     assert "drops the connection (RemoteDisconnected) after 2 retries" in str(e.value) and len(server.seen) == 3
 
 
+def test_perspective_retries_a_tls_drop_and_any_network_error_once_it_has_answered(server, monkeypatch):
+    import socket
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    urlopen, failures = urllib.request.urlopen, [urllib.error.URLError(ssl.SSLEOFError(8, "EOF occurred in violation of protocol"))]
+
+    def flaky(*args, **kwargs):  # the first request's TLS connection is dropped
+        if failures:
+            raise failures.pop()
+        return urlopen(*args, **kwargs)
+
+    monkeypatch.setattr(urllib.request, "urlopen", flaky)
+    sc = perspective(server, monkeypatch, rate_limit=1000.0, retry_wait=0.01, max_retries=2)
+    assert sc.score(["xx"]) == [1.0] and len(server.seen) == 1 and not failures
+    with socket.socket() as s:  # the API answered before: a refused connection now is a network hiccup, retried
+        s.bind(("127.0.0.1", 0))
+        sc.url = f"http://127.0.0.1:{s.getsockname()[1]}/analyze"
+    with pytest.raises(ConfigError) as e:
+        sc.score(["x"])
+    assert "drops the connection (ConnectionRefusedError) after 2 retries" in str(e.value)
+
+
 def test_perspective_refusal_gives_the_apis_reason_and_blames_the_key_only_on_401_or_403(server, monkeypatch):
     server.status = 400
     server.error = json.dumps({"error": {"code": 400, "message": "Comment text too long.", "status": "INVALID_ARGUMENT"}}).encode()
