@@ -271,7 +271,9 @@ def mean_f1(bridge, tokens: np.ndarray, held: Heldout) -> float:
 
 def quality(bridge, held: Heldout, fwd_hooks: list, cfg: InterveneConfig, w_hat: np.ndarray, desc: str) -> dict:
     """Perplexity and mean F1 on the held-out passages under fwd_hooks."""
-    tokens, _ = generate(bridge, held.prefixes, cfg.f1_tokens, cfg.batch_size, fwd_hooks, w_hat, f"{desc} f1")
+    # the first pass of generation holds the logits of every prefix position: batches within the same budget
+    tokens = np.concatenate([generate(bridge, batch, cfg.f1_tokens, len(batch), fwd_hooks, w_hat, f"{desc} f1")[0]
+                             for batch in logit_batches(held.prefixes, cfg.batch_size, bridge.cfg.d_vocab)])
     return {"perplexity": perplexity(bridge, held.rows, held.batch_size, fwd_hooks), "f1": mean_f1(bridge, tokens, held)}
 
 

@@ -215,10 +215,14 @@ def hf_perplexity(path, texts: list[str]) -> float:
 
 def test_perplexity_batches_keep_to_the_logits_budget_and_the_value(tiny_gpt2, monkeypatch):
     """Batches cut by the logits they would hold, and log-probabilities taken a few positions at a time, give
-    the perplexity of plain transformers on each passage alone."""
+    the perplexity of plain transformers on each passage alone; F1's continuations, batched the same way, stay."""
     bridge = models.load_bridge(str(tiny_gpt2), "cpu")
     rows = [bridge.to_tokens(t, move_to_device=False)[0] for t in HELDOUT]
     V, widest = bridge.cfg.d_vocab, max(len(r) for r in rows)
+    held, cfg = intervene.heldout_set(bridge, HELDOUT, f1_tokens=4, batch_size=3), InterveneConfig(f1_tokens=4, batch_size=4)
+    generate, sizes = intervene.generate, []
+    monkeypatch.setattr(intervene, "generate", lambda bridge, rows, *a: sizes.append(len(rows)) or generate(bridge, rows, *a))
+    whole = intervene.quality(bridge, held, [], cfg, np.ones(bridge.cfg.d_model), "f1")["f1"]
     monkeypatch.setattr(intervene, "LOGITS_PER_BATCH", 2 * widest * V)
     monkeypatch.setattr(intervene, "POSITIONS_PER_CHUNK", 3)
     batches = intervene.logit_batches(rows, 3, V)
@@ -226,6 +230,9 @@ def test_perplexity_batches_keep_to_the_logits_budget_and_the_value(tiny_gpt2, m
     assert [len(b) for b in intervene.logit_batches(rows, 1, V)] == [1, 1, 1, 1]
     assert [len(b) for b in intervene.logit_batches(rows, 4, widest * V - 1)] == [1, 1, 1, 1]  # a row over budget: alone
     assert intervene.perplexity(bridge, rows, 3, []) == pytest.approx(hf_perplexity(tiny_gpt2, HELDOUT), rel=1e-4)
+    monkeypatch.setattr(intervene, "LOGITS_PER_BATCH", 2 * max(len(p) for p in held.prefixes) * V)
+    assert intervene.quality(bridge, held, [], cfg, np.ones(bridge.cfg.d_model), "f1")["f1"] == whole
+    assert sizes == [4, 2, 2]  # F1's prefixes in one batch, then two a batch within the budget
 
 
 class CharScorer:
@@ -331,7 +338,7 @@ def test_run_end_to_end_on_planted_pair(tmp_path, monkeypatch):
             assert tok.decode(out[0, ids_p.shape[1]:]).replace(tok.eos_token, " ") == got
 
     # The challenge prompts go in record's batches, the held-out prefixes in intervene's.
-    assert sorted(set(batches)) == sorted({(len(PROMPTS), rec_cfg.batch_size), (len(HELDOUT), cfg.batch_size)})
+    assert set(batches) == {(len(PROMPTS), rec_cfg.batch_size)} | {(n, n) for n in (cfg.batch_size, len(HELDOUT) - cfg.batch_size)}
     # With no hooks, in record's batches, the shared generation path reproduces stage record's base
     # tokens and its mlp_proj bit for bit (in other batches its sums differ in their last bits).
     bridge = models.load_bridge(str(base), "cpu")
