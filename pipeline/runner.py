@@ -185,12 +185,12 @@ def run(cfg: config_mod.Config, force: set[str] = frozenset(), only: str | None 
     needed = ancestors(stages, only) if only else set()
     dirs = {s.name: stage_dir(cfg, s.name, keys[s.name]) for s in stages}
     to_run = {s.name for s in stages if (not only or s.name == only) and (s.name in forced or not _is_done(dirs[s.name]))}
-    _check_inputs(cfg, [s for s in stages if s.name in to_run])
     if to_run:
-        # Imported before the first stage, not inside one: pyarrow's S3 bindings (imported through datasets) do
+        # Imported before the inputs' check and the first stage: pyarrow's S3 bindings (imported through datasets) do
         # not survive a Ctrl-C in their import, and the process then dies by the signal after its one-line note
         # instead of exiting 130. A stage's "running" line now marks work, not imports.
         import transformer_lens.model_bridge  # noqa: F401
+    _check_inputs(cfg, [s for s in stages if s.name in to_run], log)
     ran_any = False
     for s in stages:
         out = dirs[s.name]
@@ -211,15 +211,15 @@ def run(cfg: config_mod.Config, force: set[str] = frozenset(), only: str | None 
     return _publish(cfg, stages, keys, dirs, ran_any, log)
 
 
-def _check_inputs(cfg: config_mod.Config, to_run: list[Stage]) -> None:
+def _check_inputs(cfg: config_mod.Config, to_run: list[Stage], log) -> None:
     """The data files (hub datasets fetched) and the scorer that the stages about to run need, checked before
     the first one starts: a missing pairs file or API key is found before hours of probe and record, not after."""
-    for s in to_run:
-        for sec in _reads(cfg, s):
-            section, _, kind = sec.partition(".")
-            value = getattr(cfg.data, kind) if section == "data" and kind in data.WORLD_FILES else None
-            if value is not None and value not in ("world", "self"):
-                data.resolve(kind, value, None)  # a hub dataset is fetched now: a wrong split fails before hours of DPO
+    read = {sec.partition(".")[2] for s in to_run for sec in _reads(cfg, s) if sec.startswith("data.")}
+    for kind in [k for k in data.WORLD_FILES if k in read and getattr(cfg.data, k) not in ("world", "self")]:
+        value = getattr(cfg.data, kind)
+        if value.startswith(data.HUB):  # fetched now, so that a wrong split fails before hours of DPO
+            log(f"[data] {kind}: {value}")
+        data.resolve(kind, value, None)
     if any("scorer.backend" in _reads(cfg, s) for s in to_run):
         scoring.check(cfg.scorer)
 
