@@ -392,6 +392,22 @@ def test_logit_lens_scales_by_the_models_own_final_norm(planted_run):
         assert rows["token"].to_list() == [tok.decode([int(t)]) for t in top], (l, i)
 
 
+def continuations_equal(arch: str, dirs: dict, variant: str, hf, tok) -> None:
+    """The intervention's continuations are transformers' greedy generation by hf, an edited copy of the base."""
+    gens = pl.read_parquet(dirs["intervene"] / "continuations.parquet").filter(pl.col("variant") == variant)
+    base = pl.read_parquet(dirs["record"] / "continuations.parquet").filter(pl.col("variant") == "base")
+    moved = (gens.sort("prompt_id")["continuation"] != base.sort("prompt_id")["continuation"]).any()
+    # the equality below means something only where the intervention moved a token: on the tiny models it does;
+    # a few of gpt2-medium's 98,304 neurons flip no greedy token of a random model (test_intervene checks GPT-2's hook)
+    assert moved or arch == "gpt2-medium"
+    for p, got in zip(PROMPTS, gens.sort("prompt_id")["continuation"], strict=True):
+        ids = torch.tensor([prompt_ids(arch, tok, p)])
+        with torch.no_grad():
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=T, do_sample=False,
+                              pad_token_id=tok.eos_token_id)
+        assert tok.decode(out[0, ids.shape[1]:]).replace(tok.eos_token, " ") == got
+
+
 def test_ablation_equals_zeroing_the_down_projection_rows(planted_run):
     """The ablate_top_3 continuations equal transformers' greedy generation with those neurons' weights
     in the down projection zeroed, whatever the architecture calls that module."""
@@ -408,18 +424,7 @@ def test_ablation_equals_zeroing_the_down_projection_rows(planted_run):
                 downs[l].weight[i] = 0.0
             else:
                 downs[l].weight[:, i] = 0.0
-    gens = pl.read_parquet(dirs["intervene"] / "continuations.parquet").filter(pl.col("variant") == "ablate_top_3")
-    base = pl.read_parquet(dirs["record"] / "continuations.parquet").filter(pl.col("variant") == "base")
-    moved = (gens.sort("prompt_id")["continuation"] != base.sort("prompt_id")["continuation"]).any()
-    # the equality below means something only where the ablation moved a token: on the GLU model it does;
-    # 3 of gpt2-medium's 98,304 neurons flip no greedy token of a random model (test_intervene checks GPT-2's hook)
-    assert moved or arch == "gpt2-medium"
-    for p, got in zip(PROMPTS, gens.sort("prompt_id")["continuation"], strict=True):
-        ids = torch.tensor([prompt_ids(arch, tok, p)])
-        with torch.no_grad():
-            out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=T, do_sample=False,
-                              pad_token_id=tok.eos_token_id)
-        assert tok.decode(out[0, ids.shape[1]:]).replace(tok.eos_token, " ") == got
+    continuations_equal(arch, dirs, "ablate_top_3", hf, tok)
 
 
 def test_groups_have_the_sign_of_delta_when_no_value_vector_moved(planted_run):
@@ -453,15 +458,7 @@ def test_patch_writes_dpos_mean_activation_into_the_down_projection(planted_run)
             return (x,)
 
         down_projections(hf)[l].register_forward_pre_hook(patch)
-    gens = pl.read_parquet(dirs["intervene"] / "continuations.parquet").filter(pl.col("variant") == "patch_TP-")
-    base = pl.read_parquet(dirs["record"] / "continuations.parquet").filter(pl.col("variant") == "base")
-    assert (gens.sort("prompt_id")["continuation"] != base.sort("prompt_id")["continuation"]).any() or arch == "gpt2-medium"
-    for p, got in zip(PROMPTS, gens.sort("prompt_id")["continuation"], strict=True):
-        ids = torch.tensor([prompt_ids(arch, tok, p)])
-        with torch.no_grad():
-            out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=T, do_sample=False,
-                              pad_token_id=tok.eos_token_id)
-        assert tok.decode(out[0, ids.shape[1]:]).replace(tok.eos_token, " ") == got
+    continuations_equal(arch, dirs, "patch_TP-", hf, tok)
 
 
 @pytest.mark.parametrize("arch", ["neox", "gemma2"])
