@@ -41,7 +41,9 @@ st.markdown(f"### L{layer}.N{neuron} · group **{row['group_code']}** · rank {r
             f"{row['n_neurons']:,} by delta")
 c = st.columns(6)
 c[0].metric("cos", f"{row['cos']:.3f}", help=f"Rank {row['cos_rank']:,} by cos (most toxic-aligned first).")
-c[1].metric("act", f"{row['act']:.4f}", help="Mean activation over generated tokens, base model.")
+c[1].metric("act", f"{row['act']:.4f}", help="Mean activation over generated tokens, base model: the neuron's coefficient on "
+            "its value vector (on Gemma 2/3 and OLMo 2, whose MLP output passes a norm, the hook's activation over that "
+            "norm's RMS; the stage summary of record says act_normed).")
 c[2].metric("act_dpo", f"{row['act_dpo']:.4f}", delta=f"{row['act_dpo'] - row['act']:+.4f}", delta_color="off",
             help="Mean activation over generated tokens, DPO model; the arrow is act_dpo - act, that is -dact.")
 c[3].metric("proj", f"{row['proj']:.5f}")
