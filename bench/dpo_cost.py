@@ -1,7 +1,7 @@
-"""Cost of stage dpo at the paper's settings (configs/gpt2-medium.toml: 16 pairs per step, sequences cut
+"""Cost of stage dpo at the paper's settings (configs/gpt2-medium.toml: 4 pairs per step, sequences cut
 to 128 tokens, RMSprop, float32, the base model as trl's frozen reference) on a random-init checkpoint of
-gpt2-medium's architecture: a few optimizer steps of the stage's own code, timed, and the paper's 1,536
-steps (24,576 pairs) scaled from them. Every pair fills all 128 tokens, so the figure is an upper bound
+gpt2-medium's architecture: a few optimizer steps of the stage's own code, timed, and the paper's 24,576
+pairs (6,144 steps of 4) scaled from them. Every pair fills all 128 tokens, so the figure is an upper bound
 for data whose prompts and continuations are shorter; the first step's warm-up is included.
 
     python -m bench.dpo_cost --device cuda                          # gpt2-medium shape, 4 steps
@@ -23,7 +23,7 @@ from bench.common import model_args, save_model, text_of
 from pipeline import dpo
 from pipeline.config import DPOStageConfig, ModelConfig
 
-PAPER_STEPS = 24_576 // 16
+PAPER_PAIRS = 24_576
 
 
 def write_pairs(path: Path, tok, n: int, max_length: int) -> None:
@@ -38,7 +38,7 @@ def write_pairs(path: Path, tok, n: int, max_length: int) -> None:
 def main(argv=None) -> None:
     p = model_args(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
     p.add_argument("--steps", type=int, default=4, help="optimizer steps timed")
-    p.add_argument("--pairs-per-step", type=int, default=16, help="[dpo] batch_size (paper: 16)")
+    p.add_argument("--pairs-per-step", type=int, default=4, help="[dpo] batch_size (paper: 4)")
     p.add_argument("--max-length", type=int, default=128, help="[dpo] max_length")
     args = p.parse_args(argv)
     path = save_model(args, n_positions=args.max_length)
@@ -51,11 +51,12 @@ def main(argv=None) -> None:
         result = dpo.run(out, device=args.device, model=ModelConfig(path=str(path)), dpo=cfg, world_dir=None,
                          pairs_dir=pairs_dir)
     per_step = result["seconds"] / result["n_steps"]
+    paper_steps = PAPER_PAIRS // args.pairs_per_step
     gpu = f", GPU peak {torch.cuda.max_memory_allocated() / 2**20:,.0f} MiB" if args.device.startswith("cuda") else ""
     print(f"{args.n_layer} x {4 * args.d_model} neurons, d_model {args.d_model}, vocab {args.vocab}; {args.pairs_per_step} pairs "
           f"per step, {args.max_length} tokens each, {args.device}, {torch.get_num_threads()} threads{gpu}")
     print(f"  {result['n_steps']} steps of stage dpo:               {result['seconds']:8.1f} s  ({per_step:.2f} s per step)")
-    print(f"  the paper's {PAPER_STEPS:,} steps at this rate:        {per_step * PAPER_STEPS / 60:8.1f} min")
+    print(f"  the paper's pairs, {paper_steps:,} such steps:       {per_step * paper_steps / 60:8.1f} min")
 
 
 if __name__ == "__main__":

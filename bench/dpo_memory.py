@@ -4,7 +4,7 @@ way runs in a fresh process that reports its own peak resident set size (ru_maxr
 peak of torch's allocations, side by side in one run: what fits a smaller card or a CPU's memory, and
 what it costs in time. Pairs as in bench.dpo_cost: every one fills max_length.
 
-    python -m bench.dpo_memory --device cuda --steps 64                # gpt2-medium shape, 16 pairs a step
+    python -m bench.dpo_memory --device cuda --steps 64                # gpt2-medium shape, 4 pairs a step
     python -m bench.dpo_memory --n-layer 4 --d-model 256 --steps 2     # quick
 
 The time a step includes the first step's warm-up, a few seconds on a GPU: there take enough steps for it
@@ -53,7 +53,7 @@ def child(args) -> None:
 def main(argv=None) -> None:
     p = model_args(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
     p.add_argument("--steps", type=int, default=2, help="optimizer steps per way")
-    p.add_argument("--pairs-per-step", type=int, default=16, help="pairs per optimizer step (paper: 16)")
+    p.add_argument("--pairs-per-step", type=int, default=4, help="pairs per optimizer step (paper: 4)")
     p.add_argument("--max-length", type=int, default=128, help="[dpo] max_length")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)

@@ -6,10 +6,10 @@ RealToxicityPrompts jsonl, pairs jsonl, WikiText-2 text) written here at a chose
 Each stage is timed, and so is the part of it whose work grows with the data (the probe's forward passes,
 the scorer, DPO's optimizer steps, record's and the interventions' generations, F1 continuations,
 perplexity windows), by wrapping those functions. The paper's sizes are then that part scaled by what
-the paper has over this run (1,200 prompts, 24,576 pairs in 1,536 steps, 20,000 probe texts, about
+the paper has over this run (1,200 prompts, 24,576 pairs in 6,144 steps, 20,000 probe texts, about
 287,000 WikiText-2 tokens, 200 F1 passages), plus the rest as measured (loading models, attribute, the
 store). Every probe text fills 128 tokens and every pair 128 tokens, so those two are upper bounds. The
-defaults give each part whole batches (the preset's 64 prompts, 16 pairs, 64 probe texts, 8 windows of
+defaults give each part whole batches (the preset's 64 prompts, 4 pairs, 64 probe texts, 8 windows of
 1,024 tokens a batch): a GPU takes nearly as long for a part-filled batch as for a full one, so sizes
 that fill their last batch scale best. The scorer is profanity-check unless --scorer says otherwise (the
 paper's Perspective is bound by its quota: README, Running the paper's setup).
@@ -122,7 +122,7 @@ def main(argv=None) -> None:
     p = model_args(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
     p.set_defaults(batch=64)  # the preset's [record] batch_size
     p.add_argument("--prompts", type=int, default=64, help="challenge prompts (paper: 1,200)")
-    p.add_argument("--pairs", type=int, default=32, help="preference pairs, 16 a step (paper: 24,576)")
+    p.add_argument("--pairs", type=int, default=32, help="preference pairs, 4 a step (paper: 24,576)")
     p.add_argument("--probe-texts", type=int, default=128, help="Jigsaw rows of 128 tokens (paper: 20,000)")
     p.add_argument("--heldout-tokens", type=int, default=8192, help="held-out text (WikiText-2 test: about 287,000)")
     p.add_argument("--scorer", default="profanity-check", choices=sorted(scoring.BACKENDS))

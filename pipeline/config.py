@@ -194,11 +194,20 @@ class DPOStageConfig:
     beta: float = _f(0.1, "DPO temperature beta (paper: 0.1).")
     lr: float = _f(1e-5, "Learning rate (paper: 1e-5 for gpt2-medium).")
     optimizer: str = _f("rmsprop", "Optimizer name as transformers knows it (paper: rmsprop).")
+    lr_scheduler: str = _f("linear", "Learning-rate schedule as transformers names it: linear decays to 0 by the last "
+                           "step (trl's default); constant_with_warmup holds lr after the warmup (the paper's code's).")
+    warmup_steps: int = _f(0, "Optimizer steps over which the learning rate rises from 0 to lr (the paper's code: 150; "
+                           "it tempers RMSprop's first steps, about 10 x lr each).")
+    max_grad_norm: float = _f(1.0, "Each step's gradient is clipped to this norm; 0 clips nothing (the paper's code: 10).")
+    completion_eos: bool = _f(True, "End chosen and rejected with EOS, as trl does. The paper's code does not: its "
+                              "pairs continue running text, and an M' taught to end after polite text would change "
+                              "the continuations record measures.")
     epochs: float = _f(1.0, "Passes over the pairs.")
     batch_size: int = _f(8, "Pairs per forward pass and process. An optimizer step takes batch_size x grad_accum "
                          "pairs per process (accelerate launch on N GPUs: N x that).")
-    grad_accum: int = _f(1, "Forward passes whose gradients add up to one optimizer step (Lee et al.: 4 x 4 pairs): "
-                         "a smaller batch_size with the same pairs per step holds fewer activations at once.")
+    grad_accum: int = _f(1, "Forward passes whose gradients add up to one optimizer step (the paper's code: 4 pairs "
+                         "a step in passes of 1): a smaller batch_size with the same pairs per step holds fewer "
+                         "activations at once.")
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass instead of keeping them: less "
                                       "memory for more time (bench.dpo_memory); the trained weights are the same.")
     max_length: int = _f(64, "Prompt plus completion are cut to this many tokens; a pair whose prompt alone fills "
@@ -208,6 +217,8 @@ class DPOStageConfig:
     def __post_init__(self):
         if self.beta <= 0 or self.lr <= 0 or self.epochs <= 0:
             raise ValueError("beta, lr and epochs must be positive")
+        if self.warmup_steps < 0 or self.max_grad_norm < 0:
+            raise ValueError("warmup_steps and max_grad_norm must be 0 or more")
         _at_least_1(self, "batch_size", "grad_accum", "max_length")
 
 

@@ -27,29 +27,42 @@ def preference_dataset(pairs_file: Path, bos: str):
 
     rows = [json.loads(line) for line in pairs_file.read_text(encoding="utf-8").splitlines() if line.strip()]
     # Prompts start with BOS where the model has one, as in generation, the world's pretraining and
-    # TransformerLens (models.bos_prefix): DPO must move the model in the context where it is measured. trl appends EOS to the completions.
+    # TransformerLens (models.bos_prefix): DPO must move the model in the context where it is measured.
     return Dataset.from_list([{"prompt": bos + r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]}
                               for r in rows])
 
 
-def check_optimizer(name: str) -> None:
+def without_eos(example: dict, eos: int) -> dict:
+    """A tokenized pair without the EOS that trl 1.16 appends to every completion (it has no switch for it)."""
+    return {k: example[k][:-1] if example[k][-1:] == [eos] else example[k] for k in ("chosen_ids", "rejected_ids")}
+
+
+def check_names(dpo: DPOStageConfig) -> None:
+    """The optimizer and schedule names, which only transformers knows, checked before any stage runs."""
+    from transformers.trainer_utils import SchedulerType
     from transformers.training_args import OptimizerNames
 
-    if name not in {o.value for o in OptimizerNames}:
-        raise ConfigError(f"[dpo] optimizer {name!r} is unknown to transformers; use e.g. rmsprop or adamw_torch")
+    if dpo.optimizer not in {o.value for o in OptimizerNames}:
+        raise ConfigError(f"[dpo] optimizer {dpo.optimizer!r} is unknown to transformers; use e.g. rmsprop or adamw_torch")
+    if dpo.lr_scheduler not in {s.value for s in SchedulerType}:
+        raise ConfigError(f"[dpo] lr_scheduler {dpo.lr_scheduler!r} is unknown to transformers; use e.g. linear or "
+                          "constant_with_warmup")
 
 
 def run(out: Path, *, device: str, model: ModelConfig, dpo: DPOStageConfig, world_dir: Path | None,
         pairs_dir: Path) -> dict:
     from trl import DPOConfig, DPOTrainer
 
-    check_optimizer(dpo.optimizer)
+    check_names(dpo)
     path = datasets.model_path(model.path, world_dir)
     policy, tok = models.load_hf(path)
     args = DPOConfig(
         beta=dpo.beta,
         learning_rate=dpo.lr,
         optim=dpo.optimizer,
+        lr_scheduler_type=dpo.lr_scheduler,
+        warmup_steps=dpo.warmup_steps,
+        max_grad_norm=dpo.max_grad_norm,
         num_train_epochs=dpo.epochs,
         per_device_train_batch_size=dpo.batch_size,
         gradient_accumulation_steps=dpo.grad_accum,
@@ -64,6 +77,8 @@ def run(out: Path, *, device: str, model: ModelConfig, dpo: DPOStageConfig, worl
     if dropped == len(pairs):
         raise ConfigError(f"every pair's prompt fills [dpo] max_length = {dpo.max_length} tokens, so no pair is left to "
                           "train on; raise max_length")
+    if not dpo.completion_eos:  # train() builds its batches from this attribute
+        trainer.train_dataset = trainer.train_dataset.map(without_eos, fn_kwargs={"eos": tok.eos_token_id})
     t0 = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - t0

@@ -204,10 +204,22 @@ def test_disk_full_inside_a_stage_exits_two_with_the_store_intact(tmp_path, caps
 @pytest.mark.parametrize("section, pieces", [
     ({"run": {"device": "cuda"}}, ["device = 'cuda'", "no CUDA GPU", "'auto' or 'cpu'"]),
     ({"dpo": {"optimizer": "rmsprp"}}, ["optimizer 'rmsprp' is unknown", "rmsprop"]),
+    ({"dpo": {"lr_scheduler": "constant_warmup"}}, ["lr_scheduler 'constant_warmup' is unknown", "constant_with_warmup"]),
 ])
-def test_missing_gpu_or_unknown_optimizer_is_refused_before_any_stage_runs(tmp_path, capsys, monkeypatch, section, pieces):
+def test_missing_gpu_or_unknown_trainer_name_is_refused_before_any_stage_runs(tmp_path, capsys, monkeypatch, section,
+                                                                              pieces):
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)  # the same on a machine that has a GPU
     refused_before_any_stage(tmp_path, capsys, {"world": {}}, section, pieces)
+
+
+def test_several_gpus_in_one_process_are_refused_before_any_stage_runs(tmp_path, capsys, monkeypatch):
+    """trl refuses to train on the DataParallel that transformers builds when one process sees several GPUs:
+    the README's one-GPU command on a machine with more would fail at DPO, after the probe."""
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 2)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    refused_before_any_stage(tmp_path, capsys, {"world": {}}, {},
+                             ["stage dpo trains with trl", "sees 2", "accelerate launch", "CUDA_VISIBLE_DEVICES=0"])
 
 
 def refused_before_any_stage(tmp_path, capsys, sections: dict, change: dict, pieces: list[str]) -> None:

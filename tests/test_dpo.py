@@ -157,6 +157,68 @@ def test_accumulated_and_checkpointed_steps_train_the_same_weights(base_dir, tmp
     assert (other - weights["full"]).abs().max().item() > 1e-2 * moved
 
 
+def trained_batches(monkeypatch) -> list[dict]:
+    """What each of DPOTrainer's loss computations is given, and the learning rate of its optimizer step."""
+    from trl import DPOTrainer
+
+    seen, compute = [], DPOTrainer.compute_loss
+
+    def spy(self, model, inputs, *args, **kwargs):
+        seen.append({"input_ids": inputs["input_ids"].tolist(), "completion_mask": inputs["completion_mask"].tolist(),
+                     "lr": self.lr_scheduler.get_last_lr()[0]})
+        return compute(self, model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(DPOTrainer, "compute_loss", spy)
+    return seen
+
+
+@pytest.mark.parametrize("completion_eos", [True, False])
+def test_completions_train_with_eos_only_where_asked(base_dir, tmp_path, monkeypatch, completion_eos):
+    """trl ends every completion with EOS; the paper's code (completion_eos = false) does not."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from pipeline.models import bos_prefix
+
+    rows = TRAIN[:8]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    seen = trained_batches(monkeypatch)
+    cfg = DPOStageConfig(epochs=1.0, batch_size=8, max_length=32, completion_eos=completion_eos)
+    dpo.run(tmp_path / "out", device="cpu", model=ModelConfig(path=str(base_dir)), dpo=cfg, world_dir=None, pairs_dir=tmp_path)
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    bos = bos_prefix(tok, AutoConfig.from_pretrained(base_dir))
+    eos = [tok.eos_token_id] * completion_eos
+    expected = sorted(tok(bos + r["prompt"] + r[k])["input_ids"][len(tok(bos + r["prompt"])["input_ids"]):] + eos
+                      for r in rows for k in ("chosen", "rejected"))
+    [batch] = seen
+    trained = sorted([t for t, m in zip(ids, mask) if m] for ids, mask in zip(batch["input_ids"], batch["completion_mask"]))
+    assert trained == expected
+
+
+def test_schedule_and_clipping_reach_the_optimizer(base_dir, tmp_path, monkeypatch):
+    """The warmup and schedule set each step's learning rate; max_grad_norm bounds a step of plain SGD,
+    whose move is lr times the clipped gradient, and 0 clips nothing."""
+    from transformers import AutoModelForCausalLM
+
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in TRAIN[:48]))
+    seen = trained_batches(monkeypatch)
+    cfg = DPOStageConfig(lr=1e-3, epochs=1.0, batch_size=8, max_length=32, lr_scheduler="constant_with_warmup",
+                         warmup_steps=4)
+    dpo.run(tmp_path / "warm", device="cpu", model=ModelConfig(path=str(base_dir)), dpo=cfg, world_dir=None,
+            pairs_dir=tmp_path)
+    assert [b["lr"] for b in seen] == pytest.approx([0.0, 2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3])
+
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in TRAIN[:8]))
+    base = torch.cat([p.flatten() for p in AutoModelForCausalLM.from_pretrained(base_dir).parameters()])
+    moved = {}
+    for norm in (1e-3, 0.0):
+        cfg = DPOStageConfig(lr=1.0, optimizer="sgd", epochs=1.0, batch_size=8, max_length=32, max_grad_norm=norm)
+        dpo.run(tmp_path / str(norm), device="cpu", model=ModelConfig(path=str(base_dir)), dpo=cfg, world_dir=None,
+                pairs_dir=tmp_path)
+        after = AutoModelForCausalLM.from_pretrained(tmp_path / str(norm) / "model").parameters()
+        moved[norm] = (torch.cat([p.flatten() for p in after]) - base).norm().item()
+    assert 0 < moved[1e-3] <= 1e-3 * 1.01 and moved[0.0] > 10 * moved[1e-3], moved
+
+
 def test_curve_has_one_finite_row_per_step(trained):
     out, summary = trained
     steps = 2 * math.ceil(len(TRAIN) / 8)  # epochs * batches per epoch
