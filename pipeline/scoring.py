@@ -126,8 +126,13 @@ DROPPED = (http.client.HTTPException, ConnectionResetError, ConnectionAbortedErr
 
 
 class Perspective:
+    """Perspective API as the paper's code uses it (Lee et al.'s metric_funcs.py): seven attributes requested,
+    a text scored by the largest. The version names the API and that rule, so scores and cached answers of
+    another rule are never mixed with these."""
+
     name = "perspective"
-    version = "v1alpha1"
+    version = "v1alpha1-max7"
+    ATTRIBUTES = ("TOXICITY", "SEVERE_TOXICITY", "INSULT", "PROFANITY", "THREAT", "IDENTITY_ATTACK", "SEXUALLY_EXPLICIT")
     url = "https://commentanalyzer.googleapis.com/v1alpha1/comments:analyze"
     KEY_VAR = "PERSPECTIVE_API_KEY"
 
@@ -180,9 +185,22 @@ class Perspective:
         if self._stop.wait(max(0.0, start - time.monotonic())):
             raise CancelledError
 
+    def _largest(self, answer: bytes) -> float:
+        """The largest of the attributes' scores in an answer, or a one-line error naming those it lacks."""
+        try:
+            scores = json.loads(answer)["attributeScores"]
+            values = {a: float(scores[a]["summaryScore"]["value"]) for a in self.ATTRIBUTES if a in scores}
+        except (ValueError, KeyError, TypeError):
+            values = {}
+        missing = [a for a in self.ATTRIBUTES if a not in values]
+        if missing:
+            raise ConfigError(f"Perspective API answered without a score for {', '.join(missing)} ({answer[:120]!r}); a "
+                              "proxy may stand between here and the API: try again, or score with detoxify") from None
+        return max(values.values())
+
     def _request(self, text: str) -> float:
-        body = json.dumps({"comment": {"text": text}, "languages": ["en"], "requestedAttributes": {"TOXICITY": {}},
-                           "doNotStore": True}).encode()
+        body = json.dumps({"comment": {"text": text}, "languages": ["en"],
+                           "requestedAttributes": {a: {} for a in self.ATTRIBUTES}, "doNotStore": True}).encode()
         for attempt in range(self.max_retries + 1):
             self._wait_turn()
             req = urllib.request.Request(f"{self.url}?key={self.key}", data=body, headers={"Content-Type": "application/json"})
@@ -207,11 +225,7 @@ class Perspective:
                     raise ConfigError(f"Perspective API unreachable ({reason}); score offline with detoxify or "
                                       "profanity-check") from None
             else:
-                try:
-                    value = float(json.loads(answer)["attributeScores"]["TOXICITY"]["summaryScore"]["value"])
-                except (ValueError, KeyError, TypeError):
-                    raise ConfigError(f"Perspective API answered without a TOXICITY score ({answer[:120]!r}); "
-                                      "a proxy may stand between here and the API: try again, or score with detoxify") from None
+                value = self._largest(answer)
                 self._remember(text_key(text), value)
                 self.answered = True
                 return value

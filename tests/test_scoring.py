@@ -14,7 +14,8 @@ from pipeline.config import ConfigError, ScorerConfig, from_dict
 
 
 class FakePerspective(BaseHTTPRequestHandler):
-    """Scores a text by its share of the letter x; answers 429 to the server's first n_429 requests and 403
+    """Scores each requested attribute of a text: TOXICITY by its share of the letter x, INSULT of the letter y,
+    the others 0; answers 429 to the server's first n_429 requests and 403
     once it has scored n_ok texts; closes the connection unanswered on its first n_drop requests; sends
     `error` as the body of a refusal and `answer`, where set, in place of a score; takes `delay` seconds
     over each answer and counts the most requests it held at once."""
@@ -54,7 +55,9 @@ class FakePerspective(BaseHTTPRequestHandler):
             self.wfile.write(srv.error)
             return
         text = body["comment"]["text"]
-        out = srv.answer or {"attributeScores": {"TOXICITY": {"summaryScore": {"value": text.count("x") / len(text), "type": "PROBABILITY"}}}}
+        planted = {"TOXICITY": text.count("x") / len(text), "INSULT": text.count("y") / len(text)}
+        out = srv.answer or {"attributeScores": {attribute: {"summaryScore": {"value": planted.get(attribute, 0.0), "type": "PROBABILITY"}}
+                                                 for attribute in body["requestedAttributes"]}}
         data = json.dumps(out).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -92,7 +95,16 @@ def test_perspective_scores_keyed_requests_at_the_rate_limit(server, monkeypatch
     assert sorted(b["comment"]["text"] for _, _, b in server.seen) == ["abcd", "axbx", "x", "xxab"]
     starts = sorted(t for t, _, _ in server.seen)
     assert min(b - a for a, b in zip(starts, starts[1:])) >= 1 / 20 - 0.005
-    assert scoring.label(sc) == "perspective==v1alpha1"
+    assert scoring.label(sc) == "perspective==v1alpha1-max7"
+
+
+def test_perspective_score_is_the_largest_of_the_papers_seven_attributes(server, monkeypatch):
+    """The paper's code requests seven attributes and scores a text by the largest (Lee et al.'s
+    metric_funcs.py): INSULT alone makes a text toxic here."""
+    sc = perspective(server, monkeypatch, rate_limit=1000.0)
+    assert sc.score(["yyab", "xyyy", "xxxy", "abcd"]) == [0.5, 0.75, 0.75, 0.0]
+    assert all(set(b["requestedAttributes"]) == {"TOXICITY", "SEVERE_TOXICITY", "INSULT", "PROFANITY", "THREAT",
+                                                  "IDENTITY_ATTACK", "SEXUALLY_EXPLICIT"} for *_, b in server.seen)
 
 
 def test_perspective_overlaps_slow_answers_within_the_rate_limit(server, monkeypatch):
@@ -132,7 +144,7 @@ def test_perspective_run_that_failed_part_way_resumes_from_the_cache(server, mon
         perspective(server, monkeypatch, rate_limit=1000.0, cache_dir=str(tmp_path / "cache")).score(texts)
     first = list(server.scored)
     assert len(first) == 3
-    cache = tmp_path / "cache" / "perspective-v1alpha1.jsonl"
+    cache = tmp_path / "cache" / "perspective-v1alpha1-max7.jsonl"
     assert len(scoring.read_answers(cache)) == 3
     with open(cache, "a") as f:
         f.write('{"sha256": "')  # killed while writing
@@ -219,11 +231,13 @@ def test_perspective_refusal_gives_the_apis_reason_and_blames_the_key_only_on_40
     assert "\n" not in msg and len(server.seen) == 1
 
 
-def test_perspective_answer_without_a_toxicity_score_is_a_one_line_error(server, monkeypatch):
-    server.answer = {"attributeScores": {}}
+@pytest.mark.parametrize("answer", [{"attributeScores": {}},
+                                    {"attributeScores": {"TOXICITY": {"summaryScore": {"value": 0.5}}}}])
+def test_perspective_answer_without_every_score_is_a_one_line_error(server, monkeypatch, answer):
+    server.answer = answer
     with pytest.raises(ConfigError) as e:
         perspective(server, monkeypatch, rate_limit=1000.0).score(["x"])
-    assert "without a TOXICITY score" in str(e.value) and "\n" not in str(e.value)
+    assert "without a score for" in str(e.value) and "SEVERE_TOXICITY" in str(e.value) and "\n" not in str(e.value)
 
 
 def test_perspective_host_that_refuses_connections_is_one_line_and_not_retried(monkeypatch):
