@@ -157,6 +157,9 @@ class ProbeConfig:
     batch_size: int = _f(32, "Texts per forward pass.")
     max_tokens: int = _f(128, "Texts are cut to this many tokens.")
     seed: int = _f(0, "Seed of the train/validation split.")
+    direction: str = _f("", "A file holding w to use instead of fitting one: d_model numbers saved by torch.save (.pt, "
+                        "as Lee et al.'s probe.pt, which the paper's GPT-2 runs use) or numpy.save (.npy). [data] probe "
+                        "then only measures it: ROC-AUC of x . w, accuracies at the best threshold on the training split.")
 
     def __post_init__(self):
         if not 0.0 < self.val_fraction < 1.0:

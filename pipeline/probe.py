@@ -3,6 +3,8 @@
 Logistic regression, toxic (1) vs non-toxic (0), on the mean over a text's tokens of
 `blocks.{L-1}.hook_resid_post`. Only the direction matters downstream: w_hat = w / |w|, in the
 residual stream's own coordinates (features are standardised for the fit, and w mapped back).
+With [probe] direction, w is read from a file instead (the paper's GPT-2 runs use Lee et al.'s released
+probe) and the labelled texts only measure it.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
 from pipeline import data as datasets
-from pipeline.config import DataConfig, ModelConfig, ProbeConfig
+from pipeline.config import ConfigError, DataConfig, ModelConfig, ProbeConfig
 from pipeline.models import load_bridge, release_memory
 
 
@@ -57,8 +59,8 @@ def mean_residual(bridge, texts: list[str], batch_size: int, max_tokens: int) ->
     return torch.cat(feats).numpy()
 
 
-def fit(x: np.ndarray, y: np.ndarray, cfg: ProbeConfig) -> tuple[np.ndarray, dict]:
-    """Train/validation split, fit, metrics; returns w in residual coordinates."""
+def split(y: np.ndarray, cfg: ProbeConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the training and the validation texts."""
     order = np.random.default_rng(cfg.seed).permutation(len(y))
     n_val = max(1, int(len(y) * cfg.val_fraction))
     val, train = order[:n_val], order[n_val:]
@@ -69,6 +71,12 @@ def fit(x: np.ndarray, y: np.ndarray, cfg: ProbeConfig) -> tuple[np.ndarray, dic
         cut = [min(len(p) - 1, max(1, round(len(p) * cfg.val_fraction))) for p in parts]
         val = np.concatenate([p[:k] for p, k in zip(parts, cut)])
         train = np.concatenate([p[k:] for p, k in zip(parts, cut)])
+    return train, val
+
+
+def fit(x: np.ndarray, y: np.ndarray, cfg: ProbeConfig) -> tuple[np.ndarray, dict]:
+    """Train/validation split, fit, metrics; returns w in residual coordinates."""
+    train, val = split(y, cfg)
     mu, sigma = x[train].mean(0), x[train].std(0) + 1e-6
     clf = LogisticRegression(C=cfg.l2, max_iter=5000).fit((x[train] - mu) / sigma, y[train])
     w = clf.coef_[0] / sigma  # x . w = standardised logit up to a constant
@@ -83,6 +91,43 @@ def fit(x: np.ndarray, y: np.ndarray, cfg: ProbeConfig) -> tuple[np.ndarray, dic
     return w.astype(np.float32), metrics
 
 
+def load_direction(path: str, d_model: int) -> np.ndarray:
+    """w from a [probe] direction file, or a one-line error naming what the file holds instead."""
+    if not Path(path).is_file():
+        raise datasets.DataError(f"[probe] direction file {path} not found; give a probe vector saved with torch.save or "
+                                 "numpy.save, or leave direction empty to fit one")
+    try:
+        w = np.load(path) if path.endswith(".npy") else torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch and numpy raise many kinds on a file that is not theirs
+        raise datasets.DataError(f"[probe] direction {path} could not be read ({type(e).__name__}); save the vector "
+                                 "itself with torch.save (.pt) or numpy.save (.npy)") from None
+    w = w.detach().float().numpy() if isinstance(w, torch.Tensor) else w
+    if not isinstance(w, np.ndarray) or w.size != d_model:
+        held = f"{w.size} numbers" if isinstance(w, np.ndarray) else f"a {type(w).__name__}"
+        raise datasets.DataError(f"[probe] direction {path} holds {held}; it needs the {d_model} numbers of one vector "
+                                 "in this model's residual stream (a probe of another model?)")
+    w = w.astype(np.float32).reshape(-1)
+    if not np.isfinite(w).all() or not w.any():
+        raise datasets.DataError(f"[probe] direction {path} holds zeros, inf or NaN; it needs a direction")
+    return w
+
+
+def measure(x: np.ndarray, y: np.ndarray, w: np.ndarray, cfg: ProbeConfig) -> dict:
+    """fit's metrics for a given w, on fit's split: ROC-AUC of x . w, and accuracies of x . w > t at the
+    threshold t that is most accurate on the training texts. A w that points away from toxicity is refused:
+    every group's sign would be flipped."""
+    train, val = split(y, cfg)
+    s = x @ w
+    auc = float(roc_auc_score(y[val], s[val]))
+    if auc < 0.5:
+        raise ConfigError(f"[probe] direction ranks the non-toxic validation texts of [data] probe above the toxic ones "
+                          f"(ROC-AUC {auc:.2f}): it points away from toxicity; save its negative")
+    cuts = np.concatenate([[-np.inf], np.sort(s[train])])
+    t = cuts[np.argmax([((s[train] > c) == y[train]).mean() for c in cuts])]
+    return {"n_train": int(len(train)), "n_val": int(len(val)), "train_accuracy": float(((s[train] > t) == y[train]).mean()),
+            "val_accuracy": float(((s[val] > t) == y[val]).mean()), "val_roc_auc": auc}
+
+
 def run(out: Path, *, device: str, model: ModelConfig, data: DataConfig, probe: ProbeConfig,
         world_dir: Path | None = None) -> dict:
     texts, labels = datasets.load_probe(datasets.resolve("probe", data.probe, world_dir), probe.max_examples, probe.seed)
@@ -91,7 +136,11 @@ def run(out: Path, *, device: str, model: ModelConfig, data: DataConfig, probe: 
     layer = bridge.cfg.n_layers - 1
     del bridge
     release_memory()
-    w, metrics = fit(x, np.array(labels), probe)
+    if probe.direction:
+        w = load_direction(probe.direction, x.shape[1])
+        metrics = measure(x, np.array(labels), w, probe)
+    else:
+        w, metrics = fit(x, np.array(labels), probe)
     np.save(out / "w.npy", w)
     return metrics | {"layer": layer, "w_norm": float(np.linalg.norm(w))}
 

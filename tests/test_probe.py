@@ -1,10 +1,13 @@
 """The toxicity probe: recovers a planted direction, reads the right residual, separates the world."""
 
 import numpy as np
+import pytest
 import torch
+from transformers import AutoConfig
 
 from pipeline import probe
-from pipeline.config import ProbeConfig
+from pipeline.config import ConfigError, DataConfig, ModelConfig, ProbeConfig
+from pipeline.data import DataError
 from pipeline.models import load_bridge
 
 
@@ -57,3 +60,49 @@ def test_mean_residual_matches_a_plain_hf_forward(tiny_gpt2):
             hf(ids)
         want = captured["x"][0, 1:].mean(0).numpy()
         assert np.allclose(row, want, atol=1e-4), np.abs(row - want).max()
+
+
+def planted_features(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, 600)
+    return rng.normal(size=(600, 16)) + np.outer(y, np.eye(16)[3]) * 1.5, y
+
+
+def test_a_given_direction_is_measured_on_the_split_fit_uses():
+    """x . w ranks texts as the fitted logit does (a positive scale and a constant apart), so a fitted w given
+    back as the direction has the fit's own validation ROC-AUC; a w pointing away from toxicity is refused."""
+    x, y = planted_features()
+    w, fitted = probe.fit(x, y, ProbeConfig())
+    measured = probe.measure(x, y, w, ProbeConfig())
+    assert measured["val_roc_auc"] == pytest.approx(fitted["val_roc_auc"], abs=1e-12)
+    assert (measured["n_train"], measured["n_val"]) == (fitted["n_train"], fitted["n_val"])
+    assert measured["train_accuracy"] >= fitted["train_accuracy"] - 0.01 and measured["val_accuracy"] > 0.7
+    other_seed = probe.measure(x, y, w, ProbeConfig(seed=1))
+    assert other_seed["val_roc_auc"] != measured["val_roc_auc"]  # the split follows [probe] seed, as fit's does
+    with pytest.raises(ConfigError, match=r"points away from toxicity; save its negative"):
+        probe.measure(x, y, -w, ProbeConfig())
+
+
+def test_the_probe_stage_takes_a_saved_direction_instead_of_fitting(tiny_gpt2, tmp_path):
+    """Lee et al.'s probe.pt is a torch tensor of d_model numbers: saved like it, it becomes the stage's w.npy
+    (here the fitted w, scaled: the same ranking, another vector); a vector of another size or a missing file
+    is a one-line error."""
+    d_model = AutoConfig.from_pretrained(tiny_gpt2).n_embd
+    csv = tmp_path / "probe.csv"
+    csv.write_text("comment_text,toxic\n" + "".join(f"text number {i} {'idiot ' * (i % 2)},{i % 2}\n" for i in range(40)))
+    data, model = DataConfig(probe=str(csv)), ModelConfig(path=str(tiny_gpt2))
+    fitted_dir, given_dir = tmp_path / "fitted", tmp_path / "given"
+    fitted_dir.mkdir(), given_dir.mkdir()
+    fitted = probe.run(fitted_dir, device="cpu", model=model, data=data, probe=ProbeConfig(max_examples=40))
+    w = np.load(fitted_dir / "w.npy")
+    torch.save(torch.tensor(3 * w), tmp_path / "probe.pt")
+    given = probe.run(given_dir, device="cpu", model=model, data=data,
+                      probe=ProbeConfig(max_examples=40, direction=str(tmp_path / "probe.pt")))
+    assert np.array_equal(np.load(given_dir / "w.npy"), 3 * w)
+    assert given["val_roc_auc"] == pytest.approx(fitted["val_roc_auc"], abs=1e-9)
+    torch.save(torch.zeros(d_model + 1), tmp_path / "wide.pt")
+    for path, message in [(tmp_path / "wide.pt", f"holds {d_model + 1} numbers; it needs the {d_model} numbers"),
+                          (tmp_path / "none.pt", "not found")]:
+        with pytest.raises(DataError, match=message) as e:
+            probe.run(given_dir, device="cpu", model=model, data=data, probe=ProbeConfig(max_examples=40, direction=str(path)))
+        assert "\n" not in str(e.value)
