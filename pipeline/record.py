@@ -16,13 +16,15 @@ cached step silently attends to itself alone; tests/test_record.py catches it).
 Where blocks normalize the MLP's output before adding it to the residual (Gemma 2 and 3, OLMo 2), that
 norm divides each position by its RMS s, so neuron i writes (a_i / s) v_i there: record also keeps the mean
 of a_i / s (act_normed), which stage attribute takes as the activation, while act stays the hook's (patches
-write it back there).
+write it back there). Per prompt, record keeps only the one attribute takes: at Gemma 2 9B's size each
+such file is 2.9 GB.
 
 Outputs, per variant (base, dpo):
   {variant}_act.npy         (n_layers, d_mlp) float32  mean neuron activation (mlp.hook_post)
   {variant}_act_prompt.npy  (n_prompts, n_layers, d_mlp) float32  the same mean, per prompt (float16 would
                             overflow past 65,504 and round away DPO's small per-prompt changes)
-  {variant}_act_normed.npy, {variant}_act_normed_prompt.npy  the same for a_i / s, on models with that norm
+  {variant}_act_normed.npy, {variant}_act_normed_prompt.npy  the same for a_i / s, on models with that norm,
+                            which have no act_prompt
   {variant}_mlp_proj.npy    (n_layers,) float32  mean of (MLP output . w_hat)
   {variant}_tokens.npy      (n_prompts, T) int64  the generated token ids
   continuations.parquet     {variant, prompt_id, prompt, continuation}, scored by stage score
@@ -46,7 +48,7 @@ from pipeline import models
 from pipeline.config import ConfigError, DataConfig, ModelConfig, RecordConfig
 
 VARIANTS = ("base", "dpo")
-NEURON_MEANS = ("act", "act_normed")  # kept per neuron, and per neuron and prompt (module docstring)
+NEURON_MEANS = ("act", "act_normed")  # kept per neuron; the last a model has also per prompt (module docstring)
 CONTINUATIONS = {"variant": pl.String, "prompt_id": pl.Int64, "prompt": pl.String, "continuation": pl.String}
 
 
@@ -151,7 +153,7 @@ def generate_and_record(bridge, prompts: list[str], w_hat: np.ndarray, new_token
     tokens = np.zeros((len(prompts), T), np.int64)
     with contextlib.ExitStack() as stack:
         files = {name: stack.enter_context(open_npy(Path(f"{prefix}{name}_prompt.npy"), (len(prompts), n_layers, d_mlp),
-                                                    np.float32)) for name in names}
+                                                    np.float32)) for name in names[-1:]}  # the one attribute takes
         for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch"):
             tokens[start:start + batch_size] = _record_batch(bridge, rows[start:start + batch_size], T, w, sums, files)
             check_finite(sums, desc, cfg.dtype)
@@ -172,12 +174,12 @@ def check_finite(sums: dict[str, torch.Tensor], desc: str, dtype: torch.dtype) -
 
 def _record_batch(bridge, rows: list[torch.Tensor], T: int, w: torch.Tensor, sums: dict[str, torch.Tensor],
                   prompt_files: dict) -> np.ndarray:
-    """Generate one batch, add its sums into sums (mlp_proj and the per-neuron means that prompt_files names),
-    append its per-prompt means to prompt_files."""
+    """Generate one batch, add its sums into sums (mlp_proj and the per-neuron means it holds), append the
+    per-prompt means of those that prompt_files names to them."""
     n_layers, d_mlp, dev = bridge.cfg.n_layers, bridge.cfg.d_mlp, bridge.cfg.device
     ids, mask = left_pad(rows, bridge.tokenizer.pad_token_id)
     # (B, n_layers, d_mlp) sums over T positions
-    batch = {name: torch.zeros(len(ids), n_layers, d_mlp, device=dev) for name in prompt_files}
+    batch = {name: torch.zeros(len(ids), n_layers, d_mlp, device=dev) for name in sums if name in NEURON_MEANS}
     out = torch.zeros(len(ids), n_layers, bridge.cfg.d_model, device=dev)  # (B, n_layers, d_model) likewise
     hooks = [(f"blocks.{l}.mlp.hook_post", AfterPromptPass(batch["act"][:, l])) for l in range(n_layers)] + mlp_out_readers(out)
     if "act_normed" in batch:
@@ -188,7 +190,8 @@ def _record_batch(bridge, rows: list[torch.Tensor], T: int, w: torch.Tensor, sum
     sums["mlp_proj"] += out.sum(0) @ w
     for name, total in batch.items():
         sums[name] += total.sum(0)
-        prompt_files[name].write((total / T).cpu().numpy().tobytes())
+        if name in prompt_files:
+            prompt_files[name].write((total / T).cpu().numpy().tobytes())
     return tokens
 
 
@@ -218,7 +221,7 @@ def reduce_shards(parts: list[dict], prefixes: list[Path], out_prefix: Path) -> 
     names = [name for name in NEURON_MEANS if name in parts[0]]
     rec = {name: sum(p[name] * p["n"] for p in parts) / n for name in [*names, "mlp_proj"]}
     rec["tokens"] = np.concatenate([p["tokens"] for p in parts])
-    for name in names:
+    for name in names[-1:]:  # the per-prompt file generate_and_record wrote
         files, joined = [Path(f"{prefix}{name}_prompt.npy") for prefix in prefixes], Path(f"{out_prefix}{name}_prompt.npy")
         if len(files) == 1:
             files[0].rename(joined)

@@ -314,7 +314,7 @@ def test_recorded_activation_is_the_input_of_the_down_projection(planted_run):
     """a_i of method.md per architecture: whatever the model's own down projection receives (GPT-2:
     GELU(c_fc x); GLU: SiLU(gate x) * up x), averaged over the last T positions of one plain forward.
     Gemma 2 and 3 and OLMo 2 also get act_normed: a_i over the RMS that the post-feedforward norm divides
-    each position by."""
+    each position by, kept per prompt in place of a_i (whose mean over all prompts is kept)."""
     arch, paths, dirs, summary = planted_run
     tok = AutoTokenizer.from_pretrained(paths["base"])
     hf = AutoModelForCausalLM.from_pretrained(paths["base"]).eval()
@@ -326,20 +326,22 @@ def test_recorded_activation_is_the_input_of_the_down_projection(planted_run):
         norm.register_forward_pre_hook(lambda mod, args, l=l, eps=eps: rms.__setitem__(
             l, (args[0][0].pow(2).mean(-1, keepdim=True) + eps).sqrt()))
     tokens = np.load(dirs["record"] / "base_tokens.npy")
-    act_prompt = np.load(dirs["record"] / "base_act_prompt.npy")
-    normed = dirs["record"] / "base_act_normed_prompt.npy"
-    assert normed.exists() == summary["record"]["act_normed"] == bool(post_mlp_norms(hf))
-    n_layers, d_mlp = act_prompt.shape[1:]
+    act_prompt, normed = (dirs["record"] / f"base_{name}_prompt.npy" for name in ("act", "act_normed"))
+    assert normed.exists() == summary["record"]["act_normed"] == bool(post_mlp_norms(hf)) != act_prompt.exists()
+    n_layers, d_mlp = np.load(dirs["record"] / "base_act.npy").shape
     assert (n_layers, d_mlp) == ((24, 4096) if arch == "gpt2-medium" else (2, 96))
+    acts = []
     for i in range(len(PROMPTS)):
         ids = prompt_ids(arch, tok, PROMPTS[i]) + tokens[i].tolist()
         with torch.no_grad():
             hf(torch.tensor([ids]))
-        direct = torch.stack([seen[l][-T:].mean(0) for l in range(n_layers)]).numpy()  # (n_layers, d_mlp)
-        np.testing.assert_allclose(act_prompt[i], direct, atol=1e-5, rtol=1e-4)
+        acts.append(torch.stack([seen[l][-T:].mean(0) for l in range(n_layers)]).numpy())  # (n_layers, d_mlp)
         if rms:
             direct = torch.stack([(seen[l] / rms[l])[-T:].mean(0) for l in range(n_layers)]).numpy()
             np.testing.assert_allclose(np.load(normed)[i], direct, atol=1e-5, rtol=1e-4)
+        else:
+            np.testing.assert_allclose(np.load(act_prompt)[i], acts[-1], atol=1e-5, rtol=1e-4)
+    np.testing.assert_allclose(np.load(dirs["record"] / "base_act.npy"), np.mean(acts, 0), atol=1e-5, rtol=1e-4)
 
 
 def test_planted_neurons_rank_first_and_cos_uses_the_models_own_w_out(planted_run):
@@ -646,8 +648,9 @@ def test_record_sharded_over_processes_equals_one_process(tmp_path, arch):
         assert summary["processes"] == n
     for variant in record.VARIANTS:
         assert (np.load(outs[1] / f"{variant}_tokens.npy") == np.load(outs[2] / f"{variant}_tokens.npy")).all()
-        assert np.load(outs[2] / f"{variant}_act_prompt.npy").shape[0] == len(prompts)
-        names = ("act", "mlp_proj", "act_prompt") + (("act_normed", "act_normed_prompt") if arch == "gemma2" else ())
+        per_prompt = "act_normed_prompt" if arch == "gemma2" else "act_prompt"
+        assert np.load(outs[2] / f"{variant}_{per_prompt}.npy").shape[0] == len(prompts)
+        names = ("act", "mlp_proj", per_prompt) + (("act_normed",) if arch == "gemma2" else ())
         for name in names:
             one, two = (np.load(outs[n] / f"{variant}_{name}.npy") for n in (1, 2))
             assert one.shape == two.shape
