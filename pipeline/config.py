@@ -190,6 +190,9 @@ class PairsConfig:
             raise ValueError("temperature must be positive")
 
 
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt")
+
+
 @dataclass
 class DPOStageConfig:
     """DPO with trl.DPOTrainer; the reference model is the base model."""
@@ -198,7 +201,8 @@ class DPOStageConfig:
     lr: float = _f(1e-5, "Learning rate (paper: 1e-5 for gpt2-medium).")
     optimizer: str = _f("rmsprop", "Optimizer name as transformers knows it (paper: rmsprop).")
     lr_scheduler: str = _f("linear", "Learning-rate schedule as transformers names it: linear decays to 0 by the last "
-                           "step (trl's default); constant_with_warmup holds lr after the warmup (the paper's code's).")
+                           "step (trl's default); constant_with_warmup holds lr after the warmup (the paper's code's); "
+                           "also cosine, cosine_with_restarts, polynomial, inverse_sqrt, constant (no warmup).")
     warmup_steps: int = _f(0, "Optimizer steps over which the learning rate rises from 0 to lr (the paper's code: 150; "
                            "it tempers RMSprop's first steps, about 10 x lr each).")
     max_grad_norm: float = _f(1.0, "Each step's gradient is clipped to this norm; 0 clips nothing (the paper's code: 10).")
@@ -222,6 +226,10 @@ class DPOStageConfig:
             raise ValueError("beta, lr and epochs must be positive")
         if self.warmup_steps < 0 or self.max_grad_norm < 0:
             raise ValueError("warmup_steps and max_grad_norm must be 0 or more")
+        if self.lr_scheduler not in LR_SCHEDULERS:  # transformers has more, but those need settings [dpo] lacks
+            raise ValueError(f"lr_scheduler must be one of {', '.join(LR_SCHEDULERS)}, not {self.lr_scheduler!r}")
+        if self.lr_scheduler == "constant" and self.warmup_steps:
+            raise ValueError("lr_scheduler 'constant' takes no warmup_steps; use constant_with_warmup")
         _at_least_1(self, "batch_size", "grad_accum", "max_length")
 
 

@@ -37,23 +37,18 @@ def without_eos(example: dict, eos: int) -> dict:
     return {k: example[k][:-1] if example[k][-1:] == [eos] else example[k] for k in ("chosen_ids", "rejected_ids")}
 
 
-def check_names(dpo: DPOStageConfig) -> None:
-    """The optimizer and schedule names, which only transformers knows, checked before any stage runs."""
-    from transformers.trainer_utils import SchedulerType
+def check_optimizer(name: str) -> None:
     from transformers.training_args import OptimizerNames
 
-    if dpo.optimizer not in {o.value for o in OptimizerNames}:
-        raise ConfigError(f"[dpo] optimizer {dpo.optimizer!r} is unknown to transformers; use e.g. rmsprop or adamw_torch")
-    if dpo.lr_scheduler not in {s.value for s in SchedulerType}:
-        raise ConfigError(f"[dpo] lr_scheduler {dpo.lr_scheduler!r} is unknown to transformers; use e.g. linear or "
-                          "constant_with_warmup")
+    if name not in {o.value for o in OptimizerNames}:
+        raise ConfigError(f"[dpo] optimizer {name!r} is unknown to transformers; use e.g. rmsprop or adamw_torch")
 
 
 def run(out: Path, *, device: str, model: ModelConfig, dpo: DPOStageConfig, world_dir: Path | None,
         pairs_dir: Path) -> dict:
     from trl import DPOConfig, DPOTrainer
 
-    check_names(dpo)
+    check_optimizer(dpo.optimizer)
     path = datasets.model_path(model.path, world_dir)
     policy, tok = models.load_hf(path)
     args = DPOConfig(

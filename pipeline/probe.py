@@ -132,13 +132,13 @@ def run(out: Path, *, device: str, model: ModelConfig, data: DataConfig, probe: 
         world_dir: Path | None = None) -> dict:
     texts, labels = datasets.load_probe(datasets.resolve("probe", data.probe, world_dir), probe.max_examples, probe.seed)
     bridge = load_bridge(datasets.model_path(model.path, world_dir), device, model.dtype)
+    given = load_direction(probe.direction, bridge.cfg.d_model) if probe.direction else None  # before hours of features
     x = mean_residual(bridge, texts, probe.batch_size, probe.max_tokens)
     layer = bridge.cfg.n_layers - 1
     del bridge
     release_memory()
-    if probe.direction:
-        w = load_direction(probe.direction, x.shape[1])
-        metrics = measure(x, np.array(labels), w, probe)
+    if given is not None:
+        w, metrics = given, measure(x, np.array(labels), given, probe)
     else:
         w, metrics = fit(x, np.array(labels), probe)
     np.save(out / "w.npy", w)

@@ -138,6 +138,11 @@ def neuron_means(bridge) -> tuple[str, ...]:
     return NEURON_MEANS if hasattr(bridge.blocks[0], "ln2_post") else NEURON_MEANS[:1]
 
 
+def per_prompt(names: tuple[str, ...] | list[str]) -> str:
+    """Of a model's neuron means, the one record also keeps per prompt: the activation attribute takes."""
+    return names[-1]
+
+
 @torch.no_grad()
 def generate_and_record(bridge, prompts: list[str], w_hat: np.ndarray, new_tokens: int, batch_size: int, desc: str,
                         prefix: Path) -> dict:
@@ -153,7 +158,7 @@ def generate_and_record(bridge, prompts: list[str], w_hat: np.ndarray, new_token
     tokens = np.zeros((len(prompts), T), np.int64)
     with contextlib.ExitStack() as stack:
         files = {name: stack.enter_context(open_npy(Path(f"{prefix}{name}_prompt.npy"), (len(prompts), n_layers, d_mlp),
-                                                    np.float32)) for name in names[-1:]}  # the one attribute takes
+                                                    np.float32)) for name in [per_prompt(names)]}
         for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch"):
             tokens[start:start + batch_size] = _record_batch(bridge, rows[start:start + batch_size], T, w, sums, files)
             check_finite(sums, desc, cfg.dtype)
@@ -221,7 +226,7 @@ def reduce_shards(parts: list[dict], prefixes: list[Path], out_prefix: Path) -> 
     names = [name for name in NEURON_MEANS if name in parts[0]]
     rec = {name: sum(p[name] * p["n"] for p in parts) / n for name in [*names, "mlp_proj"]}
     rec["tokens"] = np.concatenate([p["tokens"] for p in parts])
-    for name in names[-1:]:  # the per-prompt file generate_and_record wrote
+    for name in [per_prompt(names)]:
         files, joined = [Path(f"{prefix}{name}_prompt.npy") for prefix in prefixes], Path(f"{out_prefix}{name}_prompt.npy")
         if len(files) == 1:
             files[0].rename(joined)

@@ -48,7 +48,6 @@ class Stage:
 
 SCORES = ("scorer.backend", "scorer.detoxify_model", "scorer.checkpoint")  # what decides a toxicity score
 DETOXIFY_ONLY = ("scorer.detoxify_model", "scorer.checkpoint")
-TRL_STAGES = ("dpo", "experts")  # train with a trl trainer
 
 STAGES = (
     Stage("world", world, sections=("world", *SCORES), code=(corpus, scoring)),
@@ -178,9 +177,9 @@ def run(cfg: config_mod.Config, force: set[str] = frozenset(), only: str | None 
             raise config_mod.ConfigError(f"{cfg.source}: no stage {name!r} in this config; its stages are {', '.join(names)}")
     if not only and Path(cfg.run.store).exists():
         store.connect(cfg.run.store, empty_ok=True).close()  # a store that cannot take the run is refused before hours of work
-    resolve_device(cfg.run.device)  # so is a missing GPU, and a name that only transformers knows
+    resolve_device(cfg.run.device)  # so is a missing GPU, and an optimizer name known only when dpo starts
     if "dpo" in names:
-        dpo.check_names(cfg.dpo)
+        dpo.check_optimizer(cfg.dpo.optimizer)
     keys = cache_keys(cfg)
     forced = descendants(stages, set(force))
     needed = ancestors(stages, only) if only else set()
@@ -223,15 +222,14 @@ def _check_inputs(cfg: config_mod.Config, to_run: list[Stage], log) -> None:
         data.resolve(kind, value, None)
     if any("scorer.backend" in _reads(cfg, s) for s in to_run):
         scoring.check(cfg.scorer)
-    trains = [s.name for s in to_run if s.name in TRL_STAGES]
-    if trains and "WORLD_SIZE" not in os.environ and resolve_device(cfg.run.device) == "cuda":
+    if "dpo" in [s.name for s in to_run] and "WORLD_SIZE" not in os.environ and resolve_device(cfg.run.device) == "cuda":
         import torch
 
-        if torch.cuda.device_count() > 1:  # trl refuses the DataParallel that transformers would wrap them in
+        if torch.cuda.device_count() > 1:  # trl's DPOTrainer refuses the DataParallel that transformers would build
             raise config_mod.ConfigError(
-                f"stage {trains[0]} trains with trl, which takes one GPU per process, and this process sees "
-                f"{torch.cuda.device_count()}: run it under accelerate launch (README: Several GPUs) or set "
-                "CUDA_VISIBLE_DEVICES=0")
+                f"stage dpo trains with trl, which takes one GPU per process, and this process sees "
+                f"{torch.cuda.device_count()}: train it first under accelerate launch with --only dpo (README: Several "
+                "GPUs), or set CUDA_VISIBLE_DEVICES=0")
 
 
 def _run_stage(s: Stage, cfg: config_mod.Config, out: Path, upstream: dict[str, Path]) -> float:

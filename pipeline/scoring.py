@@ -9,7 +9,8 @@ on human-labelled comments, independent of the demo world's generator. The other
   detoxify     Detoxify's released models (default "original": BERT trained on Jigsaw), an optional
                install (`pip install detoxify`); the checkpoint is downloaded on first use and cached
                by torch.hub, or read from a local .ckpt ([scorer] checkpoint).
-  perspective  Google's Perspective API, TOXICITY summary score, the paper's scorer. Key from the
+  perspective  Google's Perspective API as the paper's code scores with it: the largest of seven attributes'
+               summary scores (Perspective.ATTRIBUTES). Key from the
                environment variable PERSPECTIVE_API_KEY; one text per request, request starts spaced
                to [scorer] rate_limit per second (several in flight), retried with doubling waits on
                429 (quota), 5xx, timeouts and dropped connections. Each answer is kept by the text's SHA-256, in memory and

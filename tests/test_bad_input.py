@@ -204,10 +204,8 @@ def test_disk_full_inside_a_stage_exits_two_with_the_store_intact(tmp_path, caps
 @pytest.mark.parametrize("section, pieces", [
     ({"run": {"device": "cuda"}}, ["device = 'cuda'", "no CUDA GPU", "'auto' or 'cpu'"]),
     ({"dpo": {"optimizer": "rmsprp"}}, ["optimizer 'rmsprp' is unknown", "rmsprop"]),
-    ({"dpo": {"lr_scheduler": "constant_warmup"}}, ["lr_scheduler 'constant_warmup' is unknown", "constant_with_warmup"]),
 ])
-def test_missing_gpu_or_unknown_trainer_name_is_refused_before_any_stage_runs(tmp_path, capsys, monkeypatch, section,
-                                                                              pieces):
+def test_missing_gpu_or_unknown_optimizer_is_refused_before_any_stage_runs(tmp_path, capsys, monkeypatch, section, pieces):
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)  # the same on a machine that has a GPU
     refused_before_any_stage(tmp_path, capsys, {"world": {}}, section, pieces)
 

@@ -33,6 +33,8 @@ def test_demo_config_loads():
     ("[scorer]\nbackend = 'perspektive'\n[world]\n", ["[scorer] backend must be one of", "perspective"]),
     ("[dpo]\nbeta = -1.0\n[world]\n", ["[dpo] beta, lr and epochs must be positive"]),
     ("[dpo]\nbatch_size = 0\n[world]\n", ["[dpo] batch_size must be at least 1"]),
+    ("[dpo]\nlr_scheduler = 'constant_warmup'\n[world]\n", ["[dpo] lr_scheduler must be one of", "constant_with_warmup"]),
+    ("[dpo]\nlr_scheduler = 'constant'\nwarmup_steps = 150\n[world]\n", ["takes no warmup_steps", "constant_with_warmup"]),
     ("[attribute]\nn_bootstrap = 0\n[world]\n", ["[attribute] n_bootstrap must be at least 1"]),
     ("[intervene]\nn_heldout = 0\n[world]\n", ["[intervene] n_heldout must be at least 1"]),
     ("[intervene]\nperplexity = 'windows'\n[world]\n", ["[intervene] perplexity must be passages or stream"]),

@@ -83,10 +83,10 @@ def test_a_given_direction_is_measured_on_the_split_fit_uses():
         probe.measure(x, y, -w, ProbeConfig())
 
 
-def test_the_probe_stage_takes_a_saved_direction_instead_of_fitting(tiny_gpt2, tmp_path):
+def test_the_probe_stage_takes_a_saved_direction_instead_of_fitting(tiny_gpt2, tmp_path, monkeypatch):
     """Lee et al.'s probe.pt is a torch tensor of d_model numbers: saved like it, it becomes the stage's w.npy
     (here the fitted w, scaled: the same ranking, another vector); a vector of another size or a missing file
-    is a one-line error."""
+    is a one-line error, before the texts' forward passes (hours on a real model)."""
     d_model = AutoConfig.from_pretrained(tiny_gpt2).n_embd
     csv = tmp_path / "probe.csv"
     csv.write_text("comment_text,toxic\n" + "".join(f"text number {i} {'idiot ' * (i % 2)},{i % 2}\n" for i in range(40)))
@@ -101,6 +101,7 @@ def test_the_probe_stage_takes_a_saved_direction_instead_of_fitting(tiny_gpt2, t
     assert np.array_equal(np.load(given_dir / "w.npy"), 3 * w)
     assert given["val_roc_auc"] == pytest.approx(fitted["val_roc_auc"], abs=1e-9)
     torch.save(torch.zeros(d_model + 1), tmp_path / "wide.pt")
+    monkeypatch.setattr(probe, "mean_residual", lambda *a, **k: pytest.fail("features computed before the file was read"))
     for path, message in [(tmp_path / "wide.pt", f"holds {d_model + 1} numbers; it needs the {d_model} numbers"),
                           (tmp_path / "none.pt", "not found")]:
         with pytest.raises(DataError, match=message) as e:
