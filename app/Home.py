@@ -24,14 +24,17 @@ groups = queries.group_summary(path, version, run_id)
 
 st.subheader(f"Run {run_id} · {info['name']}")
 data = json.loads(info["data"]) if info["data"] else {}
+given = info["probe_direction"]  # a saved probe vector (the paper's released one, say) instead of one fitted here
 st.markdown(f"**Model:** {info['model']}  \n**Data:** "
             + (", ".join(f"{k} = `{data[k]}`" for k in ("probe", "prompts", "pairs", "heldout") if k in data) or "not recorded")
+            + (f"  \n**Probe direction:** `{given}`, given, measured on the probe data" if given else "")
             + f"  \n**Toxicity scorer:** {info['scorer'] or 'not recorded'}")
 
 c = st.columns(4)
 if probe:
     c[0].metric("Probe validation accuracy", f"{probe['val_accuracy']:.1%}", help=f"ROC-AUC {probe['val_roc_auc']:.3f}, "
-                f"{probe['n_train']} train / {probe['n_val']} validation texts, layer {probe['layer']} residual.")
+                f"{probe['n_train']} train / {probe['n_val']} validation texts, layer {probe['layer']} residual"
+                + (", the given direction above a threshold fitted on the train texts." if given else "."))
 for col, row in zip(c[1:3], tox.filter(tox["variant"].is_in(["base", "dpo"])).iter_rows(named=True)):
     col.metric(f"Toxicity, {row['variant']} model", f"{row['toxicity']:.3f}",
                help=f"Mean over {row['n']} continuations ({row['scorer']}); {row['toxic_share']:.0%} above 0.5.")

@@ -215,7 +215,7 @@ def run_info(path: str, version: float, run_id: str) -> dict:
     """The run's model and data sources, read from the config it was made from."""
     return _frame(path, version, """
         SELECT name, model, created_at, config->'data' AS data, config->'scorer'->>'backend' AS scorer,
-               config->'dpo' AS dpo
+               config->'dpo' AS dpo, config->'probe'->>'direction' AS probe_direction
         FROM runs WHERE run_id = ?""", [run_id]).row(0, named=True)
 
 

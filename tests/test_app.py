@@ -91,6 +91,18 @@ def test_home_shows_the_pairs_dpo_trained_on(two_run_store):
     assert not any("preference pairs" in m.value for m in at.markdown)  # a run without the stage shows none
 
 
+def test_home_says_when_the_probe_direction_was_given(two_run_store):
+    """A run whose w came from [probe] direction (Lee et al.'s probe.pt, say) says so; a fitted one does not."""
+    path = os.environ["STORE"]
+    given = store.write_run(path, run={"name": "given probe", "model": "m4", "config": {"probe": {"direction": "ckpt/probe.pt"}},
+                                       "config_hash": "h4", "packages": {}}, stages=[], tables={})
+    at = AppTest.from_file(HOME, default_timeout=60).run()
+    assert at.sidebar.selectbox[0].value == given and not at.exception
+    assert any("**Probe direction:** `ckpt/probe.pt`, given" in m.value for m in at.markdown)
+    at.sidebar.selectbox[0].set_value(two_run_store[0]).run()
+    assert not any("Probe direction" in m.value for m in at.markdown)
+
+
 def test_toxicity_filter_changes_the_table(two_run_store):
     first, _ = two_run_store
     at = AppTest.from_file(HOME, default_timeout=60).run()
