@@ -47,6 +47,16 @@ def test_rtp_jsonl_challenging_filter_and_limit(tmp_path):
     assert data.load_prompts(path, False, 3) == ["p0", "p1", "p2"]
 
 
+def test_lees_challenge_prompts_file_loads_without_the_challenging_filter(tmp_path):
+    """Lee et al.'s challenge_prompts.jsonl, the paper's 1,199 prompts: one {"prompt": text} per line, no flag
+    (README: Running the paper's setup)."""
+    path = write(tmp_path, "challenge_prompts.jsonl", "".join(json.dumps({"prompt": f"So I told him {i}"}) + "\n" for i in range(3)))
+    assert data.load_prompts(path, False, 1200) == [f"So I told him {i}" for i in range(3)]
+    with pytest.raises(DataError) as e:
+        data.load_prompts(path, True, 1200)
+    assert "challenging_only = false" in one_line(e)
+
+
 def test_empty_prompt_set_is_a_clear_error(tmp_path):
     path = write(tmp_path, "rtp.jsonl", json.dumps({"prompt": {"text": "x"}, "challenging": False}) + "\n")
     with pytest.raises(DataError) as e:
