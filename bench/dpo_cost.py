@@ -1,8 +1,8 @@
 """Cost of stage dpo at the paper's settings (configs/gpt2-medium.toml: 4 pairs per step, sequences cut
-to 128 tokens, RMSprop, float32, the base model as trl's frozen reference; its warmup, schedule and clipping
-change no step's cost) on a random-init checkpoint of
-gpt2-medium's architecture: a few optimizer steps of the stage's own code, timed, and the paper's 24,576
-pairs (6,144 steps of 4) scaled from them. Every pair fills all 128 tokens, so the figure is an upper bound
+to 128 tokens, RMSprop, float32, the base model as trl's frozen reference; its warmup, schedule and
+clipping change no step's cost) on a random-init checkpoint of gpt2-medium's architecture: a few
+optimizer steps of the stage's own code, timed, and the paper's 24,576 pairs (6,144 steps of 4) scaled
+from them. Every pair fills all 128 tokens, so the figure is an upper bound
 for data whose prompts and continuations are shorter; the first step's warm-up is included.
 
     python -m bench.dpo_cost --device cuda                          # gpt2-medium shape, 4 steps

@@ -123,8 +123,9 @@ def measure(x: np.ndarray, y: np.ndarray, w: np.ndarray, cfg: ProbeConfig) -> di
         raise ConfigError(f"[probe] direction ranks the non-toxic validation texts of [data] probe above the toxic ones "
                           f"(ROC-AUC {auc:.2f}): it points away from toxicity; save its negative")
     cuts = np.concatenate([[-np.inf], np.sort(s[train])])
-    t = cuts[np.argmax([((s[train] > c) == y[train]).mean() for c in cuts])]
-    return {"n_train": int(len(train)), "n_val": int(len(val)), "train_accuracy": float(((s[train] > t) == y[train]).mean()),
+    train_accuracy = [((s[train] > c) == y[train]).mean() for c in cuts]
+    t = cuts[np.argmax(train_accuracy)]
+    return {"n_train": int(len(train)), "n_val": int(len(val)), "train_accuracy": float(max(train_accuracy)),
             "val_accuracy": float(((s[val] > t) == y[val]).mean()), "val_roc_auc": auc}
 
 

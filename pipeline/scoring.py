@@ -196,7 +196,7 @@ class Perspective:
         missing = [a for a in self.ATTRIBUTES if a not in values]
         if missing:
             raise ConfigError(f"Perspective API answered without a score for {', '.join(missing)} ({answer[:120]!r}); a "
-                              "proxy may stand between here and the API: try again, or score with detoxify") from None
+                              "proxy may stand between here and the API: try again, or score with detoxify")
         return max(values.values())
 
     def _request(self, text: str) -> float:
