@@ -8,10 +8,11 @@ the scorer, DPO's optimizer steps, record's and the interventions' generations, 
 perplexity windows), by wrapping those functions. The paper's sizes are then that part scaled by what
 the paper has over this run (1,200 prompts, 24,576 pairs in 6,144 steps, 20,000 probe texts, about
 287,000 WikiText-2 tokens, 200 F1 passages), plus the rest as measured (loading models, attribute, the
-store). Every probe text fills 128 tokens and every pair 128 tokens, so those two are upper bounds. The
-defaults give each part whole batches (the preset's 64 prompts, 4 pairs, 64 probe texts, 8 windows of
-1,024 tokens a batch): a GPU takes nearly as long for a part-filled batch as for a full one, so sizes
-that fill their last batch scale best. The scorer is profanity-check unless --scorer says otherwise (the
+store). On a GPU each stage's peak of torch's allocations is shown beside it. Every probe text fills
+128 tokens and every pair 128 tokens, so those two are upper bounds. The defaults give each part whole
+batches (the preset's 64 prompts, 4 pairs, 64 probe texts, 8 windows of 1,024 tokens a batch): a GPU
+takes nearly as long for a part-filled batch as for a full one, so sizes that fill their last batch
+scale best. The scorer is profanity-check unless --scorer says otherwise (the
 paper's Perspective is bound by its quota: README, Running the paper's setup).
 
     python -m bench.pipeline_cost --device cuda --prompts 256 --pairs 512 --probe-texts 2000 --heldout-tokens 32768
@@ -36,7 +37,7 @@ from transformers import AutoTokenizer
 
 import store
 from bench.common import model_args, save_model, text_of
-from pipeline import config, intervene, probe, record, runner, scoring
+from pipeline import config, data, intervene, probe, record, runner, scoring
 
 PRESET = Path(__file__).resolve().parent.parent / "configs" / "gpt2-medium.toml"
 PAPER = {"prompts": 1_200, "pairs": 24_576, "probe texts": 20_000, "heldout tokens": 287_000, "f1 passages": 200}
@@ -81,11 +82,12 @@ def preset_config(d: Path, model: Path, args) -> config.Config:
 class Timer:
     """Wraps the functions whose work grows with the data. `how(stage, *args)` names a call's part and
     its factor to the paper's size; each call's seconds, and those seconds times the factor, are added to
-    that part of the stage running at the time."""
+    that part of the stage running at the time. On a GPU it keeps each stage's peak allocation."""
 
     def __init__(self, device: str):
         self.device, self.stage = device, ""
         self.measured, self.scaled = defaultdict(float), defaultdict(float)  # keyed by (stage, part)
+        self.gpu_peak = {}  # stage: MiB
         self.wrapped = []  # (module, name, function) to put back
 
     def wrap(self, module, name: str, how) -> None:
@@ -115,7 +117,17 @@ class Timer:
 
     def log(self, line: str) -> None:
         if line.endswith(")") and "] running (" in line:
-            self.stage = line[1:line.index("]")]
+            self.switch(line[1:line.index("]")])
+        elif "] done in " in line:
+            self.switch("store")  # the runner's own work between and after the stages, as the table counts it
+
+    def switch(self, stage: str) -> None:
+        """Keeps the running stage's GPU peak and counts afresh for the next (what a stage leaves allocated
+        counts in the next one's peak too)."""
+        if self.device.startswith("cuda") and self.stage:
+            self.gpu_peak[self.stage] = max(self.gpu_peak.get(self.stage, 0.0), torch.cuda.max_memory_allocated() / 2**20)
+            torch.cuda.reset_peak_memory_stats()
+        self.stage = stage
 
 
 def main(argv=None) -> None:
@@ -136,12 +148,13 @@ def main(argv=None) -> None:
         d = Path(tmp)
         heldout_tokens = write_datasets(d, tok, args)
         cfg = preset_config(d, path, args)
+        n_f1 = len(data.load_text(d / "wiki.txt")[:cfg.intervene.n_heldout])  # each measure's F1 passages
         timer = Timer(args.device)
         per_prompt = PAPER["prompts"] / args.prompts
         timer.wrap(probe, "mean_residual", lambda stage, bridge, texts, *_: ("forward passes", PAPER["probe texts"] / len(texts)))
         timer.wrap(record, "generate_and_record", lambda *_: ("generations", per_prompt))
         timer.wrap(intervene, "generate", lambda stage, bridge, rows, *a: (
-            ("F1 continuations", PAPER["f1 passages"] / len(rows)) if a[-1].endswith(" f1") else ("generations", per_prompt)))
+            ("F1 continuations", PAPER["f1 passages"] / n_f1) if a[-1].endswith(" f1") else ("generations", per_prompt)))
         timer.wrap(intervene, "perplexity", lambda *_: ("perplexity", PAPER["heldout tokens"] / heldout_tokens))
         timer.wrap(scoring, "in_batches", lambda stage, *_: ("scorer", PAPER["pairs"] / args.pairs if stage == "pairs" else per_prompt))
         t0 = time.perf_counter()
@@ -149,6 +162,7 @@ def main(argv=None) -> None:
             run_id = runner.run(cfg, log=timer.log)
         finally:
             timer.unwrap()
+        timer.switch("")
         total = time.perf_counter() - t0
         stages = {row["stage"]: row for row in runner.status(cfg)}
         con = store.connect(cfg.run.store)
@@ -161,20 +175,21 @@ def main(argv=None) -> None:
     pairs_per_step = cfg.dpo.batch_size * cfg.dpo.grad_accum
     timer.scaled["dpo", "optimizer steps"] += dpo["seconds"] * PAPER["pairs"] / pairs_per_step / dpo["n_steps"]
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB (Linux reports KiB)
-    gpu = f", GPU peak {torch.cuda.max_memory_allocated() / 2**20:,.0f} MiB" if args.device.startswith("cuda") else ""
+    gpu = f", GPU peak {max(timer.gpu_peak.values()):,.0f} MiB" if timer.gpu_peak else ""
     print(f"{args.n_layer} x {4 * args.d_model} neurons, d_model {args.d_model}, vocab {args.vocab}; {args.prompts} prompts, "
-          f"{args.pairs} pairs, {args.probe_texts} probe texts, {heldout_tokens:,} held-out tokens; {args.scorer}; "
+          f"{args.pairs} pairs, {args.probe_texts} probe texts, {heldout_tokens:,} held-out tokens ({n_f1} F1 passages); {args.scorer}; "
           f"{args.device}, {torch.get_num_threads()} threads; peak RSS {rss:,.0f} MiB{gpu}")
     print(f"  checkpoint written in {t_model:.1f} s; the run: {total:.1f} s, {n_neurons:,} neurons and {n_generations:,} "
           "generations in the store")
-    print(f"  {'stage':<10} {'measured':>10} {'of which grows':>15} {'paper size':>12}")
+    peak = lambda name: f" {timer.gpu_peak[name]:>9,.0f} MiB" if name in timer.gpu_peak else ""  # noqa: E731
+    print(f"  {'stage':<10} {'measured':>10} {'of which grows':>15} {'paper size':>12}" + (f" {'GPU peak':>13}" if timer.gpu_peak else ""))
     rows = [(name, row["seconds"]) for name, row in stages.items()] + [("store", total - sum(r["seconds"] for r in stages.values()))]
     paper_total = 0.0
     for name, seconds in rows:
         grows = sum(timer.measured[name, part] for part in timer.parts(name))
         paper = seconds - grows + sum(timer.scaled[name, part] for part in timer.parts(name))
         paper_total += paper
-        print(f"  {name:<10} {seconds:>8.1f} s {grows:>13.1f} s {paper / 60:>8.2f} min")
+        print(f"  {name:<10} {seconds:>8.1f} s {grows:>13.1f} s {paper / 60:>8.2f} min{peak(name)}")
         for part in timer.parts(name):
             print(f"    {part:<18} {timer.measured[name, part]:>13.1f} s {timer.scaled[name, part] / 60:>8.2f} min")
     print(f"  {'all':<10} {total:>8.1f} s {sum(timer.measured.values()):>13.1f} s {paper_total / 60:>8.2f} min")

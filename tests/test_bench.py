@@ -81,21 +81,25 @@ def test_pipeline_timer_scales_each_call_on_the_stage_that_made_it():
     timer.log("[record] running (abc)")
     work.step(0.05, 2)
     work.step(0.05, 5)
-    timer.log("[record] done in 0.1s")  # a done line changes nothing: the next running line does
+    timer.log("[record] done in 0.1s")  # until the next running line, the runner's own work: the table's "store"
     work.step(0.02, 1)
     timer.log("[score] running (def)")
     work.step(0.03, 1)
-    assert timer.parts("record") == ["steps"] and timer.parts("score") == ["other"]
-    assert 0.12 <= timer.measured["record", "steps"] < 0.2 and 0.03 <= timer.measured["score", "other"] < 0.06
-    # 0.05 s x 5 + 0.05 s x 2 + 0.02 s x 10, each call by its own factor
-    assert 0.55 <= timer.scaled["record", "steps"] < 0.55 * 1.6
+    assert timer.parts("record") == ["steps"] and timer.parts("score") == timer.parts("store") == ["other"]
+    assert 0.1 <= timer.measured["record", "steps"] < 0.16 and 0.03 <= timer.measured["score", "other"] < 0.06
+    assert 0.02 <= timer.measured["store", "other"] < 0.05  # the call after the done line
+    # 0.05 s x 5 + 0.05 s x 2, each call by its own factor
+    assert 0.35 <= timer.scaled["record", "steps"] < 0.35 * 1.6
     assert timer.scaled["score", "other"] == timer.measured["score", "other"]
+    assert timer.gpu_peak == {}  # kept on a GPU only
     timer.unwrap()
     assert work.step is step
 
 
-def test_pipeline_cost_runs_the_preset_into_a_store_and_scales_every_stage(capsys):
+def test_pipeline_cost_runs_the_preset_into_a_store_and_scales_every_stage(capsys, monkeypatch):
     generate = intervene.generate
+    # F1's prefixes then take several batches, each a call of generate; the scale is the run's passages, not a call's
+    monkeypatch.setattr(intervene, "LOGITS_PER_BATCH", 3 * 80 * 300)
     pipeline_cost.main([*TINY, "--prompts", "4", "--pairs", "16", "--probe-texts", "16", "--heldout-tokens", "1024",
                         "--batch", "4"])
     assert intervene.generate is generate  # the stages' functions are unwrapped again for whatever runs next
@@ -109,4 +113,8 @@ def test_pipeline_cost_runs_the_preset_into_a_store_and_scales_every_stage(capsy
     assert rows["intervene"][1] > 0 and rows["record"][1] > 0 and rows["dpo"][1] > 0
     parts = re.findall(r"^    (\S.*?) +(\S+) s +(\S+) min$", out, re.M)
     assert {p for p, *_ in parts} >= {"forward passes", "optimizer steps", "generations", "F1 continuations", "perplexity", "scorer"}
+    (f1_measured, f1_paper_min), = [tuple(map(float, r)) for p, *r in parts if p == "F1 continuations"]
+    n_f1 = int(re.search(r"\((\d+) F1 passages\)", out).group(1))
+    factor = pipeline_cost.PAPER["f1 passages"] / n_f1
+    assert f1_measured > 0 and abs(f1_paper_min * 60 - f1_measured * factor) <= 0.05 * factor + 0.3
     assert abs(sum(r[0] for n, r in rows.items() if n != "all") - rows["all"][0]) <= 0.5
