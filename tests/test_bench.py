@@ -86,10 +86,10 @@ def test_pipeline_timer_scales_each_call_on_the_stage_that_made_it():
     timer.log("[score] running (def)")
     work.step(0.03, 1)
     assert timer.parts("record") == ["steps"] and timer.parts("score") == timer.parts("store") == ["other"]
-    assert 0.1 <= timer.measured["record", "steps"] < 0.16 and 0.03 <= timer.measured["score", "other"] < 0.06
-    assert 0.02 <= timer.measured["store", "other"] < 0.05  # the call after the done line
-    # 0.05 s x 5 + 0.05 s x 2, each call by its own factor
-    assert 0.35 <= timer.scaled["record", "steps"] < 0.35 * 1.6
+    assert 0.1 <= timer.measured["record", "steps"] < 0.2 and 0.03 <= timer.measured["score", "other"] < 0.1
+    assert 0.02 <= timer.measured["store", "other"] < 0.1  # the call after the done line
+    # 0.05 s x 5 + 0.05 s x 2, each call by its own factor (with the store's call too it would be 0.55)
+    assert 0.35 <= timer.scaled["record", "steps"] < 0.5
     assert timer.scaled["score", "other"] == timer.measured["score", "other"]
     assert timer.gpu_peak == {}  # kept on a GPU only
     timer.unwrap()
