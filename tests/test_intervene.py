@@ -235,6 +235,28 @@ def test_perplexity_batches_keep_to_the_logits_budget_and_the_value(tiny_gpt2, m
     assert sizes == [4, 2, 2]  # F1's prefixes in one batch, then two a batch within the budget
 
 
+def test_a_forward_holds_one_layers_attention_pattern_at_a_time(tmp_path):
+    """The bridge's GPT-2 attention kept each layer's pattern after its forward (models._bridge_keeps_no_pattern):
+    on gpt2-medium, 12 GB for a perplexity batch of 8 windows of 1,024 tokens. As each block ends, only its own
+    (batch, heads, pos, pos) pattern may be alive, and none after the forward."""
+    import gc
+
+    bridge = models.load_bridge(str(save_tiny_gpt2(tmp_path / "m", n_layer=4)), "cpu")
+    B, H, L = 3, bridge.cfg.n_heads, 29  # a length no other tensor has
+
+    def patterns() -> int:
+        return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor) and tuple(o.shape) == (B, H, L, L))
+
+    alive = []
+    handles = [block.register_forward_hook(lambda *_: alive.append(patterns())) for block in bridge.blocks]
+    try:
+        intervene.perplexity(bridge, [torch.randint(1, 300, (L,)) for _ in range(B)], B, [])
+    finally:
+        for h in handles:
+            h.remove()
+    assert len(alive) == 4 and max(alive) <= 1 and patterns() == 0
+
+
 class CharScorer:
     """Stands in for the scorer, which gives every garbled tiny-model text the same score: a fixed
     function of the characters, so different continuations get different toxicities."""
