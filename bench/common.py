@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+PRESET = Path(__file__).resolve().parent.parent / "configs" / "gpt2-medium.toml"  # the paper's setup
+
 
 def model_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--n-layer", type=int, default=24, help="blocks (gpt2-medium: 24)")

@@ -36,10 +36,9 @@ import torch
 from transformers import AutoTokenizer
 
 import store
-from bench.common import model_args, save_model, text_of
+from bench.common import PRESET, model_args, save_model, text_of
 from pipeline import config, data, intervene, probe, record, runner, scoring
 
-PRESET = Path(__file__).resolve().parent.parent / "configs" / "gpt2-medium.toml"
 PAPER = {"prompts": 1_200, "pairs": 24_576, "probe texts": 20_000, "heldout tokens": 287_000, "f1 passages": 200}
 
 
@@ -124,8 +123,9 @@ class Timer:
     def switch(self, stage: str) -> None:
         """Keeps the running stage's GPU peak and counts afresh for the next (what a stage leaves allocated
         counts in the next one's peak too)."""
-        if self.device.startswith("cuda") and self.stage:
-            self.gpu_peak[self.stage] = max(self.gpu_peak.get(self.stage, 0.0), torch.cuda.max_memory_allocated() / 2**20)
+        if self.device.startswith("cuda"):
+            if self.stage:
+                self.gpu_peak[self.stage] = max(self.gpu_peak.get(self.stage, 0.0), torch.cuda.max_memory_allocated() / 2**20)
             torch.cuda.reset_peak_memory_stats()
         self.stage = stage
 
@@ -148,7 +148,7 @@ def main(argv=None) -> None:
         d = Path(tmp)
         heldout_tokens = write_datasets(d, tok, args)
         cfg = preset_config(d, path, args)
-        n_f1 = len(data.load_text(d / "wiki.txt")[:cfg.intervene.n_heldout])  # each measure's F1 passages
+        n_f1 = len(data.load_text(Path(cfg.data.heldout))[:cfg.intervene.n_heldout])  # as intervene.load_heldout takes them
         timer = Timer(args.device)
         per_prompt = PAPER["prompts"] / args.prompts
         timer.wrap(probe, "mean_residual", lambda stage, bridge, texts, *_: ("forward passes", PAPER["probe texts"] / len(texts)))
@@ -181,7 +181,10 @@ def main(argv=None) -> None:
           f"{args.device}, {torch.get_num_threads()} threads; peak RSS {rss:,.0f} MiB{gpu}")
     print(f"  checkpoint written in {t_model:.1f} s; the run: {total:.1f} s, {n_neurons:,} neurons and {n_generations:,} "
           "generations in the store")
-    peak = lambda name: f" {timer.gpu_peak[name]:>9,.0f} MiB" if name in timer.gpu_peak else ""  # noqa: E731
+
+    def peak(name: str) -> str:
+        return f" {timer.gpu_peak[name]:>9,.0f} MiB" if name in timer.gpu_peak else ""
+
     print(f"  {'stage':<10} {'measured':>10} {'of which grows':>15} {'paper size':>12}" + (f" {'GPU peak':>13}" if timer.gpu_peak else ""))
     rows = [(name, row["seconds"]) for name, row in stages.items()] + [("store", total - sum(r["seconds"] for r in stages.values()))]
     paper_total = 0.0

@@ -5,10 +5,10 @@ timer puts each call's seconds, scaled, on the stage that made it."""
 from __future__ import annotations
 
 import re
-import time
 import types
 
 import polars as pl
+import torch
 
 from bench import app_queries, dpo_cost, dpo_memory, pipeline_cost, record_cost, record_memory
 from pipeline import intervene
@@ -73,25 +73,35 @@ def test_dpo_cost_times_the_steps_it_asked_for(capsys):
     assert abs(float(paper) * 60 - float(per_step) * paper_steps) <= 0.01 * paper_steps
 
 
-def test_pipeline_timer_scales_each_call_on_the_stage_that_made_it():
-    step = lambda seconds, n: time.sleep(seconds)  # noqa: E731
+def test_pipeline_timer_scales_each_call_on_the_stage_that_made_it(monkeypatch):
+    """On a clock and a GPU allocator that the calls themselves advance: each call's seconds, times its own
+    factor, go to the stage running when it was made, and each stage keeps its own GPU peak."""
+    clock, peak = [0.0], [0.0]  # seconds; MiB since the last reset
+    monkeypatch.setattr(pipeline_cost, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: peak[0] * 2**20)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: peak.__setitem__(0, 0.0))
+
+    def step(seconds, n, mib=0.0):
+        clock[0] += seconds
+        peak[0] = max(peak[0], mib)
+
     work = types.SimpleNamespace(step=step)
-    timer = pipeline_cost.Timer("cpu")
+    timer = pipeline_cost.Timer("cuda")
     timer.wrap(work, "step", lambda stage, seconds, n: ("steps", 10 / n) if stage == "record" else ("other", 1.0))
+    peak[0] = 999.0  # allocated before the run: no stage's
     timer.log("[record] running (abc)")
-    work.step(0.05, 2)
-    work.step(0.05, 5)
-    timer.log("[record] done in 0.1s")  # until the next running line, the runner's own work: the table's "store"
-    work.step(0.02, 1)
+    work.step(5.0, 2, mib=100.0)
+    work.step(5.0, 5, mib=300.0)
+    timer.log("[record] done in 10.0s")  # until the next running line, the runner's own work: the table's "store"
+    work.step(2.0, 1, mib=50.0)
     timer.log("[score] running (def)")
-    work.step(0.03, 1)
+    work.step(3.0, 1, mib=20.0)
+    timer.switch("")
     assert timer.parts("record") == ["steps"] and timer.parts("score") == timer.parts("store") == ["other"]
-    assert 0.1 <= timer.measured["record", "steps"] < 0.2 and 0.03 <= timer.measured["score", "other"] < 0.1
-    assert 0.02 <= timer.measured["store", "other"] < 0.1  # the call after the done line
-    # 0.05 s x 5 + 0.05 s x 2, each call by its own factor (with the store's call too it would be 0.55)
-    assert 0.35 <= timer.scaled["record", "steps"] < 0.5
-    assert timer.scaled["score", "other"] == timer.measured["score", "other"]
-    assert timer.gpu_peak == {}  # kept on a GPU only
+    assert (timer.measured["record", "steps"], timer.measured["store", "other"], timer.measured["score", "other"]) == (10, 2, 3)
+    assert timer.scaled["record", "steps"] == 5 * 5 + 5 * 2 and timer.scaled["score", "other"] == 3
+    assert timer.gpu_peak == {"record": 300.0, "store": 50.0, "score": 20.0}
     timer.unwrap()
     assert work.step is step
 
@@ -99,7 +109,7 @@ def test_pipeline_timer_scales_each_call_on_the_stage_that_made_it():
 def test_pipeline_cost_runs_the_preset_into_a_store_and_scales_every_stage(capsys, monkeypatch):
     generate = intervene.generate
     # F1's prefixes then take several batches, each a call of generate; the scale is the run's passages, not a call's
-    monkeypatch.setattr(intervene, "LOGITS_PER_BATCH", 3 * 80 * 300)
+    monkeypatch.setattr(intervene, "LOGITS_PER_BATCH", 3 * 80 * 300)  # 3 prefixes of up to 80 tokens, TINY's vocab
     pipeline_cost.main([*TINY, "--prompts", "4", "--pairs", "16", "--probe-texts", "16", "--heldout-tokens", "1024",
                         "--batch", "4"])
     assert intervene.generate is generate  # the stages' functions are unwrapped again for whatever runs next

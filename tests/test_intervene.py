@@ -244,7 +244,8 @@ def test_a_forward_holds_one_layers_attention_pattern_at_a_time(tmp_path):
     bridge = models.load_bridge(str(save_tiny_gpt2(tmp_path / "m", n_layer=4)), "cpu")
     B, H, L = 3, bridge.cfg.n_heads, 29  # a length no other tensor has
 
-    def patterns() -> int:
+    def patterns() -> int:  # alive: still reachable after a collection (a pattern kept as an attribute is)
+        gc.collect()
         return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor) and tuple(o.shape) == (B, H, L, L))
 
     alive = []
