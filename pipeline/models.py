@@ -42,10 +42,10 @@ def _bridge_reads_the_kv_cache() -> None:
 
 def _bridge_keeps_no_pattern() -> None:
     """transformer-lens 4.3's joint-QKV attention bridge (GPT-2's, GPT-NeoX's) keeps each forward's
-    attention pattern in `_pattern`, which nothing reads: every layer's (batch, heads, pos, pos) float32
-    pattern stays alive until that layer's next forward. On gpt2-medium a perplexity batch of 8 windows of
-    1,024 tokens so holds 12 GB besides its 1.6 GB of logits. Drop it once the output is built; hooks on
-    hook_pattern still see every pattern."""
+    attention pattern in `_pattern`, which nothing reads: every layer's (batch, heads, pos, pos) pattern,
+    in the model's dtype, stays alive until that layer's next forward. On gpt2-medium in float32 a
+    perplexity batch of 8 windows of 1,024 tokens so holds 12 GiB besides its 1.5 GiB of logits. Drop it
+    once the output is built; hooks on hook_pattern still see every pattern."""
     from transformer_lens.model_bridge.generalized_components.joint_qkv_attention import JointQKVAttentionBridge
 
     process = JointQKVAttentionBridge._process_output
