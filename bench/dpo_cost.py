@@ -22,8 +22,7 @@ import torch
 from transformers import AutoTokenizer
 
 from bench.common import PRESET, model_args, save_model, text_of
-from pipeline import dpo
-from pipeline import config
+from pipeline import config, dpo
 from pipeline.config import ModelConfig
 
 PAPER_PAIRS = 24_576

@@ -237,7 +237,7 @@ def test_perplexity_batches_keep_to_the_logits_budget_and_the_value(tiny_gpt2, m
 
 def test_a_forward_holds_one_layers_attention_pattern_at_a_time(tmp_path):
     """The bridge's GPT-2 attention kept each layer's pattern after its forward (models._bridge_keeps_no_pattern):
-    on gpt2-medium, 12 GB for a perplexity batch of 8 windows of 1,024 tokens. As each block ends, only its own
+    on gpt2-medium, 12 GiB for a perplexity batch of 8 windows of 1,024 tokens. As each block ends, only its own
     (batch, heads, pos, pos) pattern may be alive, and none after the forward."""
     import gc
 
