@@ -40,6 +40,16 @@ def text_tokens(bridge, texts: list[str], max_tokens: int) -> tuple[torch.Tensor
     return ids, mask
 
 
+class _LastResidual(Exception):
+    """Ends a forward at the last block's output. The final norm and the unembedding would follow, and
+    their (B, T, vocab) logits are the forward's largest tensor: about 4 GB in float32 for 32 texts of 128
+    tokens at Gemma's 256k vocabulary. TransformerLens' stop_at_layer = n_layers does not skip them."""
+
+
+def _stop_with(resid, hook):
+    raise _LastResidual(resid)
+
+
 @torch.no_grad()
 def mean_residual(bridge, texts: list[str], batch_size: int, max_tokens: int) -> np.ndarray:
     """(N, d_model) mean of the last block's output over each text's own tokens (BOS and padding excluded)."""
@@ -48,13 +58,12 @@ def mean_residual(bridge, texts: list[str], batch_size: int, max_tokens: int) ->
     for i in tqdm(range(0, len(texts), batch_size), desc="probe features", unit="batch"):
         ids, mask = text_tokens(bridge, texts[i:i + batch_size], max_tokens)
         ids, mask = ids.to(bridge.cfg.device), mask.to(bridge.cfg.device)
-        captured = {}
-
-        def grab(resid, hook):
-            captured["resid"] = resid  # (B, T, d_model)
-
-        bridge.run_with_hooks(ids, fwd_hooks=[(f"blocks.{layer}.hook_resid_post", grab)])
-        resid = captured["resid"].float()
+        try:
+            bridge.run_with_hooks(ids, fwd_hooks=[(f"blocks.{layer}.hook_resid_post", _stop_with)])
+        except _LastResidual as stop:
+            resid = stop.args[0].float()  # (B, T, d_model)
+        else:  # resid would be the last batch's
+            raise RuntimeError(f"blocks.{layer}.hook_resid_post never ran")
         feats.append(((resid * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)).cpu())
     return torch.cat(feats).numpy()
 

@@ -48,7 +48,10 @@ def test_mean_residual_matches_a_plain_hf_forward(tiny_gpt2):
 
     texts = ["The soup was warm and the bread was fresh.", "Hello there.", "We will book the train at the station tomorrow."]
     bridge = load_bridge(str(tiny_gpt2), "cpu")
-    got = probe.mean_residual(bridge, texts, batch_size=3, max_tokens=64)
+    unembedded = []
+    bridge.unembed.register_forward_hook(lambda *_: unembedded.append(1))
+    got = probe.mean_residual(bridge, texts, batch_size=2, max_tokens=64)
+    assert not unembedded  # the forward ends at the last block: no logits
 
     hf = AutoModelForCausalLM.from_pretrained(tiny_gpt2).eval()
     tok = AutoTokenizer.from_pretrained(tiny_gpt2)
