@@ -140,6 +140,9 @@ class DataConfig:
     prompts: str = _f("world", "Challenge prompts: RealToxicityPrompts-style JSONL ({prompt: {text}, challenging}), hf:allenai/real-toxicity-prompts, or 'world'.")
     pairs: str = _f("world", "Preference pairs: JSONL with prompt, chosen, rejected (or hf:NAME with those columns); 'world'; or 'self' to generate best-of-K.")
     heldout: str = _f("world", "Held-out text for perplexity and F1, one passage per line (WikiText-2 style), hf:Salesforce/wikitext:wikitext-2-raw-v1:test, or 'world'.")
+    f1_samples: str = _f("", "F1 samples instead of the held-out passages: a JSONL of {prompt, gold} (Lee et al.'s wiki_samples.jsonl), "
+                         "scored as the reference code scores them ([intervene] f1_prompt_tokens). Empty: each held-out "
+                         "passage's first half is the prompt and its second half the gold.")
     challenging_only: bool = _f(True, "Keep only prompts flagged challenging (the paper's ~1.2K RTP prompts).")
     max_prompts: int = _f(1200, "At most this many challenge prompts (taken in file order).")
 
@@ -274,8 +277,12 @@ class InterveneConfig:
                                  "Patch a group, or a space-separated union of groups, to the DPO model's mean activation at "
                                  "mlp.hook_post (act_dpo, except on models that normalize the MLP's output: README, Real models).")
     patch_top: list[int] = _f([10, 30, 100, 300, 1000], "Patching sweep: the top-N neurons by delta patched like patch_groups.")
-    n_heldout: int = _f(200, "Held-out passages for perplexity and for F1 of continuations against gold ones.")
+    n_heldout: int = _f(200, "Held-out passages (or [data] f1_samples, in file order) for F1 of continuations against gold "
+                        "ones, and for perplexity = passages.")
     f1_tokens: int = _f(20, "Tokens generated (and gold tokens compared) per F1 sample.")
+    f1_prompt_tokens: int = _f(32, "With [data] f1_samples: each prompt is cut to its first this many tokens and its gold "
+                               "to this many plus f1_tokens, and F1 counts the prompt's tokens with the continuation's, "
+                               "as the reference code does (its max_prompt_size, 32).")
     batch_size: int = _f(32, "Held-out passages or stream windows per batch, fewer where their logits would pass 1.6 GB "
                          "(long rows, a large vocabulary). The challenge prompts go in [record] batch_size batches, as "
                          "in record, so that the rows compare like with like.")
@@ -295,7 +302,7 @@ class InterveneConfig:
                 raise ValueError(f"patch_groups entry {union!r}: groups must be among {' '.join(GROUP_CODES)}")
         if any(n < 1 for n in self.ablate_top + self.ablate_top_positive + self.patch_top):
             raise ValueError("neuron counts must be at least 1")
-        _at_least_1(self, "n_heldout", "f1_tokens", "batch_size")
+        _at_least_1(self, "n_heldout", "f1_tokens", "f1_prompt_tokens", "batch_size")
         if self.perplexity not in ("passages", "stream"):
             raise ValueError(f"perplexity must be passages or stream, not {self.perplexity!r}")
         if self.perplexity_window < 2:

@@ -263,6 +263,24 @@ def load_pairs(path: Path, max_pairs: int) -> list[dict]:
     return pairs[:max_pairs]
 
 
+def load_f1_samples(path: Path) -> list[tuple[str, str]]:
+    """(prompt, gold) of every line of a JSONL in Lee et al.'s wiki_samples.jsonl format ({"prompt": ..., "gold": ...}).
+    An empty one is refused rather than skipped: the reference code scores every line."""
+    samples = []
+    for n, r in _jsonl(path):
+        if not {"prompt", "gold"} <= set(r):
+            raise DataError(f"{_name(path)} line {n} needs keys prompt and gold (Lee et al.'s wiki_samples.jsonl); found "
+                            f"{', '.join(sorted(r)) or 'none'}")
+        for key in ("prompt", "gold"):
+            if not isinstance(r[key], str) or not r[key].strip():
+                raise DataError(f"{_name(path)} line {n}: {key} is {'empty' if isinstance(r[key], str) else type(r[key]).__name__}; "
+                                "give it as non-empty text or remove that line")
+        samples.append((r["prompt"], r["gold"]))
+    if not samples:
+        raise DataError(f"{_name(path)} has no F1 samples; each line needs {{\"prompt\": ..., \"gold\": ...}}")
+    return samples
+
+
 def load_entries(path: Path) -> list[str]:
     """The file's lines as WikiText-2's hub entries are, for the reference code's perplexity text
     ("\n\n".join of them): a line with text keeps its newline, a blank line is empty, headings stay."""

@@ -19,7 +19,8 @@ Each row is measured as intervene.py measures its rows, with its functions:
                            (toxicity, toxic_share, and recovered against record's base and DPO rows)
     perplexity             intervene.perplexity of the PoE's normalised distribution on the held-out
                            passages (MaRCo: the PoE it regenerates with)
-    f1                     intervene.mean_f1 of the held-out prefixes' continuations against the gold ones
+    f1                     intervene.mean_f1 of the held-out prefixes' (or f1_samples' prompts') continuations
+                           against the gold ones
                            (MaRCo: the base model's continuations, revised)
     mlp_proj[l]            mean over the continuation positions of the base model's hook_mlp_out .
                            w_hat, from one forward over prompt + continuation (method.md's definition):
@@ -49,7 +50,7 @@ from tqdm import tqdm
 from pipeline import data as datasets
 from pipeline import models
 from pipeline.config import DataConfig, DetoxConfig, InterveneConfig, ModelConfig, RecordConfig
-from pipeline.intervene import LAYERS, ROWS, decode, load_heldout, mean_f1, perplexity
+from pipeline.intervene import LAYERS, ROWS, decode, f1_samples_file, load_heldout, mean_f1, perplexity
 from pipeline.record import CONTINUATIONS, continuations, left_pad, prompt_tokens
 
 REVISIONS = {"variant": pl.String, "prompt_id": pl.Int64, "position": pl.Int64, "token": pl.String, "jsd": pl.Float64,
@@ -175,7 +176,7 @@ def mlp_proj(bridge, rows: list[torch.Tensor], tokens: np.ndarray, w_hat: np.nda
 def run(out: Path, *, device: str, model: ModelConfig, data: DataConfig, record: RecordConfig, intervene: InterveneConfig,
         detox: DetoxConfig, world_dir: Path | None, probe_dir: Path, record_dir: Path, experts_dir: Path) -> dict:
     prompts = datasets.load_prompts(datasets.resolve("prompts", data.prompts, world_dir), data.challenging_only, data.max_prompts)
-    heldout_file = datasets.resolve("heldout", data.heldout, world_dir)
+    heldout_file, samples_file = datasets.resolve("heldout", data.heldout, world_dir), f1_samples_file(data)
     w = np.load(Path(probe_dir) / "w.npy").astype(np.float32)
     w_hat = w / np.linalg.norm(w)
     base_tokens = np.load(Path(record_dir) / "base_tokens.npy")  # (n_prompts, T): the base model's greedy continuations
@@ -184,7 +185,7 @@ def run(out: Path, *, device: str, model: ModelConfig, data: DataConfig, record:
     path = datasets.model_path(model.path, world_dir)
     bridge = models.load_bridge(path, device, model.dtype)
     prompt_rows = prompt_tokens(bridge, prompts, T)
-    held = load_heldout(bridge, heldout_file, intervene, bs)
+    held = load_heldout(bridge, heldout_file, intervene, bs, samples_file)
     # The base of the PoE is the transformers model inside the bridge, called directly (no hooks run): one copy.
     loaded = [models.load_hf(str(Path(experts_dir) / name), device, model.dtype)[0] for name in ("expert", "anti")]
     poe = ProductOfExperts(bridge.original_model, *loaded, tokenizer=bridge.tokenizer,

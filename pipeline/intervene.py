@@ -21,10 +21,12 @@ Each is measured with the same code on one loaded base model:
                            windows, or perplexity_windows of them spread over the text; on a model whose
                            BOS is not its end of text, each window after BOS, every text token predicted)
     f1                     F1 of the bags of token ids of a greedy continuation of each passage's first
-                           half and of its gold second half (both `f1_tokens` tokens): the reference
-                           code's run_f1 (Lee et al.) counts token ids too, but over prompt and
-                           continuation (transformers' generate returns both), where method.md compares
-                           the continuation with the gold one
+                           half and of its gold second half (both `f1_tokens` tokens), as method.md
+                           compares them; or, with [data] f1_samples, the reference code's run_f1 (Lee
+                           et al.) on their {prompt, gold} samples: the prompt cut to f1_prompt_tokens
+                           tokens, and the bag of prompt and continuation (transformers' generate returns
+                           both) against the gold's first f1_prompt_tokens + f1_tokens tokens, padding
+                           left out of both
     mlp_proj[l]            mean over the generated positions of hook_mlp_out . w_hat, read as record.py does
 The base and DPO rows take their continuations from stage record. The challenge prompts are generated
 here in record's batches ([record] batch_size) with record's code, so an intervention that changes
@@ -213,8 +215,14 @@ def f1(pred: list[int], gold: list[int]) -> float:
 class Heldout:
     rows: list[torch.Tensor]  # what perplexity scores: whole passages (BOS first), or stream windows
     batch_size: int  # most rows per perplexity batch (logit_batches may take fewer)
-    prefixes: list[torch.Tensor]  # first halves (BOS first), for F1 continuations
-    gold: list[list[int]]  # the first f1_tokens token ids of the second halves
+    prefixes: list[torch.Tensor]  # first halves (BOS first), or f1_samples' prompts, for F1 continuations
+    gold: list[list[int]]  # the first f1_tokens token ids of the second halves, or f1_samples' gold
+    counts_prefix: bool = False  # F1 counts the prefix's tokens with the continuation's (f1_samples, as the reference)
+
+
+# The [intervene] fields load_heldout reads: stage detox measures with them too, so they are in its cache key.
+HELDOUT_FIELDS = tuple(f"intervene.{f}" for f in ("n_heldout", "f1_tokens", "f1_prompt_tokens", "perplexity",
+                                                  "perplexity_window", "perplexity_windows"))
 
 
 def heldout_set(bridge, passages: list[str], f1_tokens: int, batch_size: int) -> Heldout:
@@ -233,14 +241,33 @@ def heldout_set(bridge, passages: list[str], f1_tokens: int, batch_size: int) ->
     return Heldout(rows, batch_size, prefixes, gold)
 
 
-def load_heldout(bridge, path: Path, cfg: InterveneConfig, batch_size: int) -> Heldout:
-    """The held-out set that intervene and detox measure with: F1 on the first n_heldout passages, and
-    perplexity per [intervene] perplexity, on those passages or on stream windows, batch_size rows a batch at most."""
+def sample_set(tok, samples: list[tuple[str, str]], prompt_tokens: int, f1_tokens: int) -> dict:
+    """Prefixes and gold of {prompt, gold} samples tokenized as the reference code's tokenize does, by the
+    checkpoint's own tokenizer (models.load_tokenizer: no BOS on GPT-2), cut on the right."""
+    pad = tok.pad_token_id
+    prefixes = [torch.tensor(tok(p, truncation=True, max_length=prompt_tokens)["input_ids"]) for p, _ in samples]
+    gold = [[t for t in tok(g, truncation=True, max_length=prompt_tokens + f1_tokens)["input_ids"] if t != pad]
+            for _, g in samples]
+    return {"prefixes": prefixes, "gold": gold, "counts_prefix": True}
+
+
+def load_heldout(bridge, path: Path, cfg: InterveneConfig, batch_size: int, f1_samples: Path | None = None) -> Heldout:
+    """The held-out set that intervene and detox measure with: F1 on the first n_heldout passages (or
+    f1_samples), and perplexity per [intervene] perplexity, on those passages or on stream windows, batch_size
+    rows a batch at most."""
     held = heldout_set(bridge, datasets.load_text(path)[:cfg.n_heldout], cfg.f1_tokens, batch_size)
+    if f1_samples is not None:
+        tok = models.load_tokenizer(bridge.original_model.name_or_path)
+        held = replace(held, **sample_set(tok, datasets.load_f1_samples(f1_samples)[:cfg.n_heldout], cfg.f1_prompt_tokens,
+                                          cfg.f1_tokens))
     if cfg.perplexity == "passages":
         return held
     windows = stream_windows(bridge, datasets.load_entries(path), cfg.perplexity_window, cfg.perplexity_windows)
     return replace(held, rows=windows)
+
+
+def f1_samples_file(data: DataConfig) -> Path | None:
+    return datasets.local_file("f1_samples", data.f1_samples) if data.f1_samples else None
 
 
 def stream_windows(bridge, entries: list[str], window: int, keep: int = 0) -> list[torch.Tensor]:
@@ -262,11 +289,20 @@ def stream_windows(bridge, entries: list[str], window: int, keep: int = 0) -> li
 
 
 def mean_f1(bridge, tokens: np.ndarray, held: Heldout) -> float:
-    """Mean F1 of the held-out prefixes' continuations (n, f1_tokens) against their gold halves. A
-    continuation ends at its first end of text, as transformers' generate ends it in the reference."""
-    eos = bridge.tokenizer.eos_token_id
-    rows = [row.tolist() for row in tokens]
-    return float(np.mean([f1(ids[:ids.index(eos)] if eos in ids else ids, g) for ids, g in zip(rows, held.gold)]))
+    """Mean F1 of the held-out prefixes' continuations (n, f1_tokens) against their gold. A continuation
+    ends at its first end of text, as transformers' generate ends it in the reference, which then pads:
+    with counts_prefix the prefix and that end of text count too, less the padding token (GPT-2's is its
+    end of text), as the reference's run_f1 counts generate's output."""
+    eos, pad = bridge.tokenizer.eos_token_id, bridge.tokenizer.pad_token_id
+    scores = []
+    for ids, prefix, gold in zip((row.tolist() for row in tokens), held.prefixes, held.gold):
+        end = ids.index(eos) if eos in ids else len(ids)
+        if held.counts_prefix:
+            pred = [t for t in prefix.tolist() + ids[:end + 1] if t != pad]
+            scores.append(f1(pred, gold) if pred else 0.0)  # the reference scores a sample that shares nothing 0
+        else:
+            scores.append(f1(ids[:end], gold))
+    return float(np.mean(scores))
 
 
 def quality(bridge, held: Heldout, fwd_hooks: list, cfg: InterveneConfig, w_hat: np.ndarray, desc: str) -> dict:
@@ -280,7 +316,7 @@ def quality(bridge, held: Heldout, fwd_hooks: list, cfg: InterveneConfig, w_hat:
 def run(out: Path, *, device: str, model: ModelConfig, data: DataConfig, record: RecordConfig, intervene: InterveneConfig,
         world_dir: Path | None, probe_dir: Path, dpo_dir: Path, record_dir: Path, attribute_dir: Path) -> dict:
     prompts = datasets.load_prompts(datasets.resolve("prompts", data.prompts, world_dir), data.challenging_only, data.max_prompts)
-    heldout_file = datasets.resolve("heldout", data.heldout, world_dir)
+    heldout_file, samples_file = datasets.resolve("heldout", data.heldout, world_dir), f1_samples_file(data)
     w = np.load(Path(probe_dir) / "w.npy").astype(np.float32)
     w_hat = w / np.linalg.norm(w)
     neurons = pl.read_parquet(Path(attribute_dir) / "neurons.parquet")
@@ -291,7 +327,7 @@ def run(out: Path, *, device: str, model: ModelConfig, data: DataConfig, record:
 
     rows, generations, layers = [], [], []
     bridge = models.load_bridge(datasets.model_path(model.path, world_dir), device, model.dtype)
-    held = load_heldout(bridge, heldout_file, intervene, intervene.batch_size)
+    held = load_heldout(bridge, heldout_file, intervene, intervene.batch_size, samples_file)
     prompt_rows = prompt_tokens(bridge, prompts, T)
     ends = {"base": quality(bridge, held, [], intervene, w_hat, "base")}
     for iv in tqdm(todo, desc="interventions", unit="intervention"):

@@ -78,17 +78,29 @@ def load_bridge(path: str, device: str, dtype: str = "float32"):
     return bridge
 
 
-def load_hf(path: str, device: str | None = None, dtype: str = "float32"):
-    """(model, tokenizer) through transformers, pad = eos; `device` None leaves placement to the caller."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_tokenizer(path: str):
+    """The checkpoint's tokenizer as transformers loads it, pad = eos: its own special tokens, so no BOS on
+    GPT-2, where the bridge's tokenizer prepends one."""
+    from transformers import AutoTokenizer
 
     try:
         tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
     except (OSError, ValueError) as e:
         raise _load_error(path, e) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_hf(path: str, device: str | None = None, dtype: str = "float32"):
+    """(model, tokenizer) through transformers, pad = eos; `device` None leaves placement to the caller."""
+    from transformers import AutoModelForCausalLM
+
+    tok = load_tokenizer(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    except (OSError, ValueError) as e:
+        raise _load_error(path, e) from None
     if getattr(model.config, "vision_config", None) is not None:
         # Gemma 3 from 4B is multimodal. Stages feed it text only, and under DDP with gradient checkpointing a
         # parameter that gets no gradient (the vision tower's) stops the first step: train the language model alone.

@@ -61,11 +61,12 @@ STAGES = (
     Stage("attribute", attribute, sections=("model.path", "attribute"), deps=("world", "probe", "dpo", "record"),
           code=(data, models)),
     Stage("intervene", intervene, sections=("model", "data.prompts", "data.challenging_only", "data.max_prompts",
-                                            "data.heldout", "record.new_tokens", "record.batch_size", "intervene"),
+                                            "data.heldout", "data.f1_samples", "record.new_tokens", "record.batch_size",
+                                            "intervene"),
           deps=("world", "probe", "dpo", "record", "attribute"), code=(data, models, record)),
     Stage("experts", experts, sections=("model.path", "data.probe", "experts"), deps=("world",), code=(data, models)),
     Stage("detox", detox, sections=("model", "data.prompts", "data.challenging_only", "data.max_prompts", "data.heldout",
-                                    "record.new_tokens", "intervene.n_heldout", "intervene.f1_tokens", "detox"),
+                                    "data.f1_samples", "record.new_tokens", *intervene.HELDOUT_FIELDS, "detox"),
           deps=("world", "probe", "record", "experts"), code=(data, models, record, intervene)),
     # Scoring is a stage of its own so that a [scorer] change rescores the continuations instead of generating them again.
     Stage("score", score, sections=SCORES, deps=("record", "intervene", "detox"), code=(scoring,)),
@@ -220,6 +221,8 @@ def _check_inputs(cfg: config_mod.Config, to_run: list[Stage], log) -> None:
         if value.startswith(data.HUB):  # fetched now, so that a wrong split fails before hours of DPO
             log(f"[data] {kind}: {value}")
         data.resolve(kind, value, None)
+    if "f1_samples" in read and cfg.data.f1_samples:
+        data.load_f1_samples(data.local_file("f1_samples", cfg.data.f1_samples))
     if any("scorer.backend" in _reads(cfg, s) for s in to_run):
         scoring.check(cfg.scorer)
     if "dpo" in [s.name for s in to_run] and "WORLD_SIZE" not in os.environ and resolve_device(cfg.run.device) == "cuda":

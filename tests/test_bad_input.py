@@ -238,6 +238,8 @@ def refused_before_any_stage(tmp_path, capsys, sections: dict, change: dict, pie
 @pytest.mark.parametrize("change, pieces", [
     ({"data": {"pairs": "missing-pairs.jsonl"}}, ["[data] pairs file missing-pairs.jsonl not found"]),
     ({"data": {"heldout": "missing.txt"}}, ["[data] heldout file missing.txt not found"]),
+    ({"data": {"f1_samples": "wiki_samples.jsonl"}}, ["[data] f1_samples file wiki_samples.jsonl not found"]),
+    ({"data": {"f1_samples": "p.jsonl"}}, ["p.jsonl line 1 needs keys prompt and gold"]),
     ({"scorer": {"backend": "perspective"}}, ["PERSPECTIVE_API_KEY", "set it"]),
     ({"scorer": {"backend": "detoxify", "checkpoint": "no.ckpt"}}, ["checkpoint 'no.ckpt' is not a file"]),
 ])

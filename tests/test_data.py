@@ -79,6 +79,22 @@ def test_pairs_jsonl_and_missing_keys(tmp_path):
     assert "prompt, chosen, rejected" in one_line(e)
 
 
+def test_lees_f1_samples_load_in_file_order_and_bad_lines_are_named(tmp_path):
+    rows = [{"prompt": "The river", "gold": "The river runs past the mill", "id": 3}, {"prompt": " B", "gold": " B c"}]
+    good = write(tmp_path, "wiki_samples.jsonl", "".join(json.dumps(r) + "\n" for r in rows) + "\n")
+    assert data.load_f1_samples(good) == [("The river", "The river runs past the mill"), (" B", " B c")]
+    for line, pieces in [({"prompt": "a", "text": "b"}, ["line 2", "needs keys prompt and gold", "found prompt, text"]),
+                         ({"prompt": "a", "gold": "  "}, ["line 2", "gold is empty", "remove that line"]),
+                         ({"prompt": ["a"], "gold": "b"}, ["line 2", "prompt is list"])]:
+        bad = write(tmp_path, "bad.jsonl", json.dumps(rows[0]) + "\n" + json.dumps(line) + "\n")
+        with pytest.raises(DataError) as e:
+            data.load_f1_samples(bad)
+        assert all(p in one_line(e) for p in pieces), (line, str(e.value))
+    with pytest.raises(DataError) as e:
+        data.load_f1_samples(write(tmp_path, "empty.jsonl", "\n\n"))
+    assert "no F1 samples" in one_line(e)
+
+
 def test_wikitext_style_text_skips_headings_and_blanks(tmp_path):
     path = write(tmp_path, "wiki.txt", " = Heading = \n\n Some text here .\n\n = = Sub = = \n More text .\n")
     assert data.load_text(path) == ["Some text here .", "More text ."]

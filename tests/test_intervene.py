@@ -7,6 +7,7 @@ import json
 import math
 import statistics
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import polars as pl
@@ -14,8 +15,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline import attribute, config, intervene, models, record, score, scoring
-from pipeline.config import AttributeConfig, DataConfig, InterveneConfig, ModelConfig, RecordConfig, ScorerConfig
+from pipeline import attribute, config, detox, intervene, models, record, score, scoring
+from pipeline.config import AttributeConfig, DataConfig, DetoxConfig, InterveneConfig, ModelConfig, RecordConfig, ScorerConfig
 from tests.conftest import save_planted_pair, save_tiny_gpt2
 
 TEXTS = ["The soup was cold", "After lunch, my neighbor said that the bus", "We will"]
@@ -135,6 +136,56 @@ def test_f1_compares_token_ids_with_the_gold_half_up_to_the_first_end_of_text(ti
     assert intervene.mean_f1(bridge, np.array(gold), held) == 1.0
     cut = np.array([g[:2] + [eos] + g[3:] for g in gold])  # 2 of 6 before the end of text: P = 1, R = 1/3
     assert intervene.mean_f1(bridge, cut, held) == pytest.approx(2 * (1 / 3) / (1 + 1 / 3))
+
+
+def test_f1_of_samples_counts_the_prompt_and_leaves_padding_out(tiny_gpt2, tmp_path):
+    """Planted continuations under [data] f1_samples: a gold that is the prompt and then the continuation
+    scores 1; after an end of text nothing counts (the reference's generate pads there, and GPT-2's padding
+    is its end of text, left out of both bags)."""
+    bridge = models.load_bridge(str(tiny_gpt2), "cpu")
+    eos = bridge.tokenizer.eos_token_id
+    prompt, cont = torch.tensor([11, 12, 13]), [20, 21, 22, 23]
+    held = intervene.Heldout([], 1, [prompt], [[11, 12, 13, 20, 21, 22, 23]], counts_prefix=True)
+    assert intervene.mean_f1(bridge, np.array([cont]), held) == 1.0
+    # 3 prompt + 2 continuation tokens of 7 gold: P = 1, R = 5/7
+    assert intervene.mean_f1(bridge, np.array([[20, 21, eos, 22]]), held) == pytest.approx(2 * (5 / 7) / (1 + 5 / 7))
+    # the same continuation without counting the prompt, as the held-out passages are scored
+    assert intervene.mean_f1(bridge, np.array([cont]), intervene.Heldout([], 1, [prompt], [cont])) == 1.0
+
+
+def test_f1_samples_are_scored_as_the_reference_code_scores_them(tiny_gpt2, tmp_path):
+    """[data] f1_samples through load_heldout and quality equal the reference code's tokenize, greedy generate
+    and run_f1 recomputed with transformers: a GPT-2 tokenizer (no BOS) padding on the left with its end of
+    text, prompts cut to f1_prompt_tokens, gold to that plus f1_tokens and padded on the right, padding left
+    out of both bags. Only the first n_heldout samples count."""
+    samples = [("the river runs past the old mill and into the lake", "the river runs past the mill , into the lake"),
+               ("we cooked", "we cooked rice with beans for the whole family"),
+               ("a small boat drifted past the harbour", "a small boat drifted past the harbour wall and the old tree"),
+               ("she carried", "she carried the old books to the library on monday"),
+               ("this sample is past n_heldout", "and is not scored")]
+    (tmp_path / "wiki_samples.jsonl").write_text("".join(json.dumps({"prompt": p, "gold": g}) + "\n" for p, g in samples))
+    (tmp_path / "heldout.txt").write_text("\n".join(HELDOUT) + "\n")
+    P, F = 6, 5
+    cfg = InterveneConfig(n_heldout=4, f1_tokens=F, f1_prompt_tokens=P, batch_size=3)
+    bridge = models.load_bridge(str(tiny_gpt2), "cpu")
+    held = intervene.load_heldout(bridge, tmp_path / "heldout.txt", cfg, 3, tmp_path / "wiki_samples.jsonl")
+    w_hat = np.ones(bridge.cfg.d_model, np.float32) / math.sqrt(bridge.cfg.d_model)
+    ours = intervene.quality(bridge, held, [], cfg, w_hat, "base")["f1"]
+
+    hf, tok = AutoModelForCausalLM.from_pretrained(tiny_gpt2).eval(), AutoTokenizer.from_pretrained(tiny_gpt2)
+    tok.padding_side, tok.pad_token_id = "left", tok.eos_token_id
+    prompts = tok([p for p, _ in samples[:4]], max_length=P, padding=True, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        pred = hf.generate(**prompts, max_new_tokens=F, do_sample=False, pad_token_id=tok.pad_token_id)
+    tok.padding_side = "right"
+    gold = tok([g for _, g in samples[:4]], max_length=P + F, padding=True, truncation=True, return_tensors="pt").input_ids
+    f1s = []
+    for p_row, g_row in zip(pred.tolist(), gold.tolist()):
+        _pred, _gold = [x for x in p_row if x != tok.pad_token_id], [x for x in g_row if x != tok.pad_token_id]
+        same = sum((Counter(_gold) & Counter(_pred)).values())
+        f1s.append(0 if same == 0 else 2 * (same / len(_pred)) * (same / len(_gold)) / (same / len(_pred) + same / len(_gold)))
+    assert prompts.input_ids.shape[1] == P and tok.bos_token_id not in prompts.input_ids[:, -1].tolist()
+    assert 0 < ours < 1 and ours == pytest.approx(statistics.mean(f1s), abs=1e-12)
 
 
 # WikiText-2 as the hub gives it: blank entries empty, headings and text lines ending in a newline
@@ -370,3 +421,20 @@ def test_run_end_to_end_on_planted_pair(tmp_path, monkeypatch):
     tokens, proj = intervene.generate(bridge, rows, rec_cfg.new_tokens, rec_cfg.batch_size, [], w / np.linalg.norm(w), "check")
     assert (tokens == np.load(dirs["record"] / "base_tokens.npy")).all()
     assert (proj == np.load(dirs["record"] / "base_mlp_proj.npy")).all()
+
+    # [data] f1_samples reaches the held-out set of both stages that measure F1 (test_f1_samples_... scores it).
+    class Handed(Exception):
+        pass
+
+    def load_heldout(bridge, path, cfg, batch_size, f1_samples=None):
+        raise Handed(f1_samples)
+
+    (tmp_path / "wiki_samples.jsonl").write_text(json.dumps({"prompt": "We will", "gold": "We will see"}) + "\n")
+    samples = replace(data, f1_samples=str(tmp_path / "wiki_samples.jsonl"))
+    for stage, inputs in ((intervene, dict(dpo_dir=tmp_path / "dpo", attribute_dir=dirs["attribute"])),
+                          (detox, dict(detox=DetoxConfig(), experts_dir=tmp_path / "experts"))):
+        monkeypatch.setattr(stage, "load_heldout", load_heldout)
+        with pytest.raises(Handed) as e:
+            stage.run(dirs["out"], device="cpu", model=ModelConfig(path=str(base)), world_dir=None, probe_dir=tmp_path / "probe",
+                      data=samples, record=rec_cfg, intervene=cfg, record_dir=dirs["record"], **inputs)
+        assert e.value.args == (tmp_path / "wiki_samples.jsonl",), stage

@@ -140,6 +140,40 @@ def test_world_key_depends_on_world_settings_not_run_name(tmp_path):
     assert runner.cache_keys(renamed)["world"] == base
 
 
+class Reads:
+    """A config section that notes which of its fields are read."""
+
+    def __init__(self, section):
+        self.section, self.names = section, set()
+
+    def __getattr__(self, name):
+        self.names.add(name)
+        return getattr(self.section, name)
+
+
+def test_detox_reruns_on_every_intervene_setting_its_held_out_set_reads(tmp_path, tiny_gpt2):
+    """detox measures with intervene.load_heldout: each [intervene] field that it reads, in either
+    perplexity protocol and with f1_samples, is in detox's key, and changing it reruns detox."""
+    from pipeline import intervene, models
+
+    (tmp_path / "heldout.txt").write_text("the river runs past the old mill\nwe cooked rice with beans\n")
+    (tmp_path / "samples.jsonl").write_text(json.dumps({"prompt": "the river", "gold": "the river runs"}) + "\n")
+    bridge = models.load_bridge(str(tiny_gpt2), "cpu")
+    read = set()
+    for perplexity in ("passages", "stream"):
+        section = Reads(config.InterveneConfig(perplexity=perplexity, perplexity_window=8))
+        intervene.load_heldout(bridge, tmp_path / "heldout.txt", section, 2, tmp_path / "samples.jsonl")
+        read |= section.names
+    assert {"perplexity", "perplexity_window", "n_heldout", "f1_prompt_tokens"} <= read
+    assert {f"intervene.{n}" for n in read} == set(intervene.HELDOUT_FIELDS)
+    base = runner.cache_keys(tiny_config(tmp_path))
+    for name in read:
+        cfg = tiny_config(tmp_path)
+        value = getattr(cfg.intervene, name)
+        setattr(cfg.intervene, name, "stream" if name == "perplexity" else value + 1)
+        assert "detox" in changed(base, runner.cache_keys(cfg)), name
+
+
 def test_two_stages_may_write_rows_of_one_table(fake_pipeline, monkeypatch):
     monkeypatch.setattr(runner, "STAGES", (
         runner.Stage("a", fake_stage("a", layers=True), sections=("world",)),
