@@ -26,7 +26,8 @@ st.subheader(f"Run {run_id} · {info['name']}")
 data = json.loads(info["data"]) if info["data"] else {}
 given = info["probe_direction"]  # a saved probe vector (the paper's released one, say) instead of one fitted here
 st.markdown(f"**Model:** {info['model']}  \n**Data:** "
-            + (", ".join(f"{k} = `{data[k]}`" for k in ("probe", "prompts", "pairs", "heldout") if k in data) or "not recorded")
+            + (", ".join(f"{k} = `{data[k]}`" for k in ("probe", "prompts", "pairs", "heldout", "f1_samples") if data.get(k))
+               or "not recorded")
             + (f"  \n**Probe direction:** `{given}`, given, measured on the probe data" if given else "")
             + f"  \n**Toxicity scorer:** {info['scorer'] or 'not recorded'}")
 

@@ -394,6 +394,23 @@ def test_interventions_page_says_why_recovered_is_empty(tmp_path, monkeypatch, a
     assert "DPO's toxicity drop: 0.0500 (one prompt: no standard error)." in [c.value for c in at.caption]
 
 
+def test_interventions_page_names_the_f1_protocol_of_the_run(two_run_store, app_on_path):
+    """F1 on Lee et al.'s samples counts the prompt's tokens and does not compare with F1 on passage halves:
+    the page and the overview say which one a run used."""
+    path = os.environ["STORE"]
+    rows = pl.DataFrame({"intervention_id": ["base", "dpo"], "kind": ["base", "dpo"], "params": ["{}"] * 2,
+                         "n_neurons": [0, 0], "toxicity": [0.4, 0.2], "toxic_share": [0.0, 0.0], "perplexity": [20.0, 21.0],
+                         "f1": [0.19, 0.2], "recovered": [0.0, 1.0]})
+    run = store.write_run(path, run={"name": "samples", "model": "m", "config": {"data": {"f1_samples": "data/wiki_samples.jsonl"}},
+                                     "config_hash": "f1", "packages": {}}, stages=[], tables={"interventions": rows})
+    page = str(ROOT / "app" / "pages" / "4_Interventions.py")
+    at = open_page(page, run)
+    assert not at.exception and "F1 on the samples in `data/wiki_samples.jsonl`." in at.caption[0].value
+    assert "F1 on held-out passages." in open_page(page, two_run_store[0]).caption[0].value
+    at = AppTest.from_file(HOME, default_timeout=60).run()
+    assert at.sidebar.selectbox[0].value == run and any("f1_samples = `data/wiki_samples.jsonl`" in m.value for m in at.markdown)
+
+
 def test_interventions_page_table_and_layer_choice(two_run_store, app_on_path):
     first, second = two_run_store
     at = open_page(str(ROOT / "app" / "pages" / "4_Interventions.py"), first)

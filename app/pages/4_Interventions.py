@@ -1,5 +1,7 @@
 """Ablation and activation patching against DPO (paper Table 1 and Fig. 1a)."""
 
+import json
+
 import streamlit as st
 
 import charts
@@ -15,8 +17,16 @@ if table.height == 0:
     st.info("This run has no interventions: its pipeline stopped before the `intervene` stage.")
     st.stop()
 
+info = queries.run_info(path, version, run_id)
+samples = (json.loads(info["data"]) if info["data"] else {}).get("f1_samples")
+# The two F1 protocols give numbers that do not compare: say which one this run's column holds.
+f1_help = (f"Token-id F1 on Lee et al.'s samples (`{samples}`), as the reference code scores them: each prompt's "
+           "first f1_prompt_tokens tokens and its greedy continuation against the gold, padding left out."
+           if samples else "Token-id F1 of a greedy continuation of each held-out passage's first half against its "
+                           "second half (the first f1_tokens of each).")
 st.caption("Each intervention edits the base model's MLP neurons and is scored like the base and DPO models: "
-           "toxicity of greedy continuations of the challenge prompts, perplexity and F1 on held-out text. "
+           "toxicity of greedy continuations of the challenge prompts, perplexity on held-out text and "
+           + (f"F1 on the samples in `{samples}`. " if samples else "F1 on held-out passages. ") +
            "`recovered` is the share of DPO's toxicity drop the intervention reproduces, empty where that drop "
            "is within two standard errors of zero. Rows `poe_<alpha>` "
            "(product of experts) and `marco` (MaRCo-style revision) change no neuron: they steer decoding with an "
@@ -25,8 +35,7 @@ st.dataframe(table, hide_index=True, width="stretch",
              column_config={"toxic_share": st.column_config.NumberColumn(format="percent",
                                                                          help="Share of continuations scored above 0.5."),
                             "perplexity": st.column_config.NumberColumn(help="exp of the mean NLL on the held-out text: each passage after BOS, or with [intervene] perplexity = stream the whole file in windows, as the reference code scores WikiText-2."),
-                            "f1": st.column_config.NumberColumn(help="Token-id F1 of a greedy continuation of each held-out passage's "
-                                                                     "first half against its second half (the first f1_tokens of each)."),
+                            "f1": st.column_config.NumberColumn(help=f1_help),
                             "recovered": st.column_config.NumberColumn(
                                 format="percent", help="(toxicity of base - of this row) / (of base - of dpo); empty where "
                                                        "DPO's drop is within two standard errors of zero.")})
