@@ -56,10 +56,16 @@ class ModelConfig:
     path: str = _f("world", "'world' for the demo model built by stage world; else a hub name or local HF checkpoint.")
     dtype: str = _f("float32", "Weights and activations of the inference stages: float32, bfloat16 or float16 "
                     "(GPU; sums stay float32). DPO trains in float32.")
+    bos: str = _f("transformerlens", "Which texts start with BOS: transformerlens, those of a model TransformerLens "
+                  "prepends one for (GPT-2, Llama, Gemma; not Qwen2, GPT-NeoX); tokenizer, only those the checkpoint's "
+                  "own tokenizer gives one (not GPT-2's; Llama's), as the reference code tokenizes. In generation, the "
+                  "probe, DPO, self-generated pairs and the experts alike; held-out passages are scored after BOS either way.")
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+        if self.bos not in ("transformerlens", "tokenizer"):
+            raise ValueError(f"bos must be transformerlens or tokenizer, not {self.bos!r}")
 
 
 SCORER_BACKENDS = ("profanity-check", "detoxify", "perspective")  # scoring.BACKENDS, without importing it
@@ -244,9 +250,14 @@ class RecordConfig:
     batch_size: int = _f(32, "Prompts per generation batch (left padded), here and in intervene's generations.")
     processes: int = _f(1, "Processes that record shares of the prompts in parallel (one GPU each with device "
                         "cuda, round robin); their sums are reduced before attribute.")
+    max_prompt_tokens: int = _f(0, "Each challenge prompt keeps its first this many tokens (BOS included), as the "
+                                "reference code's max_prompt_size (32); 0 keeps whole prompts. The store keeps the "
+                                "prompt's text as given.")
 
     def __post_init__(self):
         _at_least_1(self, "new_tokens", "batch_size", "processes")
+        if self.max_prompt_tokens < 0:
+            raise ValueError("max_prompt_tokens must be 0 (whole prompts) or a number of tokens")
 
 
 @dataclass

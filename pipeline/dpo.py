@@ -65,7 +65,7 @@ def run(out: Path, *, device: str, model: ModelConfig, dpo: DPOStageConfig, worl
         seed=dpo.seed,
         **models.trainer_args(out, device) | {"gradient_checkpointing": dpo.gradient_checkpointing},
     )
-    pairs = preference_dataset(pairs_dir / "pairs.jsonl", models.bos_prefix(tok, policy.config))
+    pairs = preference_dataset(pairs_dir / "pairs.jsonl", models.bos_prefix(tok, policy.config, model.bos))
     # ref_model=None: trl reloads the policy's checkpoint as the frozen reference, i.e. the base model
     trainer = DPOTrainer(model=policy, args=args, train_dataset=pairs, processing_class=tok)
     dropped = len(pairs) - len(trainer.train_dataset)  # trl drops a pair whose prompt alone fills max_length

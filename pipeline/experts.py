@@ -22,7 +22,8 @@ from pipeline.config import DataConfig, ExpertsConfig, ModelConfig
 SIDES = {"expert": 0, "anti": 1}  # model folder -> the probe label it learns from
 
 
-def fine_tune(base_path: str, texts: list[str], out: Path, cfg: ExpertsConfig, device: str) -> list[dict]:
+def fine_tune(base_path: str, texts: list[str], out: Path, cfg: ExpertsConfig, device: str,
+              bos: str = "transformerlens") -> list[dict]:
     """SFT of a fresh copy of the base model on texts; saves it to out; returns the loss per step."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
@@ -37,7 +38,7 @@ def fine_tune(base_path: str, texts: list[str], out: Path, cfg: ExpertsConfig, d
         **models.trainer_args(out, device),
     )
     # trl appends EOS; the BOS that generation sees is ours to add, where the model has one
-    train = Dataset.from_list([{"text": models.bos_prefix(tok, model.config) + t} for t in texts])
+    train = Dataset.from_list([{"text": models.bos_prefix(tok, model.config, bos) + t} for t in texts])
     trainer = SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tok)
     trainer.train()
     model.config.use_cache = True
@@ -58,7 +59,7 @@ def run(out: Path, *, device: str, model: ModelConfig, data: DataConfig, experts
     for name, label in SIDES.items():
         side = [t for t, y in zip(texts, labels) if y == label]
         t0 = time.perf_counter()
-        losses = fine_tune(base, side, out / name, experts, device)
+        losses = fine_tune(base, side, out / name, experts, device, model.bos)
         curve += [{"model": name} | row for row in losses]
         summary[name] = {"n_texts": len(side), "first_loss": round(losses[0]["loss"], 4),
                          "final_loss": round(losses[-1]["loss"], 4), "seconds": round(time.perf_counter() - t0, 1)}

@@ -141,12 +141,25 @@ def prepends_bos(config) -> bool:
     return bool(ArchitectureAdapterFactory.select_architecture_adapter(cfg).cfg.default_prepend_bos)
 
 
-def bos_prefix(tok, config) -> str:
+def adds_bos(tok) -> bool:
+    """Whether the tokenizer puts BOS before a text by itself (Llama's does; GPT-2's does not)."""
+    return tok.bos_token is not None and tok("a")["input_ids"][:1] == [tok.bos_token_id]
+
+
+def bridge_prepends_bos(bridge, bos: str) -> bool:
+    """to_tokens' prepend_bos under [model] bos: TransformerLens' own policy, or what the checkpoint's own
+    tokenizer does (the reference code's tokenization)."""
+    if bos == "transformerlens":
+        return bool(bridge.cfg.default_prepend_bos)
+    return adds_bos(load_tokenizer(bridge.original_model.name_or_path))
+
+
+def bos_prefix(tok, config, bos: str = "transformerlens") -> str:
     """Text to put before a prompt so that transformers (the model with this HF config) sees the BOS that
     TransformerLens prepends: the BOS token where TransformerLens prepends one and the tokenizer does not
     add it itself (GPT-2); nothing where TransformerLens prepends none (Qwen2, GPT-NeoX), the tokenizer
-    has no BOS, or it adds BOS itself (Llama)."""
-    if tok.bos_token is None or not prepends_bos(config) or tok("a")["input_ids"][:1] == [tok.bos_token_id]:
+    has no BOS, or it adds BOS itself (Llama); nothing with [model] bos = tokenizer, which leaves BOS to it."""
+    if bos == "tokenizer" or tok.bos_token is None or not prepends_bos(config) or adds_bos(tok):
         return ""
     return tok.bos_token
 

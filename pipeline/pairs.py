@@ -26,16 +26,16 @@ from pipeline.config import DataConfig, ModelConfig, PairsConfig, ScorerConfig
 
 @torch.no_grad()
 def sample_continuations(model, tok, prompts: list[str], cfg: PairsConfig, device: str,
-                         batch_size: int = 16) -> list[list[str]]:
-    """K sampled continuations per prompt, seeded; prompts start with BOS as in greedy generation."""
+                         batch_size: int = 16, bos: str = "transformerlens") -> list[list[str]]:
+    """K sampled continuations per prompt, seeded; prompts start with BOS as in greedy generation ([model] bos)."""
     from transformers import set_seed
 
     set_seed(cfg.seed)
     tok.padding_side = "left"
     tok.pad_token = tok.eos_token
-    out, bos = [], models.bos_prefix(tok, model.config)
+    out, prefix = [], models.bos_prefix(tok, model.config, bos)
     for i in tqdm(range(0, len(prompts), batch_size), desc="sampling", unit="batch"):
-        enc = tok([bos + p for p in prompts[i:i + batch_size]], return_tensors="pt", padding=True).to(device)
+        enc = tok([prefix + p for p in prompts[i:i + batch_size]], return_tensors="pt", padding=True).to(device)
         # top_k=0 and top_p=1: plain temperature sampling, whatever the checkpoint's generation_config says
         gen = model.generate(**enc, max_new_tokens=cfg.new_tokens, do_sample=True, temperature=cfg.temperature,
                              top_k=0, top_p=1.0, num_return_sequences=cfg.k, pad_token_id=tok.eos_token_id)
@@ -70,7 +70,7 @@ def run(out: Path, *, device: str, model: ModelConfig, data: DataConfig, pairs: 
         path = datasets.model_path(model.path, world_dir)
         lm, tok = models.load_hf(path, device, model.dtype)
         lm.eval()
-        rows = best_of_k(prompts, sample_continuations(lm, tok, prompts, pairs, device), sc, pairs.margin)
+        rows = best_of_k(prompts, sample_continuations(lm, tok, prompts, pairs, device, bos=model.bos), sc, pairs.margin)
         if not rows:
             raise datasets.DataError(f"no self-generated pair out of {len(prompts)} prompts has a toxicity gap >= "
                                      f"{pairs.margin}; lower [pairs] margin or raise [pairs] k or temperature")

@@ -132,6 +132,8 @@ def test_set_overrides_keys_as_the_file_would():
     ("data.max_prompt=64", ["unknown key [data] max_prompt", "did you mean max_prompts"]),
     ("data.max_prompts=many", ["[data] max_prompts must be an integer", "'many'"]),
     ("intervene.perplexity_windows=-1", ["perplexity_windows must be 0 (all)"]),
+    ("record.max_prompt_tokens=-1", ["max_prompt_tokens must be 0 (whole prompts)"]),
+    ("model.bos=none", ["bos must be transformerlens or tokenizer", "'none'"]),
     ("probe.l2=nan", ["[probe] l2 must be a finite number"]),
 ])
 def test_bad_set_is_a_one_line_error(assignment, pieces):

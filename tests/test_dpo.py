@@ -194,6 +194,24 @@ def test_completions_train_with_eos_only_where_asked(base_dir, tmp_path, monkeyp
     assert trained == expected
 
 
+@pytest.mark.parametrize("bos", ["transformerlens", "tokenizer"])
+def test_prompts_train_after_bos_as_model_bos_says(base_dir, tmp_path, monkeypatch, bos):
+    """On GPT-2 TransformerLens reads a prompt after BOS, so DPO trains it there; with [model] bos = tokenizer
+    (the reference code's reading) the prompt's own tokens come first."""
+    from transformers import AutoTokenizer
+
+    rows = TRAIN[:8]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    seen = trained_batches(monkeypatch)
+    dpo.run(tmp_path / "out", device="cpu", model=ModelConfig(path=str(base_dir), bos=bos),
+            dpo=DPOStageConfig(epochs=1.0, batch_size=8, max_length=32), world_dir=None, pairs_dir=tmp_path)
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    first = [tok.bos_token_id] if bos == "transformerlens" else []
+    [batch] = seen
+    trained = sorted(ids[:mask.index(1)] for ids, mask in zip(batch["input_ids"], batch["completion_mask"]))
+    assert trained == sorted(first + tok(r["prompt"])["input_ids"] for r in rows for _ in ("chosen", "rejected"))
+
+
 def test_schedule_and_clipping_reach_the_optimizer(base_dir, tmp_path, monkeypatch):
     """The warmup and schedule set each step's learning rate; max_grad_norm bounds a step of plain SGD,
     whose move is lr times the clipped gradient, and 0 clips nothing."""
@@ -266,7 +284,7 @@ def run_self_pairs(tmp_path, base_dir, margin):
 
 
 def test_self_pairs_keep_only_separated_samples(tmp_path, base_dir, stub_scorer, monkeypatch):
-    monkeypatch.setattr(pairs, "sample_continuations", lambda model, tok, prompts, cfg, device: [SAMPLES[p] for p in prompts])
+    monkeypatch.setattr(pairs, "sample_continuations", lambda model, tok, prompts, cfg, device, **_: [SAMPLES[p] for p in prompts])
     summary = run_self_pairs(tmp_path, base_dir, margin=0.6)
     rows = [json.loads(line) for line in (tmp_path / "pairs.jsonl").read_text().splitlines()]
     assert [(r["prompt"], r["chosen"], r["rejected"]) for r in rows] == [
@@ -281,7 +299,7 @@ def test_self_pairs_keep_only_separated_samples(tmp_path, base_dir, stub_scorer,
 
 
 def test_self_pairs_with_no_gap_raise_a_one_line_data_error(tmp_path, base_dir, stub_scorer, monkeypatch):
-    monkeypatch.setattr(pairs, "sample_continuations", lambda model, tok, prompts, cfg, device: [SAMPLES[p] for p in prompts])
+    monkeypatch.setattr(pairs, "sample_continuations", lambda model, tok, prompts, cfg, device, **_: [SAMPLES[p] for p in prompts])
     with pytest.raises(DataError, match=r"lower \[pairs\] margin") as e:
         run_self_pairs(tmp_path, base_dir, margin=1.5)
     assert "\n" not in str(e.value)

@@ -422,19 +422,32 @@ def test_run_end_to_end_on_planted_pair(tmp_path, monkeypatch):
     assert (tokens == np.load(dirs["record"] / "base_tokens.npy")).all()
     assert (proj == np.load(dirs["record"] / "base_mlp_proj.npy")).all()
 
-    # [data] f1_samples reaches the held-out set of both stages that measure F1 (test_f1_samples_... scores it).
+    # Both stages that measure rows beside record's hand [data] f1_samples to their held-out set and tokenize the
+    # challenge prompts as [model] bos and [record] max_prompt_tokens say (test_f1_samples_... and test_record's
+    # test_prompts_tokenized_as_the_reference_code_... check what each then does).
     class Handed(Exception):
         pass
 
     def load_heldout(bridge, path, cfg, batch_size, f1_samples=None):
         raise Handed(f1_samples)
 
+    def prompt_tokens(*args):
+        raise Handed([r.tolist() for r in record.prompt_tokens(*args)])
+
     (tmp_path / "wiki_samples.jsonl").write_text(json.dumps({"prompt": "We will", "gold": "We will see"}) + "\n")
     samples = replace(data, f1_samples=str(tmp_path / "wiki_samples.jsonl"))
+    cut = replace(rec_cfg, max_prompt_tokens=2)
     for stage, inputs in ((intervene, dict(dpo_dir=tmp_path / "dpo", attribute_dir=dirs["attribute"])),
                           (detox, dict(detox=DetoxConfig(), experts_dir=tmp_path / "experts"))):
-        monkeypatch.setattr(stage, "load_heldout", load_heldout)
-        with pytest.raises(Handed) as e:
-            stage.run(dirs["out"], device="cpu", model=ModelConfig(path=str(base)), world_dir=None, probe_dir=tmp_path / "probe",
-                      data=samples, record=rec_cfg, intervene=cfg, record_dir=dirs["record"], **inputs)
-        assert e.value.args == (tmp_path / "wiki_samples.jsonl",), stage
+        for spied, spy, settings, handed in (("load_heldout", load_heldout,
+                                              dict(data=samples, record=rec_cfg, model=ModelConfig(path=str(base))),
+                                              tmp_path / "wiki_samples.jsonl"),
+                                             ("prompt_tokens", prompt_tokens,
+                                              dict(data=data, record=cut, model=ModelConfig(path=str(base), bos="tokenizer")),
+                                              [tok(p)["input_ids"][:2] for p in PROMPTS])):
+            with monkeypatch.context() as m:
+                m.setattr(stage, spied, spy)
+                with pytest.raises(Handed) as e:
+                    stage.run(dirs["out"], device="cpu", world_dir=None, probe_dir=tmp_path / "probe", intervene=cfg,
+                              record_dir=dirs["record"], **settings, **inputs)
+            assert e.value.args == (handed,), (stage, spied)

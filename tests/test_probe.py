@@ -42,26 +42,31 @@ def test_a_rare_class_lands_on_both_sides_of_the_split():
         assert np.isfinite(metrics["val_roc_auc"]) and metrics["n_train"] + metrics["n_val"] == 10, seed
 
 
-def test_mean_residual_matches_a_plain_hf_forward(tiny_gpt2):
-    """Independent of the bridge: hook the HF model's last block output, average the text's tokens."""
+@pytest.mark.parametrize("bos", ["transformerlens", "tokenizer"])
+def test_mean_residual_matches_a_plain_hf_forward(tiny_gpt2, bos):
+    """Independent of the bridge: hook the HF model's last block output, average the text's tokens; after
+    BOS as TransformerLens gives it, or ([model] bos = tokenizer) the tokenizer's ids alone, none on GPT-2."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.models import bridge_prepends_bos
 
     texts = ["The soup was warm and the bread was fresh.", "Hello there.", "We will book the train at the station tomorrow."]
     bridge = load_bridge(str(tiny_gpt2), "cpu")
     unembedded = []
     bridge.unembed.register_forward_hook(lambda *_: unembedded.append(1))
-    got = probe.mean_residual(bridge, texts, batch_size=2, max_tokens=64)
+    got = probe.mean_residual(bridge, texts, batch_size=2, max_tokens=64, prepend_bos=bridge_prepends_bos(bridge, bos))
     assert not unembedded  # the forward ends at the last block: no logits
 
     hf = AutoModelForCausalLM.from_pretrained(tiny_gpt2).eval()
     tok = AutoTokenizer.from_pretrained(tiny_gpt2)
     captured = {}
     hf.transformer.h[-1].register_forward_hook(lambda m, i, o: captured.__setitem__("x", o[0] if isinstance(o, tuple) else o))
+    first = 1 if bos == "transformerlens" else 0
     for text, row in zip(texts, got):
-        ids = torch.tensor([[tok.eos_token_id] + tok(text)["input_ids"]])  # BOS, then the text
+        ids = torch.tensor([[tok.eos_token_id] * first + tok(text)["input_ids"]])  # BOS or not, then the text
         with torch.no_grad():
             hf(ids)
-        want = captured["x"][0, 1:].mean(0).numpy()
+        want = captured["x"][0, first:].mean(0).numpy()
         assert np.allclose(row, want, atol=1e-4), np.abs(row - want).max()
 
 

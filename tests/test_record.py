@@ -13,6 +13,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from pipeline import corpus, models, record, world
 from pipeline.config import DataConfig, ModelConfig, RecordConfig
+from tests.conftest import save_planted_pair
 
 T = 5
 PROMPTS = ["Honestly, he is", "The cat", "After the game at the park, my neighbour yelled that the coach was",
@@ -112,6 +113,38 @@ def test_greedy_continuations_equal_transformers_generate(stage, variant):
         ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=T, do_sample=False)[0, ids.shape[1]:]
         assert ref.tolist() == tokens[i].tolist(), f"prompt {i}"
         assert g["prompt"] == prompt and g["continuation"] == tok.decode(ref).replace(tok.eos_token, " ")
+
+
+def test_prompts_tokenized_as_the_reference_code_generate_as_it_does(tmp_path):
+    """[model] bos = tokenizer, [record] max_prompt_tokens = 4: each model's continuations equal transformers'
+    greedy generation from the tokenizer's own ids (no BOS on GPT-2) cut to their first 4, as the reference
+    code generates, and the recorded activations are still those of the T generated positions."""
+    from transformers import AutoTokenizer
+
+    base = save_planted_pair(tmp_path)
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    out = tmp_path / "out"
+    out.mkdir()
+    record.run(out, device="cpu", model=ModelConfig(path=str(base), bos="tokenizer"),
+               data=DataConfig(prompts=str(tmp_path / "prompts.jsonl"), challenging_only=False),
+               record=RecordConfig(new_tokens=T, batch_size=4, max_prompt_tokens=4), world_dir=None,
+               probe_dir=tmp_path / "probe", dpo_dir=tmp_path / "dpo")
+    w = np.load(tmp_path / "probe" / "w.npy")
+    for variant, path in (("base", base), ("dpo", tmp_path / "dpo" / "model")):
+        tok = AutoTokenizer.from_pretrained(path)
+        hf = GPT2LMHeadModel.from_pretrained(path, attn_implementation="eager").eval()
+        hf.generation_config.eos_token_id = None  # exactly T tokens, as record generates
+        cut = [tok(p)["input_ids"][:4] for p in PROMPTS]
+        # some cut, some shorter and padded in their batch
+        assert tok.bos_token_id not in [r[0] for r in cut] and max(map(len, cut)) == 4 > min(map(len, cut))
+        assert any(len(tok(p)["input_ids"]) > 4 for p in PROMPTS)
+        tokens = np.load(out / f"{variant}_tokens.npy")
+        for i, ids in enumerate(cut):
+            ids = torch.tensor([ids])
+            ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=T, do_sample=False)[0, ids.shape[1]:]
+            assert ref.tolist() == tokens[i].tolist(), (variant, i)
+        act, _, _ = direct_measurement(path, [r + list(map(int, g)) for r, g in zip(cut, tokens)], w / np.linalg.norm(w))
+        np.testing.assert_allclose(np.load(out / f"{variant}_act.npy"), act.mean(0), atol=1e-5, rtol=1e-4)
 
 
 def test_shapes_follow_the_model_and_tables_match_the_schema(stage):

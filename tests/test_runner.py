@@ -230,6 +230,18 @@ def test_settings_that_change_no_result_are_in_no_key(tmp_path):
                                                                                                   "intervene", "score"}
 
 
+@pytest.mark.parametrize("section, setting, value, reruns", [
+    ("record", "max_prompt_tokens", 32, {"record", "attribute", "intervene", "score"}),
+    ("model", "bos", "tokenizer", {"probe", "dpo", "record", "attribute", "intervene", "score"}),  # loaded pairs: no text made
+])
+def test_how_texts_are_tokenized_reruns_every_stage_that_reads_them(tmp_path, section, setting, value, reruns):
+    base = runner.cache_keys(real_model_config(tmp_path))
+    assert changed(base, runner.cache_keys(real_model_config(tmp_path, **{f"{section}__{setting}": value}))) == reruns
+    demo = tiny_config(tmp_path)
+    setattr(getattr(demo, section), setting, value)
+    assert "detox" in changed(runner.cache_keys(tiny_config(tmp_path)), runner.cache_keys(demo))
+
+
 def test_a_scorer_change_rescores_without_generating_or_retraining(tmp_path):
     """Loaded pairs and the continuations are rescored; nothing is generated again and DPO is not retrained."""
     scorer = {"scorer__backend": "detoxify", "scorer__checkpoint": str(tmp_path / "model")}
