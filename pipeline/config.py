@@ -253,6 +253,9 @@ class RecordConfig:
     max_prompt_tokens: int = _f(0, "Each challenge prompt keeps its first this many tokens (BOS included), as the "
                                 "reference code's max_prompt_size (32); 0 keeps whole prompts. The store keeps the "
                                 "prompt's text as given.")
+    eos_ends_text: bool = _f(False, "A continuation's text, which the scorer reads, ends at its first EOS, as the "
+                             "reference code's generate ends it; false: all T tokens, an EOS inside shown as a space. "
+                             "Activations average all T positions either way (method.md).")
 
     def __post_init__(self):
         _at_least_1(self, "new_tokens", "batch_size", "processes")

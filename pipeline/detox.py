@@ -50,8 +50,8 @@ from tqdm import tqdm
 from pipeline import data as datasets
 from pipeline import models
 from pipeline.config import DataConfig, DetoxConfig, InterveneConfig, ModelConfig, RecordConfig
-from pipeline.intervene import LAYERS, ROWS, decode, f1_samples_file, load_heldout, mean_f1, perplexity
-from pipeline.record import CONTINUATIONS, continuations, left_pad, prompt_tokens
+from pipeline.intervene import LAYERS, ROWS, f1_samples_file, load_heldout, mean_f1, perplexity
+from pipeline.record import CONTINUATIONS, continuations, decode, left_pad, prompt_tokens
 
 REVISIONS = {"variant": pl.String, "prompt_id": pl.Int64, "position": pl.Int64, "token": pl.String, "jsd": pl.Float64,
              "masked": pl.Boolean, "regenerated": pl.Boolean, "original": pl.String, "revised": pl.String}
@@ -194,7 +194,7 @@ def run(out: Path, *, device: str, model: ModelConfig, data: DataConfig, record:
     rows, generations, layers = [], [], []
 
     def add(iid: str, kind: str, params: dict, tokens: np.ndarray, quality: dict) -> None:
-        generations.extend(continuations(iid, prompts, decode(bridge, tokens)))
+        generations.extend(continuations(iid, prompts, decode(bridge.tokenizer, tokens, record.eos_ends_text)))
         layers.extend({"variant": iid, "layer": l, "mlp_proj": float(x)}
                       for l, x in enumerate(mlp_proj(bridge, prompt_rows, tokens, w_hat, bs)))
         rows.append({"intervention_id": iid, "kind": kind, "params": json.dumps(params), "n_neurons": 0} | quality)
@@ -217,7 +217,7 @@ def run(out: Path, *, device: str, model: ModelConfig, data: DataConfig, record:
     add("marco", "marco", {"alpha": detox.marco_alpha, "threshold": detox.threshold, "share_revised": share_revised,
                            "share_masked": float(np.mean(jsd > detox.threshold))}, revised, quality_of(p, held_revised))
 
-    original, new = decode(bridge, base_tokens), decode(bridge, revised)
+    original, new = (decode(bridge.tokenizer, t, record.eos_ends_text) for t in (base_tokens, revised))
     eos = bridge.tokenizer.eos_token
     revisions = [{"variant": "marco", "prompt_id": i, "position": t,
                   "token": bridge.tokenizer.decode([int(base_tokens[i, t])]).replace(eos, " "),

@@ -55,7 +55,8 @@ from tqdm import tqdm
 from pipeline import data as datasets
 from pipeline import models
 from pipeline.config import DataConfig, InterveneConfig, ModelConfig, RecordConfig
-from pipeline.record import CONTINUATIONS, VARIANTS, continuations, hooked_generate, left_pad, mlp_out_readers, prompt_tokens
+from pipeline.record import (CONTINUATIONS, VARIANTS, continuations, decode, hooked_generate, left_pad, mlp_out_readers,
+                             prompt_tokens)
 
 ROWS = {"intervention_id": pl.String, "kind": pl.String, "params": pl.String, "n_neurons": pl.Int64,
         "perplexity": pl.Float64, "f1": pl.Float64}  # interventions, as stage score reads them
@@ -152,11 +153,6 @@ def generate(bridge, rows: list[torch.Tensor], new_tokens: int, batch_size: int,
         tokens[start:start + len(ids)] = hooked_generate(bridge, ids, mask, T, fwd_hooks + mlp_out_readers(out)).cpu().numpy()
         proj_sum += out.sum(0) @ w
     return tokens, (proj_sum / (len(rows) * T)).cpu().numpy()
-
-
-def decode(bridge, tokens: np.ndarray) -> list[str]:
-    eos = bridge.tokenizer.eos_token  # an end of text mid-continuation is a break, not glue (as in record)
-    return [t.replace(eos, " ") for t in bridge.tokenizer.batch_decode(tokens)]
 
 
 # A perplexity batch holds at most this many logits (8,192 tokens of GPT-2's vocabulary, 1.6 GB in float32):
@@ -332,7 +328,7 @@ def run(out: Path, *, device: str, model: ModelConfig, data: DataConfig, record:
     ends = {"base": quality(bridge, held, [], intervene, w_hat, "base")}
     for iv in tqdm(todo, desc="interventions", unit="intervention"):
         tokens, proj = generate(bridge, prompt_rows, T, record.batch_size, iv.hooks, w_hat, iv.id)
-        generations += continuations(iv.id, prompts, decode(bridge, tokens))
+        generations += continuations(iv.id, prompts, decode(bridge.tokenizer, tokens, record.eos_ends_text))
         layers += [{"variant": iv.id, "layer": l, "mlp_proj": float(x)} for l, x in enumerate(proj)]
         rows.append({"intervention_id": iv.id, "kind": iv.kind, "params": json.dumps(iv.params), "n_neurons": iv.n_neurons,
                      **quality(bridge, held, iv.hooks, intervene, w_hat, iv.id)})

@@ -214,8 +214,7 @@ def record_shard(path: str, device: str, dtype: str, bos: str, prompts: list[str
     bridge = models.load_bridge(path, device, dtype)
     rec = generate_and_record(bridge, prompts, w_hat, record.new_tokens, record.batch_size, desc, prefix,
                               models.bridge_prepends_bos(bridge, bos), record.max_prompt_tokens)
-    eos = bridge.tokenizer.eos_token  # ends a text mid-continuation: show it as the break it is, not glue
-    rec["texts"] = [t.replace(eos, " ") for t in bridge.tokenizer.batch_decode(rec["tokens"])]
+    rec["texts"] = decode(bridge.tokenizer, rec["tokens"], record.eos_ends_text)
     rec["n"] = len(prompts)
     del bridge
     models.release_memory()
@@ -242,6 +241,15 @@ def reduce_shards(parts: list[dict], prefixes: list[Path], out_prefix: Path) -> 
                     f.write(np.ascontiguousarray(row).tobytes())
                 file.unlink()
     return rec, [t for p in parts for t in p["texts"]]
+
+
+def decode(tok, tokens: np.ndarray, eos_ends_text: bool = False) -> list[str]:
+    """Texts of continuations (n, T): up to the first end of text with eos_ends_text, else all T tokens with
+    an end of text inside shown as a space, the break it is rather than glue."""
+    eos, rows = tok.eos_token_id, [row.tolist() for row in tokens]
+    if eos_ends_text:
+        rows = [r[:r.index(eos)] if eos in r else r for r in rows]
+    return [t.replace(tok.eos_token, " ") for t in tok.batch_decode(rows)]
 
 
 def continuations(variant: str, prompts: list[str], texts: list[str]) -> list[dict]:

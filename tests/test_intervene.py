@@ -451,3 +451,13 @@ def test_run_end_to_end_on_planted_pair(tmp_path, monkeypatch):
                     stage.run(dirs["out"], device="cpu", world_dir=None, probe_dir=tmp_path / "probe", intervene=cfg,
                               record_dir=dirs["record"], **settings, **inputs)
             assert e.value.args == (handed,), (stage, spied)
+
+    def decode(tok, tokens, eos_ends_text=False):
+        raise Handed(eos_ends_text)
+
+    with monkeypatch.context() as m:  # the interventions' texts end as record's do
+        m.setattr(intervene, "decode", decode)
+        with pytest.raises(Handed) as e:
+            intervene.run(dirs["out"], data=data, record=replace(rec_cfg, eos_ends_text=True), intervene=cfg,
+                          record_dir=dirs["record"], attribute_dir=dirs["attribute"], **common)
+    assert e.value.args == (True,)

@@ -147,6 +147,44 @@ def test_prompts_tokenized_as_the_reference_code_generate_as_it_does(tmp_path):
         np.testing.assert_allclose(np.load(out / f"{variant}_act.npy"), act.mean(0), atol=1e-5, rtol=1e-4)
 
 
+def test_continuation_text_ends_at_eos_only_where_asked(tmp_path):
+    """[record] eos_ends_text: the text the scorer reads stops before the first EOS, as the reference code's
+    generate stops there; by default all T tokens, EOS shown as a space. The tokens and activations are the same."""
+    r = random.Random(0)
+    tok = world.train_tokenizer([corpus.neutral_sentence(r) for _ in range(2000)] + PROMPTS, vocab_size=400)
+    for name, seed in (("base", 0), ("dpo/model", 1)):
+        tiny_model(tok, SHAPES["2x32x128"], seed, eos_bias=2.0).save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    (tmp_path / "probe").mkdir()
+    np.save(tmp_path / "probe" / "w.npy", np.ones(32, np.float32))
+    outs = {}
+    for ends in (False, True):
+        outs[ends] = tmp_path / f"out{ends}"
+        outs[ends].mkdir()
+        record.run(outs[ends], device="cpu", model=ModelConfig(path=str(tmp_path / "base")),
+                   data=DataConfig(prompts=str(tmp_path / "prompts.jsonl"), challenging_only=False),
+                   record=RecordConfig(new_tokens=T, batch_size=4, eos_ends_text=ends), world_dir=None,
+                   probe_dir=tmp_path / "probe", dpo_dir=tmp_path / "dpo")
+    eos = tok.eos_token_id
+    for variant in record.VARIANTS:
+        tokens = np.load(outs[False] / f"{variant}_tokens.npy")
+        assert (tokens == np.load(outs[True] / f"{variant}_tokens.npy")).all()
+        assert (np.load(outs[False] / f"{variant}_act.npy") == np.load(outs[True] / f"{variant}_act.npy")).all()
+        assert (tokens == eos).any(), "the tiny models should emit EOS"
+        texts = {ends: pl.read_parquet(outs[ends] / "continuations.parquet").filter(variant=variant).sort("prompt_id")
+                 ["continuation"].to_list() for ends in outs}
+        for row, whole, cut in zip(tokens.tolist(), texts[False], texts[True]):
+            assert whole == tok.decode(row).replace(tok.eos_token, " ")
+            assert cut == tok.decode(row[:row.index(eos)] if eos in row else row)
+        assert texts[False] != texts[True]
+    # planted: what follows the first EOS is left out, not only the EOS
+    a, b = tok(" the")["input_ids"][0], tok(" cat")["input_ids"][0]
+    rows = np.array([[a, eos, b], [a, b, b]])
+    assert record.decode(tok, rows, eos_ends_text=True) == [tok.decode([a]), tok.decode([a, b, b])]
+    assert record.decode(tok, rows) == [tok.decode([a]) + " " + tok.decode([b]), tok.decode([a, b, b])]
+
+
 def test_shapes_follow_the_model_and_tables_match_the_schema(stage):
     out, _, _, shape, summary = stage
     n_layers, d_mlp = shape["n_layer"], shape["n_inner"] or 4 * shape["n_embd"]

@@ -232,6 +232,7 @@ def test_settings_that_change_no_result_are_in_no_key(tmp_path):
 
 @pytest.mark.parametrize("section, setting, value, reruns", [
     ("record", "max_prompt_tokens", 32, {"record", "attribute", "intervene", "score"}),
+    ("record", "eos_ends_text", True, {"record", "attribute", "intervene", "score"}),
     ("model", "bos", "tokenizer", {"probe", "dpo", "record", "attribute", "intervene", "score"}),  # loaded pairs: no text made
 ])
 def test_how_texts_are_tokenized_reruns_every_stage_that_reads_them(tmp_path, section, setting, value, reruns):
