@@ -235,7 +235,7 @@ def test_settings_that_change_no_result_are_in_no_key(tmp_path):
     ("record", "eos_ends_text", True, {"record", "attribute", "intervene", "score"}),
     ("model", "bos", "tokenizer", {"probe", "dpo", "record", "attribute", "intervene", "score"}),  # loaded pairs: no text made
 ])
-def test_how_texts_are_tokenized_reruns_every_stage_that_reads_them(tmp_path, section, setting, value, reruns):
+def test_how_texts_are_cut_and_read_reruns_every_stage_that_reads_them(tmp_path, section, setting, value, reruns):
     base = runner.cache_keys(real_model_config(tmp_path))
     assert changed(base, runner.cache_keys(real_model_config(tmp_path, **{f"{section}__{setting}": value}))) == reruns
     demo = tiny_config(tmp_path)
