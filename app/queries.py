@@ -220,6 +220,19 @@ def run_info(path: str, version: float, run_id: str) -> dict:
 
 
 @st.cache_data(show_spinner=SPINNER)
+def settings_that_differ(path: str, version: float, run_a: str, run_b: str) -> pl.DataFrame:
+    """The config settings (section.key, [run] left out: names and places) whose values differ between two
+    runs, as JSON text; NULL where a run's config does not hold the setting (written before it existed)."""
+    return _frame(path, version, """
+        WITH setting AS (
+            SELECT r.run_id, s.key || '.' || k.key AS setting, k.value::VARCHAR AS value
+            FROM runs r, json_each(r.config) s, json_each(s.value) k
+            WHERE r.run_id IN (?, ?) AND s.key <> 'run')
+        SELECT setting, max(value) FILTER (WHERE run_id = ?) AS a, max(value) FILTER (WHERE run_id = ?) AS b
+        FROM setting GROUP BY setting HAVING a IS DISTINCT FROM b ORDER BY setting""", [run_a, run_b, run_a, run_b])
+
+
+@st.cache_data(show_spinner=SPINNER)
 def neuron_bounds(path: str, version: float, run_id: str) -> dict | None:
     """Ranges the neuron filters start from."""
     df = _frame(path, version, """

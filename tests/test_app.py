@@ -1,5 +1,6 @@
 """The app's first page, driven through Streamlit's AppTest on a real store."""
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -358,6 +359,29 @@ def test_compare_runs_overlap_of_top_neurons(compare_store, app_on_path):
         at.number_input[0].set_value(k).run()
         assert any(m.value.startswith(f"**{k - 3:,}** neurons are in both top-{k:,} lists") for m in at.markdown)
         assert len(at.dataframe[-1].value) == k + 3
+
+
+def test_compare_runs_lists_the_settings_that_differ(tiny_run, tmp_path, monkeypatch, app_on_path):
+    """Runs written from the tiny run's config with two settings changed (and its name, which is no setting of the
+    result): the page lists exactly those two, with each run's value; the same config again lists none."""
+    cfg, run_id = tiny_run
+    path = tmp_path / "c.duckdb"
+    shutil.copyfile(cfg.run.store, path)
+    monkeypatch.setenv("STORE", str(path))
+    (config,), = sql("SELECT config FROM runs WHERE run_id = ?", [run_id])
+    config = json.loads(config)
+    edited = json.loads(json.dumps(config))
+    edited["model"]["bos"], edited["record"]["max_prompt_tokens"], edited["run"]["name"] = "tokenizer", 32, "other"
+    runs = {name: store.write_run(path, run={"name": name, "model": "m", "config": c, "config_hash": name, "packages": {}},
+                                  stages=[], tables={}) for name, c in (("edited", edited), ("same", config))}
+    at = open_page(str(PAGES / "5_Compare_runs.py"), run_id)
+    at.selectbox[0].set_value(runs["edited"]).run()
+    assert not at.exception and at.expander[0].label == "2 settings differ between A and B"
+    assert at.dataframe[0].value.values.tolist() == [["model.bos", '"transformerlens"', '"tokenizer"'],
+                                                     ["record.max_prompt_tokens", "0", "32"]]
+    at.selectbox[0].set_value(runs["same"]).run()
+    assert "A and B were made with the same settings (their [run] sections aside)." in [c.value for c in at.caption]
+    assert not at.expander
 
 
 def test_compare_runs_of_different_shapes_compares_group_shares_only(tiny_run, tmp_path, monkeypatch, app_on_path):

@@ -19,6 +19,15 @@ if len(ids) < 2:
 others = [r for r in ids if r != run_a]
 run_b = st.selectbox("Compare run A (the sidebar's run) with run B", others, format_func=lambda r: f"{r} · {names[r]}")
 
+differ = queries.settings_that_differ(path, version, run_a, run_b)
+if differ.height:
+    title = f"{differ.height} setting differs" if differ.height == 1 else f"{differ.height} settings differ"
+    with st.expander(f"{title} between A and B", expanded=differ.height <= 10):
+        st.dataframe(differ.rename({"a": f"A · {names[run_a]}", "b": f"B · {names[run_b]}"}).fill_null("(not recorded)"),
+                     hide_index=True, width="stretch")
+else:
+    st.caption("A and B were made with the same settings (their [run] sections aside).")
+
 shares = queries.group_shares_of(path, version, (run_a, run_b))
 if shares.filter(shares["run_id"] == run_a).height == 0 or shares.filter(shares["run_id"] == run_b).height == 0:
     st.info("Both runs need an attribution (the `attribute` stage) to be compared.")
