@@ -122,9 +122,9 @@ def synthetic_tables(n_layers: int, d_mlp: int, seed: int) -> dict[str, pl.DataF
 
 
 def write_store(path: Path, n_layers: int, d_mlp: int) -> tuple[str, str]:
-    config = {"data": {"prompts": "bench"}, "scorer": {"backend": "bench"}, "dpo": {"beta": 0.1}}
     ids = []
-    for seed in (0, 1):
+    for seed in (0, 1):  # two betas: Compare runs lists the setting they differ in
+        config = {"data": {"prompts": "bench"}, "scorer": {"backend": "bench"}, "dpo": {"beta": 0.1 * (1 + seed)}}
         run = {"name": f"bench-{seed}", "model": f"synthetic {n_layers}x{d_mlp}", "config": config,
                "config_hash": f"bench-{seed}", "packages": {}}
         stages = [{"stage": "world", "cache_key": "k", "seconds": 1.0, "summary": {"scorer": "bench"}},
@@ -171,6 +171,7 @@ def app_calls(path: str, run_a: str, run_b: str, n_layers: int) -> dict[str, tup
         "prompt_group_shares": (queries.prompt_group_shares, path, v, run_a),
         "group_shares_of": (queries.group_shares_of, path, v, (run_a, run_b)),
         "top_overlap (k=100)": (queries.top_overlap, path, v, run_a, run_b, 100),
+        "settings_that_differ": (queries.settings_that_differ, path, v, run_a, run_b),
         "revised_continuations": (queries.revised_continuations, path, v, run_a),
         "revision": (queries.revision, path, v, run_a, "base", 0),
         "schema": (queries.schema, path, v),
