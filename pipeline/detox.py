@@ -184,7 +184,7 @@ def run(out: Path, *, device: str, model: ModelConfig, data: DataConfig, record:
 
     path = datasets.model_path(model.path, world_dir)
     bridge = models.load_bridge(path, device, model.dtype)
-    prompt_rows = prompt_tokens(bridge, prompts, T, models.bridge_prepends_bos(bridge, model.bos), record.max_prompt_tokens)
+    prompt_rows = prompt_tokens(bridge, prompts, T, model.bos, record.max_prompt_tokens)
     held = load_heldout(bridge, heldout_file, intervene, bs, samples_file)
     # The base of the PoE is the transformers model inside the bridge, called directly (no hooks run): one copy.
     loaded = [models.load_hf(str(Path(experts_dir) / name), device, model.dtype)[0] for name in ("expert", "anti")]

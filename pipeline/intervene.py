@@ -324,7 +324,7 @@ def run(out: Path, *, device: str, model: ModelConfig, data: DataConfig, record:
     rows, generations, layers = [], [], []
     bridge = models.load_bridge(datasets.model_path(model.path, world_dir), device, model.dtype)
     held = load_heldout(bridge, heldout_file, intervene, intervene.batch_size, samples_file)
-    prompt_rows = prompt_tokens(bridge, prompts, T, models.bridge_prepends_bos(bridge, model.bos), record.max_prompt_tokens)
+    prompt_rows = prompt_tokens(bridge, prompts, T, model.bos, record.max_prompt_tokens)
     ends = {"base": quality(bridge, held, [], intervene, w_hat, "base")}
     for iv in tqdm(todo, desc="interventions", unit="intervention"):
         tokens, proj = generate(bridge, prompt_rows, T, record.batch_size, iv.hooks, w_hat, iv.id)

@@ -24,7 +24,7 @@ from pipeline.config import ConfigError, DataConfig, ModelConfig, ProbeConfig
 from pipeline.models import bridge_prepends_bos, load_bridge, release_memory
 
 
-def text_tokens(bridge, texts: list[str], max_tokens: int, prepend_bos: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def text_tokens(bridge, texts: list[str], max_tokens: int, prepend_bos: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids (B, T) and the 0/1 mask of each text's own tokens. Texts are tokenized as generation
     tokenizes prompts (to_tokens: BOS per prepend_bos, as record.prompt_tokens takes it, though the bridge's
     tokenizer adds one on GPT-NeoX too), so w is fit in the context record reads it in; cut to max_tokens
@@ -35,7 +35,7 @@ def text_tokens(bridge, texts: list[str], max_tokens: int, prepend_bos: bool | N
     for i, r in enumerate(rows):
         ids[i, :len(r)] = r
         mask[i, :len(r)] = 1
-    if bridge.cfg.default_prepend_bos if prepend_bos is None else prepend_bos:
+    if prepend_bos:
         mask[:, 0] = 0
     return ids, mask
 
@@ -51,9 +51,10 @@ def _stop_with(resid, hook):
 
 
 @torch.no_grad()
-def mean_residual(bridge, texts: list[str], batch_size: int, max_tokens: int, prepend_bos: bool | None = None) -> np.ndarray:
-    """(N, d_model) mean of the last block's output over each text's own tokens (BOS and padding excluded)."""
-    layer = bridge.cfg.n_layers - 1
+def mean_residual(bridge, texts: list[str], batch_size: int, max_tokens: int, bos: str = "transformerlens") -> np.ndarray:
+    """(N, d_model) mean of the last block's output over each text's own tokens (BOS, as [model] bos places it,
+    and padding excluded)."""
+    layer, prepend_bos = bridge.cfg.n_layers - 1, bridge_prepends_bos(bridge, bos)
     feats = []
     for i in tqdm(range(0, len(texts), batch_size), desc="probe features", unit="batch"):
         ids, mask = text_tokens(bridge, texts[i:i + batch_size], max_tokens, prepend_bos)
@@ -143,7 +144,7 @@ def run(out: Path, *, device: str, model: ModelConfig, data: DataConfig, probe: 
     texts, labels = datasets.load_probe(datasets.resolve("probe", data.probe, world_dir), probe.max_examples, probe.seed)
     bridge = load_bridge(datasets.model_path(model.path, world_dir), device, model.dtype)
     given = load_direction(probe.direction, bridge.cfg.d_model) if probe.direction else None  # before hours of features
-    x = mean_residual(bridge, texts, probe.batch_size, probe.max_tokens, bridge_prepends_bos(bridge, model.bos))
+    x = mean_residual(bridge, texts, probe.batch_size, probe.max_tokens, model.bos)
     layer = bridge.cfg.n_layers - 1
     del bridge
     release_memory()

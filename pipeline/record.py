@@ -52,11 +52,11 @@ NEURON_MEANS = ("act", "act_normed")  # kept per neuron; the last a model has al
 CONTINUATIONS = {"variant": pl.String, "prompt_id": pl.Int64, "prompt": pl.String, "continuation": pl.String}
 
 
-def prompt_tokens(bridge, prompts: list[str], new_tokens: int, prepend_bos: bool | None = None,
+def prompt_tokens(bridge, prompts: list[str], new_tokens: int, bos: str = "transformerlens",
                   max_tokens: int = 0) -> list[torch.Tensor]:
-    """Each prompt tokenized alone, BOS first per prepend_bos (None: TransformerLens' policy for the model,
-    models.bridge_prepends_bos gives [model] bos's), cut to its first max_tokens (0: whole); refuses
-    prompts that leave no room for the continuation, before any generation time is spent."""
+    """Each prompt tokenized alone, BOS first as [model] bos says, cut to its first max_tokens (0: whole);
+    refuses prompts that leave no room for the continuation, before any generation time is spent."""
+    prepend_bos = models.bridge_prepends_bos(bridge, bos)
     rows = [bridge.to_tokens(p, prepend_bos=prepend_bos, move_to_device=False, truncate=False)[0] for p in prompts]
     rows = [r[:max_tokens] for r in rows] if max_tokens else rows
     room = bridge.cfg.n_ctx - new_tokens
@@ -148,13 +148,13 @@ def per_prompt(names: tuple[str, ...] | list[str]) -> str:
 
 @torch.no_grad()
 def generate_and_record(bridge, prompts: list[str], w_hat: np.ndarray, new_tokens: int, batch_size: int, desc: str,
-                        prefix: Path, prepend_bos: bool | None = None, max_prompt_tokens: int = 0) -> dict:
+                        prefix: Path, bos: str = "transformerlens", max_prompt_tokens: int = 0) -> dict:
     """Means over the generated positions (module docstring); the per-prompt means are streamed to
     {prefix}{name}_prompt.npy batch by batch, so memory does not grow with the number of prompts."""
     cfg = bridge.cfg
     n_layers, d_mlp, T, dev = cfg.n_layers, cfg.d_mlp, new_tokens, cfg.device
     w = torch.tensor(w_hat, dtype=torch.float32, device=dev)  # (d_model,)
-    rows = prompt_tokens(bridge, prompts, T, prepend_bos, max_prompt_tokens)
+    rows = prompt_tokens(bridge, prompts, T, bos, max_prompt_tokens)
 
     names = neuron_means(bridge)
     sums = {name: torch.zeros(n_layers, d_mlp, device=dev) for name in names} | {"mlp_proj": torch.zeros(n_layers, device=dev)}
@@ -213,7 +213,7 @@ def record_shard(path: str, device: str, dtype: str, bos: str, prompts: list[str
     """One process's share of the prompts: generate_and_record on them, plus the decoded continuations."""
     bridge = models.load_bridge(path, device, dtype)
     rec = generate_and_record(bridge, prompts, w_hat, record.new_tokens, record.batch_size, desc, prefix,
-                              models.bridge_prepends_bos(bridge, bos), record.max_prompt_tokens)
+                              bos, record.max_prompt_tokens)
     rec["texts"] = decode(bridge.tokenizer, rec["tokens"], record.eos_ends_text)
     rec["n"] = len(prompts)
     del bridge

@@ -48,13 +48,11 @@ def test_mean_residual_matches_a_plain_hf_forward(tiny_gpt2, bos):
     BOS as TransformerLens gives it, or ([model] bos = tokenizer) the tokenizer's ids alone, none on GPT-2."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.models import bridge_prepends_bos
-
     texts = ["The soup was warm and the bread was fresh.", "Hello there.", "We will book the train at the station tomorrow."]
     bridge = load_bridge(str(tiny_gpt2), "cpu")
     unembedded = []
     bridge.unembed.register_forward_hook(lambda *_: unembedded.append(1))
-    got = probe.mean_residual(bridge, texts, batch_size=2, max_tokens=64, prepend_bos=bridge_prepends_bos(bridge, bos))
+    got = probe.mean_residual(bridge, texts, batch_size=2, max_tokens=64, bos=bos)
     assert not unembedded  # the forward ends at the last block: no logits
 
     hf = AutoModelForCausalLM.from_pretrained(tiny_gpt2).eval()
