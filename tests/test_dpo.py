@@ -318,6 +318,59 @@ def test_sampling_gives_k_seeded_continuations_per_prompt(base_dir):
     assert all(len(set(g)) > 1 for g in a), "the K samples of a prompt should differ"
 
 
+class Seen(Exception):
+    """Carries what a spied call was given out of the stage that made it."""
+
+
+@pytest.mark.parametrize("bos", ["transformerlens", "tokenizer"])
+def test_self_pairs_are_sampled_after_bos_as_model_bos_says(tmp_path, base_dir, stub_scorer, monkeypatch, bos):
+    """The pairs DPO trains on are sampled in the context DPO trains and record generates in: after BOS on
+    GPT-2 under TransformerLens' reading, from the prompt's own first token under the tokenizer's."""
+    from transformers import AutoTokenizer, GenerationMixin
+
+    def spy(self, input_ids, attention_mask, **_):
+        raise Seen([ids[m.bool()].tolist() for ids, m in zip(input_ids, attention_mask)])
+
+    monkeypatch.setattr(GenerationMixin, "generate", spy)
+    prompts = [r["prompt"] for r in HELDOUT[:4]]
+    data = DataConfig(pairs="self", prompts=write_prompts(tmp_path / "prompts.jsonl", prompts))
+    with pytest.raises(Seen) as e:
+        pairs.run(tmp_path, device="cpu", model=ModelConfig(path=str(base_dir), bos=bos), data=data, pairs=PairsConfig(),
+                  scorer=ScorerConfig(), world_dir=None)
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    first = [tok.bos_token_id] if bos == "transformerlens" else []
+    assert e.value.args[0] == [first + tok(p)["input_ids"] for p in prompts]
+
+
+@pytest.mark.parametrize("bos", ["transformerlens", "tokenizer"])
+def test_experts_train_after_bos_as_model_bos_says(tmp_path, base_dir, monkeypatch, bos):
+    """MaRCo's experts learn their side of the probe data in the context the PoE decodes in ([model] bos);
+    trl ends each text with EOS."""
+    from transformers import AutoTokenizer
+    from trl import SFTTrainer
+
+    from pipeline import experts
+    from pipeline.config import ExpertsConfig
+
+    seen, compute = [], SFTTrainer.compute_loss
+
+    def spy(self, model, inputs, *args, **kwargs):
+        seen.extend([t for t, m in zip(ids, mask) if m]
+                    for ids, mask in zip(inputs["input_ids"].tolist(), inputs["attention_mask"].tolist()))
+        return compute(self, model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(SFTTrainer, "compute_loss", spy)
+    texts = [r[k].strip() for r in TRAIN[:4] for k in ("chosen", "rejected")]
+    (tmp_path / "probe.csv").write_text("comment_text,toxic\n" + "".join(
+        f"{t},{int(PLANTED in t)}\n" for t in texts))
+    experts.run(tmp_path / "out", device="cpu", model=ModelConfig(path=str(base_dir), bos=bos),
+                data=DataConfig(probe=str(tmp_path / "probe.csv")),
+                experts=ExpertsConfig(max_examples=8, steps=1, batch_size=4, max_length=32), world_dir=None)
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    first = [tok.bos_token_id] if bos == "transformerlens" else []
+    assert sorted(seen) == sorted(first + tok(t)["input_ids"] + [tok.eos_token_id] for t in texts)
+
+
 def test_loaded_pairs_are_scored_and_capped(tmp_path, stub_scorer):
     path = tmp_path / "in.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in TRAIN))
