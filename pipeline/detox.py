@@ -57,11 +57,6 @@ REVISIONS = {"variant": pl.String, "prompt_id": pl.Int64, "position": pl.Int64, 
              "masked": pl.Boolean, "regenerated": pl.Boolean, "original": pl.String, "revised": pl.String}
 
 
-def poe_logits(base: torch.Tensor, expert: torch.Tensor, anti: torch.Tensor, alpha: float) -> torch.Tensor:
-    """Product of experts from three logit tensors of one shape (..., vocab); unnormalised."""
-    return base.log_softmax(-1) + alpha * (expert.log_softmax(-1) - anti.log_softmax(-1))
-
-
 def jsd_bits(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
     """Jensen-Shannon divergence in bits (0..1) between the distributions of two logit tensors (..., vocab) -> (...)."""
     lp, lq = p_logits.float().log_softmax(-1), q_logits.float().log_softmax(-1)
@@ -70,10 +65,11 @@ def jsd_bits(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
     return (kl(lp) + kl(lq)) / (2 * math.log(2))
 
 
-def _logits(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(B, L, vocab) float logits of a transformers causal LM on left-padded ids, positions counted from the mask."""
+def _logits(model, ids: torch.Tensor, mask: torch.Tensor, keep: int = 0) -> torch.Tensor:
+    """(B, L, vocab) float logits of a transformers causal LM on left-padded ids, positions counted from the
+    mask; (B, keep, vocab) of the last keep positions only when keep > 0 (the unembedding skips the rest)."""
     pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, L)
-    return model(input_ids=ids, attention_mask=mask, position_ids=pos).logits.float()
+    return model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=keep).logits.float()
 
 
 @dataclass(frozen=True)
@@ -94,14 +90,21 @@ class ProductOfExperts:
             raise ValueError("a product of experts takes no hooks: it edits logits, not neurons")
         yield
 
-    def __call__(self, ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def __call__(self, ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
+        """log p_base + alpha (log p_expert - log p_anti), unnormalised, (B, L or logits_to_keep, vocab). One
+        model at a time, in place: three vocabulary-wide tensors at most, where the three models' logits and
+        their log-softmaxes at once would be seven."""
         if self.alpha == 0:
-            return _logits(self.base, ids, attention_mask)
-        return poe_logits(*(_logits(m, ids, attention_mask) for m in (self.base, self.expert, self.anti)), self.alpha)
+            return _logits(self.base, ids, attention_mask, logits_to_keep)
+        log_p = lambda m: _logits(m, ids, attention_mask, logits_to_keep).log_softmax(-1)
+        out = log_p(self.expert)
+        out.sub_(log_p(self.anti)).mul_(self.alpha)
+        return out.add_(log_p(self.base))
 
-    def divergence(self, ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(B, L) JS divergence (bits) of the expert's and anti-expert's next-token distributions at every position."""
-        return jsd_bits(_logits(self.expert, ids, attention_mask), _logits(self.anti, ids, attention_mask))
+    def divergence(self, ids: torch.Tensor, attention_mask: torch.Tensor, last: int) -> torch.Tensor:
+        """(B, last) JS divergence (bits) of the expert's and anti-expert's next-token distributions at the
+        last positions."""
+        return jsd_bits(_logits(self.expert, ids, attention_mask, last), _logits(self.anti, ids, attention_mask, last))
 
 
 @torch.no_grad()
@@ -113,7 +116,7 @@ def greedy(model, rows: list[torch.Tensor], new_tokens: int, batch_size: int, de
         ids, mask = left_pad(rows[start:start + batch_size], model.tokenizer.pad_token_id)  # (B, L)
         ids, mask = ids.to(dev), mask.to(dev)
         for _ in range(new_tokens):
-            nxt = model(ids, attention_mask=mask)[:, -1].argmax(-1)  # (B,)
+            nxt = model(ids, attention_mask=mask, logits_to_keep=1)[:, -1].argmax(-1)  # (B,)
             ids = torch.cat([ids, nxt[:, None]], 1)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
         out[start:start + len(ids)] = ids[:, -new_tokens:].cpu().numpy()
@@ -132,8 +135,8 @@ def token_divergence(poe: ProductOfExperts, rows: list[torch.Tensor], tokens: np
     full = _joined(rows, tokens)
     for start in range(0, len(full), batch_size):
         ids, mask = left_pad(full[start:start + batch_size], poe.tokenizer.pad_token_id)
-        d = poe.divergence(ids.to(poe.cfg.device), mask.to(poe.cfg.device))  # (B, L)
-        out[start:start + len(ids)] = d[:, -T - 1:-1].cpu().numpy()  # position L-T-1+t predicts token t
+        d = poe.divergence(ids.to(poe.cfg.device), mask.to(poe.cfg.device), T + 1)  # (B, T + 1): positions L-T-1..L-1
+        out[start:start + len(ids)] = d[:, :-1].cpu().numpy()  # position L-T-1+t predicts token t
     return out
 
 
@@ -152,6 +155,11 @@ def revise(poe: ProductOfExperts, rows: list[torch.Tensor], tokens: np.ndarray, 
     return jsd, first, revised
 
 
+class _LastMLPOut(Exception):
+    """Ends a forward once the last block's MLP has written: mlp_proj reads nothing after it, and the final
+    norm and unembedding would make (B, L, vocab) logits for nothing."""
+
+
 @torch.no_grad()
 def mlp_proj(bridge, rows: list[torch.Tensor], tokens: np.ndarray, w_hat: np.ndarray, batch_size: int) -> np.ndarray:
     """(n_layers,) mean over the continuation positions of hook_mlp_out . w_hat, one forward of the base
@@ -166,10 +174,16 @@ def mlp_proj(bridge, rows: list[torch.Tensor], tokens: np.ndarray, w_hat: np.nda
         def reader(l: int):
             def read(o, hook):  # o (B, L, d_model); returns None: a returned tensor would replace the activation
                 total[l] += (o[:, -T:].float() @ w).sum()
+                if l == n_layers - 1:
+                    raise _LastMLPOut
             return read
 
-        with bridge.hooks(fwd_hooks=[(f"blocks.{l}.hook_mlp_out", reader(l)) for l in range(n_layers)]):
-            bridge(ids.to(dev), attention_mask=mask.to(dev))
+        try:
+            with bridge.hooks(fwd_hooks=[(f"blocks.{l}.hook_mlp_out", reader(l)) for l in range(n_layers)]):
+                bridge(ids.to(dev), attention_mask=mask.to(dev))
+        except _LastMLPOut:
+            continue
+        raise RuntimeError(f"blocks.{n_layers - 1}.hook_mlp_out never ran")  # total would lack that layer
     return (total / (len(full) * T)).cpu().numpy()
 
 

@@ -2,6 +2,7 @@
 whose answer is known, against direct computations, and end to end on the tiny world."""
 
 import json
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -24,8 +25,8 @@ class Bigram(torch.nn.Module):
         super().__init__()
         self.table = table  # (V, V)
 
-    def forward(self, input_ids, attention_mask, position_ids):
-        return SimpleNamespace(logits=self.table[input_ids])  # (B, L, V)
+    def forward(self, input_ids, attention_mask, position_ids, logits_to_keep=0):
+        return SimpleNamespace(logits=self.table[input_ids][:, -logits_to_keep:])  # (B, L or logits_to_keep, V)
 
 
 def constructed_poe(alpha: float) -> detox.ProductOfExperts:
@@ -63,11 +64,15 @@ def test_poe_avoids_the_token_the_anti_expert_wants_and_jsd_ranks_it_first():
 
 def test_poe_is_the_normalised_product_of_the_three_distributions():
     g = torch.Generator().manual_seed(0)
-    b, e, a = (torch.randn(3, V, generator=g, dtype=torch.float64) for _ in range(3))
+    b, e, a = (torch.randn(V, V, generator=g) for _ in range(3))
+    ids, mask = torch.tensor([[0, 3, 7, 2], [0, 0, 5, 1]]), torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])
     alpha = 0.7
-    p = torch.softmax(b, -1) * (torch.softmax(e, -1) / torch.softmax(a, -1)) ** alpha
-    assert torch.allclose(detox.poe_logits(b, e, a, alpha).log_softmax(-1), (p / p.sum(-1, keepdim=True)).log())
-    assert torch.allclose(detox.poe_logits(b, e, a, 0.0), b.log_softmax(-1))
+    poe = detox.ProductOfExperts(Bigram(b), Bigram(e), Bigram(a), tokenizer=None, cfg=SimpleNamespace(device="cpu"),
+                                 alpha=alpha)
+    p = torch.softmax(b[ids], -1) * (torch.softmax(e[ids], -1) / torch.softmax(a[ids], -1)) ** alpha
+    assert torch.allclose(poe(ids, mask).log_softmax(-1), (p / p.sum(-1, keepdim=True)).log(), atol=1e-5)
+    assert torch.equal(poe(ids, mask, logits_to_keep=1), poe(ids, mask)[:, -1:])
+    assert torch.allclose(replace(poe, alpha=0.0)(ids, mask), b[ids])
 
 
 def test_jsd_matches_a_direct_computation_and_its_properties():
