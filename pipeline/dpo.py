@@ -63,7 +63,7 @@ def run(out: Path, *, device: str, model: ModelConfig, dpo: DPOStageConfig, worl
         gradient_accumulation_steps=dpo.grad_accum,
         max_length=dpo.max_length,
         seed=dpo.seed,
-        **models.trainer_args(out, device) | {"gradient_checkpointing": dpo.gradient_checkpointing},
+        **models.trainer_args(out, device) | {"activation_checkpointing": dpo.gradient_checkpointing},
     )
     pairs = preference_dataset(pairs_dir / "pairs.jsonl", models.bos_prefix(tok, policy.config, model.bos))
     # ref_model=None: trl reloads the policy's checkpoint as the frozen reference, i.e. the base model

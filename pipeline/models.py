@@ -121,7 +121,7 @@ def trainer_args(out: Path, device: str) -> dict:
         # trl defaults to bf16 autocast and gradient checkpointing, made for large models on recent GPUs;
         # fp32 runs on any device and keeps the small log-probability ratios DPO learns from exact
         bf16=False,
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
     )
 
 
