@@ -93,8 +93,11 @@ def test_libraries_are_imported_before_the_first_stage_starts(tiny_run, tmp_path
     cfg = config.from_dict(cfg.to_dict() | {"run": cfg.to_dict()["run"] | {"cache_dir": str(cache)}})
     shutil.rmtree(runner.stage_dir(cfg, "intervene", runner.cache_keys(cfg)["intervene"]))
     toml = write_toml(tmp_path / "tiny.toml", cfg)
-    script = ("import sys; from pipeline import config, runner; runner.run(config.load(sys.argv[1]), only='intervene', "
-              "log=lambda m: print(m, 'transformer_lens.model_bridge' in sys.modules, flush=True))")
+    # the process ends once the stage has started: the stage itself is not what is checked
+    script = ("import os, sys\nfrom pipeline import config, runner\n"
+              "def log(m):\n    print(m, 'transformer_lens.model_bridge' in sys.modules, flush=True)\n"
+              "    if m.startswith('[intervene] running'):\n        os._exit(0)\n"
+              "runner.run(config.load(sys.argv[1]), only='intervene', log=log)")
     out = subprocess.run([sys.executable, "-c", script, str(toml)], cwd=ROOT, capture_output=True, text=True, check=True,
                          env=os.environ | {"OMP_NUM_THREADS": "1"}).stdout
     assert [line for line in out.splitlines() if line.startswith("[intervene] running")][0].endswith(" True"), out
