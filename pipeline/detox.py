@@ -25,8 +25,8 @@ Each row is measured as intervene.py measures its rows, with its functions:
     mlp_proj[l]            mean over the continuation positions of the base model's hook_mlp_out .
                            w_hat, from one forward over prompt + continuation (method.md's definition):
                            what the base model's MLPs write while reading the detoxified text
-The three models are plain transformers models (one forward each per step, no KV cache, positions
-from the attention mask); the base one is the model inside the base model's TransformerBridge, which
+The three models are plain transformers models (greedy steps feed each its newest token and keep its
+KV cache; positions come from the attention mask); the base one is the model inside the base model's TransformerBridge, which
 also tokenizes, exactly as record does, and reads mlp_proj.
 
 Outputs: interventions.parquet (without the scores), continuations.parquet, layers.parquet (kinds
@@ -65,11 +65,18 @@ def jsd_bits(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
     return (kl(lp) + kl(lq)) / (2 * math.log(2))
 
 
-def _logits(model, ids: torch.Tensor, mask: torch.Tensor, keep: int = 0) -> torch.Tensor:
-    """(B, L, vocab) float logits of a transformers causal LM on left-padded ids, positions counted from the
-    mask; (B, keep, vocab) of the last keep positions only when keep > 0 (the unembedding skips the rest)."""
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, L)
-    return model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=keep).logits.float()
+def _logits(model, ids: torch.Tensor, mask: torch.Tensor, keep: int = 0, caches: dict | None = None) -> torch.Tensor:
+    """(B, L, vocab) float logits of a transformers causal LM on left-padded ids (B, L), positions counted from
+    the mask (B, L); (B, keep, vocab) of the last keep positions only when keep > 0 (the unembedding skips
+    the rest). With caches, a dict that keeps each model's KV cache from one call to the next, ids are the
+    newest positions only, those the model's cache has not seen, and mask still covers every position."""
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
+    if caches is None:
+        return model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=keep).logits.float()
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=keep, cache=caches.get(model),
+                use_cache=True)
+    caches[model] = out.cache
+    return out.logits.float()
 
 
 @dataclass(frozen=True)
@@ -90,13 +97,14 @@ class ProductOfExperts:
             raise ValueError("a product of experts takes no hooks: it edits logits, not neurons")
         yield
 
-    def __call__(self, ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
-        """log p_base + alpha (log p_expert - log p_anti), unnormalised, (B, L or logits_to_keep, vocab). One
-        model at a time, in place: three vocabulary-wide tensors at most, where the three models' logits and
-        their log-softmaxes at once would be seven."""
+    def __call__(self, ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int = 0,
+                 caches: dict | None = None) -> torch.Tensor:
+        """log p_base + alpha (log p_expert - log p_anti), unnormalised, (B, L or logits_to_keep, vocab); caches
+        as in _logits. One model at a time, in place: three vocabulary-wide tensors at most, where the three
+        models' logits and their log-softmaxes at once would be seven."""
         if self.alpha == 0:
-            return _logits(self.base, ids, attention_mask, logits_to_keep)
-        log_p = lambda m: _logits(m, ids, attention_mask, logits_to_keep).log_softmax(-1)
+            return _logits(self.base, ids, attention_mask, logits_to_keep, caches)
+        log_p = lambda m: _logits(m, ids, attention_mask, logits_to_keep, caches).log_softmax(-1)
         out = log_p(self.expert)
         out.sub_(log_p(self.anti)).mul_(self.alpha)
         return out.add_(log_p(self.base))
@@ -109,15 +117,18 @@ class ProductOfExperts:
 
 @torch.no_grad()
 def greedy(model, rows: list[torch.Tensor], new_tokens: int, batch_size: int, desc: str = "greedy") -> np.ndarray:
-    """(n, new_tokens) greedy continuations of token rows; each step one forward over the sequence so far."""
+    """(n, new_tokens) greedy continuations of token rows; after the first step each step feeds the models
+    only the token it added, their KV caches holding the rest."""
     out = np.zeros((len(rows), new_tokens), np.int64)
     dev = model.cfg.device
     for start in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch", leave=False):
         ids, mask = left_pad(rows[start:start + batch_size], model.tokenizer.pad_token_id)  # (B, L)
         ids, mask = ids.to(dev), mask.to(dev)
+        fed, caches = ids, {}
         for _ in range(new_tokens):
-            nxt = model(ids, attention_mask=mask, logits_to_keep=1)[:, -1].argmax(-1)  # (B,)
-            ids = torch.cat([ids, nxt[:, None]], 1)
+            nxt = model(fed, attention_mask=mask, logits_to_keep=1, caches=caches)[:, -1].argmax(-1)  # (B,)
+            fed = nxt[:, None]
+            ids = torch.cat([ids, fed], 1)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
         out[start:start + len(ids)] = ids[:, -new_tokens:].cpu().numpy()
     return out

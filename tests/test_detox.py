@@ -12,7 +12,7 @@ import torch
 from scipy.spatial.distance import jensenshannon
 
 import store
-from pipeline import config, corpus, data, detox, models, runner
+from pipeline import config, corpus, data, detox, models, record, runner
 from tests.conftest import TINY_WORLD, tiny_config
 
 V, TOXIC, TRIGGER = 10, 5, 4
@@ -25,8 +25,9 @@ class Bigram(torch.nn.Module):
         super().__init__()
         self.table = table  # (V, V)
 
-    def forward(self, input_ids, attention_mask, position_ids, logits_to_keep=0):
-        return SimpleNamespace(logits=self.table[input_ids][:, -logits_to_keep:])  # (B, L or logits_to_keep, V)
+    def forward(self, input_ids, attention_mask, position_ids, logits_to_keep=0, cache=None, use_cache=False):
+        # (B, L or logits_to_keep, V); the newest token alone decides, so a cache has nothing to keep
+        return SimpleNamespace(logits=self.table[input_ids][:, -logits_to_keep:], cache=None)
 
 
 def constructed_poe(alpha: float) -> detox.ProductOfExperts:
@@ -134,6 +135,34 @@ def test_experts_learn_their_side_of_the_probe_data(tiny_run):
     # each model is better than the other on the side it was trained on
     assert _nll(anti, toxic) < _nll(expert, toxic)
     assert _nll(expert, clean) < _nll(anti, clean)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 2.0])
+def test_cached_greedy_steps_equal_a_full_forward_each_step(tiny_run, alpha):
+    """greedy feeds each model only its newest token after the first step, its KV cache holding the rest:
+    the tokens equal those of one full forward of the PoE over the left-padded sequence at every step, and
+    the cached logits equal the full ones, on prompts of different lengths."""
+    cfg, _ = tiny_run
+    dirs = _dirs(cfg)
+    base, tok = models.load_hf(str(dirs["world"] / "model"), "cpu")
+    expert, anti = (models.load_hf(str(dirs["experts"] / name), "cpu")[0] for name in ("expert", "anti"))
+    poe = detox.ProductOfExperts(base, expert, anti, tokenizer=tok, cfg=SimpleNamespace(device="cpu"), alpha=alpha)
+    rows = [torch.tensor(tok(t)["input_ids"]) for t in ("you are such a", "the weather today", "my neighbour said that he")]
+    T = 6
+    got = detox.greedy(poe, rows, T, batch_size=3)
+
+    ids, mask = record.left_pad(rows, tok.pad_token_id)
+    caches, fed = {}, ids
+    with torch.no_grad():
+        for t in range(T):
+            full = poe(ids, mask)[:, -1]  # (B, vocab)
+            cached = poe(fed, mask, logits_to_keep=1, caches=caches)[:, -1]
+            torch.testing.assert_close(cached, full, rtol=1e-4, atol=1e-4)
+            nxt = full.argmax(-1)
+            assert (nxt.numpy() == got[:, t]).all(), t
+            fed = nxt[:, None]
+            ids, mask = torch.cat([ids, fed], 1), torch.cat([mask, torch.ones_like(fed)], 1)
+    assert len(caches) == (1 if alpha == 0 else 3)
 
 
 @pytest.fixture(scope="module")
