@@ -137,31 +137,34 @@ def test_experts_learn_their_side_of_the_probe_data(tiny_run):
     assert _nll(expert, clean) < _nll(anti, clean)
 
 
-@pytest.mark.parametrize("alpha", [0.0, 2.0])
-def test_cached_greedy_steps_equal_a_full_forward_each_step(tiny_run, alpha):
+def check_cached_greedy(poe: detox.ProductOfExperts, rows: list[torch.Tensor], T: int) -> dict:
     """greedy feeds each model only its newest token after the first step, its KV cache holding the rest:
-    the tokens equal those of one full forward of the PoE over the left-padded sequence at every step, and
-    the cached logits equal the full ones, on prompts of different lengths."""
-    cfg, _ = tiny_run
-    dirs = _dirs(cfg)
-    base, tok = models.load_hf(str(dirs["world"] / "model"), "cpu")
-    expert, anti = (models.load_hf(str(dirs["experts"] / name), "cpu")[0] for name in ("expert", "anti"))
-    poe = detox.ProductOfExperts(base, expert, anti, tokenizer=tok, cfg=SimpleNamespace(device="cpu"), alpha=alpha)
-    rows = [torch.tensor(tok(t)["input_ids"]) for t in ("you are such a", "the weather today", "my neighbour said that he")]
-    T = 6
-    got = detox.greedy(poe, rows, T, batch_size=3)
-
-    ids, mask = record.left_pad(rows, tok.pad_token_id)
+    its tokens must be those of one full forward of the PoE over the left-padded sequence at every step,
+    and the cached logits the full ones. Returns the caches the checked steps kept."""
+    got = detox.greedy(poe, rows, T, batch_size=len(rows))
+    ids, mask = record.left_pad(rows, poe.tokenizer.pad_token_id)
     caches, fed = {}, ids
     with torch.no_grad():
         for t in range(T):
             full = poe(ids, mask)[:, -1]  # (B, vocab)
             cached = poe(fed, mask, logits_to_keep=1, caches=caches)[:, -1]
             torch.testing.assert_close(cached, full, rtol=1e-4, atol=1e-4)
-            nxt = full.argmax(-1)
-            assert (nxt.numpy() == got[:, t]).all(), t
-            fed = nxt[:, None]
+            fed = full.argmax(-1)[:, None]
+            assert (fed[:, 0].numpy() == got[:, t]).all(), t
             ids, mask = torch.cat([ids, fed], 1), torch.cat([mask, torch.ones_like(fed)], 1)
+    return caches
+
+
+@pytest.mark.parametrize("alpha", [0.0, 2.0])
+def test_cached_greedy_steps_equal_a_full_forward_each_step(tiny_run, alpha):
+    """On the tiny world's base model and experts, prompts of different lengths (left padding)."""
+    cfg, _ = tiny_run
+    dirs = _dirs(cfg)
+    base, tok = models.load_hf(str(dirs["world"] / "model"), "cpu")
+    expert, anti = (models.load_hf(str(dirs["experts"] / name), "cpu")[0] for name in ("expert", "anti"))
+    poe = detox.ProductOfExperts(base, expert, anti, tokenizer=tok, cfg=SimpleNamespace(device="cpu"), alpha=alpha)
+    rows = [torch.tensor(tok(t)["input_ids"]) for t in ("you are such a", "the weather today", "my neighbour said that he")]
+    caches = check_cached_greedy(poe, rows, T=6)
     assert len(caches) == (1 if alpha == 0 else 3)
 
 

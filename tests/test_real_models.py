@@ -537,6 +537,26 @@ def test_glu_model_without_bos_runs_the_whole_pipeline_into_a_store(tmp_path, de
 
 
 @pytest.mark.parametrize("arch", ["llama", "neox", "gemma2", "gemma3", "gemma3-multimodal", "olmo2", "qwen2"])
+def test_product_of_experts_decodes_with_kv_caches_on_each_architecture(arch):
+    """Stage detox calls the three transformers models itself (positions from the mask, logits_to_keep, each
+    model's own KV cache): its greedy steps equal a full forward each step on every architecture, Gemma 2's
+    sliding window and the multimodal Gemma 3 included. Three random models stand in for base and experts."""
+    from types import SimpleNamespace
+
+    from pipeline import detox
+    from tests.test_detox import check_cached_greedy
+
+    tok = tokenizer()
+    tok.pad_token = tok.eos_token
+    made = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        made.append((tiny_qwen2 if arch == "qwen2" else ARCHS[arch])(tok).eval())
+    poe = detox.ProductOfExperts(*made, tokenizer=tok, cfg=SimpleNamespace(device="cpu"), alpha=1.0)
+    check_cached_greedy(poe, [torch.tensor(prompt_ids(arch, tok, p)) for p in PROMPTS], T)
+
+
+@pytest.mark.parametrize("arch", ["llama", "neox", "gemma2", "gemma3", "gemma3-multimodal", "olmo2", "qwen2"])
 def test_bos_prefix_follows_transformer_lens_and_the_tokenizer(tmp_path, arch):
     """transformers-side prompts (DPO, self-generated pairs, the experts) get the BOS text only where
     TransformerLens prepends a BOS token (as the bridge's own to_tokens shows, whatever the tokenizer
