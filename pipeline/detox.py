@@ -26,8 +26,8 @@ Each row is measured as intervene.py measures its rows, with its functions:
                            w_hat, from one forward over prompt + continuation (method.md's definition):
                            what the base model's MLPs write while reading the detoxified text
 The three models are plain transformers models (greedy steps feed each its newest token and keep its
-KV cache; positions come from the attention mask); the base one is the model inside the base model's TransformerBridge, which
-also tokenizes, exactly as record does, and reads mlp_proj.
+KV cache; positions come from the attention mask); the base one is the model inside the base model's
+TransformerBridge, which also tokenizes, exactly as record does, and reads mlp_proj.
 
 Outputs: interventions.parquet (without the scores), continuations.parquet, layers.parquet (kinds
 poe and marco) and revisions.parquet (per MaRCo token: its divergence, whether it was masked, both texts).
