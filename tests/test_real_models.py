@@ -539,8 +539,9 @@ def test_glu_model_without_bos_runs_the_whole_pipeline_into_a_store(tmp_path, de
 @pytest.mark.parametrize("arch", ["llama", "neox", "gemma2", "gemma3", "gemma3-multimodal", "olmo2", "qwen2"])
 def test_product_of_experts_decodes_with_kv_caches_on_each_architecture(arch):
     """Stage detox calls the three transformers models itself (positions from the mask, logits_to_keep, each
-    model's own KV cache): its greedy steps equal a full forward each step on every architecture, Gemma 2's
-    sliding window and the multimodal Gemma 3 included. Three random models stand in for base and experts."""
+    model's own KV cache): its greedy steps equal a full forward each step on every architecture, Gemma 3's
+    sliding-window layers (a window of 8 tokens, shorter than the longest prompt) and its multimodal model
+    included. Three random models stand in for base and experts."""
     from types import SimpleNamespace
 
     from pipeline import detox
