@@ -112,12 +112,13 @@ def group_summary(path: str, version: float, run_id: str) -> pl.DataFrame:
 @st.cache_data(show_spinner=SPINNER)
 def cumulative(path: str, version: float, run_id: str, max_points: int = 2000) -> pl.DataFrame:
     """The cumulative curve, thinned to about max_points rows for drawing (every top-ranked neuron
-    is kept, the long tail is sampled evenly)."""
+    is kept, the long tail is sampled evenly). `//` throughout: DuckDB's `/` is float division, and `//` with a
+    float operand is too, which would make the step fractional and drop the whole tail."""
     return _frame(path, version, """
         WITH n AS (SELECT n_neurons AS total FROM attribution WHERE run_id = ?)
         SELECT delta_rank, cum_share FROM neurons, n
         WHERE run_id = ?
-              AND (delta_rank <= ? / 2 OR delta_rank % greatest(1, total // (? / 2)) = 0 OR delta_rank = total)
+              AND (delta_rank <= ? // 2 OR delta_rank % greatest(1, total // (? // 2)) = 0 OR delta_rank = total)
         ORDER BY delta_rank""", [run_id, run_id, max_points, max_points])
 
 

@@ -180,6 +180,21 @@ def test_overview_headline_is_the_stored_tp_share(two_run_store):
     assert len(at.get("vega_lite_chart")) >= 3
 
 
+def test_cumulative_curve_keeps_the_top_and_samples_the_whole_tail(two_run_store, app_on_path):
+    """Thinned to 40 points of the tiny run's neurons: ranks 1..20 all, then every step-th rank to the last, so
+    no stretch of the curve is drawn as a straight line over more than one step."""
+    import queries
+
+    first, _ = two_run_store
+    (total,), = sql("SELECT n_neurons FROM attribution WHERE run_id = ?", [first])
+    ranks = queries.cumulative(os.environ["STORE"], 0.0, first, max_points=40)["delta_rank"].to_list()
+    step = total // 20
+    assert total > 40 * 10
+    assert ranks[:20] == list(range(1, 21)) and ranks[-1] == total
+    assert max(b - a for a, b in zip(ranks, ranks[1:])) <= step
+    assert len(ranks) <= 20 + total // step + 1
+
+
 def test_overview_without_attribution_says_so(two_run_store):
     _, second = two_run_store
     at = AppTest.from_file(HOME, default_timeout=60)
