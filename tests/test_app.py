@@ -340,6 +340,24 @@ def test_neuron_page_refuses_a_neuron_that_does_not_exist(two_run_store, app_on_
     assert "No neuron 1000000 in layer 0" in at.error[0].value
 
 
+def test_neuron_page_opens_a_shared_link_and_refuses_a_bad_one(two_run_store, app_on_path):
+    first, _ = two_run_store
+    (layer, neuron), = sql("SELECT layer, neuron FROM neurons WHERE run_id = ? AND delta_rank = 5", [first])
+    (top_layer, top_neuron), = sql("SELECT layer, neuron FROM neurons WHERE run_id = ? AND delta_rank = 1", [first])
+    (n_layers,), = sql("SELECT count(DISTINCT layer) FROM neurons WHERE run_id = ?", [first])
+    for link, shown, warning in [({"layer": layer, "neuron": neuron}, (layer, neuron), None),
+                                 ({"layer": "x", "neuron": 1}, (top_layer, top_neuron), "not whole numbers"),
+                                 ({"layer": n_layers, "neuron": 1}, (top_layer, top_neuron), f"layer {n_layers} is not in")]:
+        at = AppTest.from_file(NEURON_PAGE, default_timeout=60)
+        at.session_state["run_id"] = first
+        at.query_params.update({k: str(v) for k, v in link.items()})
+        at.run()
+        assert not at.exception, link
+        assert (at.number_input(key="layer").value, at.number_input(key="neuron").value) == shown, link
+        warnings = [w.value for w in at.warning]
+        assert (any(warning in w for w in warnings) if warning else not warnings), link
+
+
 @pytest.fixture
 def compare_store(tiny_run, tmp_path, monkeypatch):
     """The tiny run plus a planted second run: the same neurons with the top 3 by delta moved to the end of

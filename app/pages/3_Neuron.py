@@ -22,6 +22,10 @@ elif "layer" not in st.session_state and "layer" in st.query_params:
     except ValueError:
         st.session_state.pop("layer", None)
         st.warning("The link's ?layer=&neuron= are not whole numbers; showing the top neuron instead.")
+    else:
+        if not bounds["layer_min"] <= st.session_state["layer"] <= bounds["layer_max"]:
+            st.warning(f"The link's layer {st.session_state.pop('layer')} is not in this run (layers "
+                       f"{bounds['layer_min']} to {bounds['layer_max']}); showing the top neuron instead.")
 if "layer" not in st.session_state:
     top = queries.neurons(path, version, run_id, tuple(charts.REDUCING + charts.INCREASING),
                           (bounds["layer_min"], bounds["layer_max"]), (-1.0, 1.0), 0.0, 1)
