@@ -132,6 +132,9 @@ class WorldConfig:
         if not 0.0 < self.toxic_fraction <= round(MEAN_HEAT, 3):
             raise ValueError(f"toxic_fraction must lie above 0 and at most {round(MEAN_HEAT, 3)}, the toxic share of a "
                              "corpus of the generator's frames alone")
+        _at_least_1(self, "d_model", "n_head")
+        if self.lr <= 0:
+            raise ValueError("lr must be positive")
         if self.d_model % self.n_head:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
         _at_least_1(self, "n_sentences", "n_toxic_words", "vocab_size", "n_layer", "n_ctx", "train_steps",
@@ -154,6 +157,9 @@ class DataConfig:
 
     def __post_init__(self):
         _at_least_1(self, "max_prompts")
+        for kind in ("probe", "prompts", "heldout"):
+            if getattr(self, kind) == "self":
+                raise ValueError(f"{kind} = 'self' is for [data] pairs only; give a file, hf:NAME or 'world'")
 
 
 @dataclass
@@ -338,7 +344,9 @@ class ExpertsConfig:
     seed: int = _f(0, "Seed of the data selection and of training.")
 
     def __post_init__(self):
-        _at_least_1(self, "max_examples", "steps", "batch_size", "max_length")
+        _at_least_1(self, "steps", "batch_size", "max_length")
+        if self.max_examples < 2:
+            raise ValueError("max_examples must be at least 2 (one text for each of the expert and the anti-expert)")
         if self.lr <= 0:
             raise ValueError("lr must be positive")
 
@@ -453,6 +461,8 @@ def from_dict(raw: dict, source: str = "<dict>") -> Config:
             if key not in hints:
                 raise ConfigError(f"{source}: unknown key [{name}] {key}{_suggest(key, hints)}")
             values[key] = _check_type(value, hints[key], f"{source}: [{name}] {key}")
+        if not 0 <= values.get("seed", 0) < 2**32:  # numpy's and torch's range, checked before any stage seeds with it
+            raise ConfigError(f"{source}: [{name}] seed must lie in 0 .. 2**32 - 1, got {values['seed']}")
         try:
             sections[name] = cls(**values)
         except ValueError as e:

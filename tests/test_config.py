@@ -47,6 +47,12 @@ def test_demo_config_loads():
     ("[dpo]\nlr = nan\n[world]\n", ["[dpo] lr must be a finite number", "nan"]),  # passes lr <= 0, trains to NaN
     ("[scorer]\nrate_limit = inf\n[world]\n", ["[scorer] rate_limit must be a finite number"]),
     ("[detox]\nalpha = [1.0, -inf]\n[world]\n", ["[detox] alpha[1] must be a finite number"]),
+    ("[world]\nn_head = 0\n", ["[world] n_head must be at least 1"]),
+    ("[world]\nlr = -0.001\n", ["[world] lr must be positive"]),  # AdamW refused it after the corpus was built
+    ("[probe]\nseed = -1\n[world]\n", ["[probe] seed must lie in 0 .. 2**32 - 1, got -1"]),  # numpy refused it mid-stage
+    ("[dpo]\nseed = 4294967296\n[world]\n", ["[dpo] seed must lie in 0 .. 2**32 - 1"]),
+    ("[data]\nheldout = 'self'\n[world]\n", ["[data] heldout = 'self' is for [data] pairs only"]),
+    ("[experts]\nmax_examples = 1\n[world]\n", ["[experts] max_examples must be at least 2"]),  # no anti-expert text
 ])
 def test_bad_config_names_key_and_file(tmp_path, text, pieces):
     with pytest.raises(config.ConfigError) as e:
