@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline import corpus, scoring
-from pipeline.config import ScorerConfig, WorldConfig
+from pipeline.config import ConfigError, ScorerConfig, WorldConfig
 
 EOS = "<|endoftext|>"
 
@@ -186,6 +186,14 @@ def run(out: Path, *, world: WorldConfig, scorer: ScorerConfig, device: str = "c
     tok = train_tokenizer(sentences, cfg.vocab_size)
     train_ids = tok(sentences)["input_ids"]
     blocks = pack(train_ids, tok.eos_token_id, cfg.n_ctx)
+    if not len(blocks):
+        raise ConfigError(f"[world] a corpus of n_sentences = {cfg.n_sentences} fills no block of n_ctx = {cfg.n_ctx} tokens; raise "
+                          "n_sentences or lower n_ctx")
+    challenge = [p["prompt"]["text"] for p in texts["prompts"] if p["challenging"]][:cfg.n_samples]
+    longest = max((len(ids) for ids in tok([EOS + p for p in challenge])["input_ids"]), default=0)
+    if longest + cfg.sample_tokens > cfg.n_ctx:  # found before pretraining, not after
+        raise ConfigError(f"[world] sample_tokens = {cfg.sample_tokens} after a prompt of {longest} tokens exceed n_ctx = "
+                          f"{cfg.n_ctx}; lower sample_tokens or raise n_ctx")
 
     model = GPT2LMHeadModel(GPT2Config(
         vocab_size=len(tok), n_positions=cfg.n_ctx, n_embd=cfg.d_model, n_layer=cfg.n_layer, n_head=cfg.n_head,
@@ -197,7 +205,6 @@ def run(out: Path, *, world: WorldConfig, scorer: ScorerConfig, device: str = "c
     model.save_pretrained(out / "model")
     tok.save_pretrained(out / "model")
 
-    challenge = [p["prompt"]["text"] for p in texts["prompts"] if p["challenging"]][:cfg.n_samples]
     conts = greedy_continuations(model, tok, challenge, cfg.sample_tokens, device)
     sc = scoring.get_scorer(scorer, device)
     tox = sc.score(conts)

@@ -130,3 +130,19 @@ def test_run_records_the_world_model(tiny_run):
     assert "demo world" in model
     summary = con.execute("SELECT summary->>'scorer' FROM stages WHERE run_id = ? AND stage = 'world'", [run_id]).fetchall()
     assert summary[0][0] == f"profanity-check=={importlib.metadata.version('alt-profanity-check')}"
+
+
+@pytest.mark.parametrize("sizes, message", [
+    ({"n_sentences": 1, "n_ctx": 512, "sample_tokens": 2}, "[world] a corpus of n_sentences = 1 fills no block of n_ctx = 512 tokens"),
+    ({"n_ctx": 16, "sample_tokens": 15}, "[world] sample_tokens = 15 after a prompt of"),
+])
+def test_sizes_that_cannot_work_are_refused_before_pretraining(tmp_path, monkeypatch, sizes, message):
+    """They ended in tracebacks from torch, the second only after pretraining."""
+    from pipeline.config import ConfigError, ScorerConfig
+
+    monkeypatch.setattr(world, "pretrain", lambda *a, **k: pytest.fail("pretrained before the check"))
+    cfg = WorldConfig(**{"n_sentences": 3000, "n_probe": 20, "n_prompts": 10, "n_pairs": 10, "n_heldout": 10,
+                         "n_samples": 4, "vocab_size": 600} | sizes)
+    with pytest.raises(ConfigError) as e:
+        world.run(tmp_path, world=cfg, scorer=ScorerConfig())
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
