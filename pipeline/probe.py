@@ -152,6 +152,9 @@ def run(out: Path, *, device: str, model: ModelConfig, data: DataConfig, probe: 
         w, metrics = given, measure(x, np.array(labels), given, probe)
     else:
         w, metrics = fit(x, np.array(labels), probe)
+        if not w.any():  # every text's feature alike: record would divide by |w| = 0 and blame DPO for the NaN
+            raise datasets.DataError(f"the probe fitted w = 0: every text of [data] probe gave the same features (with "
+                                     f"[probe] max_tokens = {probe.max_tokens}, a text may be its BOS alone); raise max_tokens")
     np.save(out / "w.npy", w)
     return metrics | {"layer": layer, "w_norm": float(np.linalg.norm(w))}
 

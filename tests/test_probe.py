@@ -113,3 +113,15 @@ def test_the_probe_stage_takes_a_saved_direction_instead_of_fitting(tiny_gpt2, t
         with pytest.raises(DataError, match=message) as e:
             probe.run(given_dir, device="cpu", model=model, data=data, probe=ProbeConfig(max_examples=40, direction=str(path)))
         assert "\n" not in str(e.value)
+
+
+def test_a_probe_fitted_to_features_all_alike_is_refused(tiny_gpt2, tmp_path):
+    """With max_tokens = 1 every GPT-2 text is its BOS alone: the fitted w is 0, which record would turn into NaN
+    projections and blame on DPO."""
+    csv = tmp_path / "probe.csv"
+    csv.write_text("comment_text,toxic\n" + "".join(f"text number {i} {'idiot ' * (i % 2)},{i % 2}\n" for i in range(40)))
+    data, model = DataConfig(probe=str(csv)), ModelConfig(path=str(tiny_gpt2))
+    with pytest.raises(DataError, match=r"fitted w = 0.*max_tokens = 1.*raise max_tokens") as e:
+        probe.run(tmp_path, device="cpu", model=model, data=data, probe=ProbeConfig(max_examples=40, max_tokens=1))
+    assert "\n" not in str(e.value)
+    assert probe.run(tmp_path, device="cpu", model=model, data=data, probe=ProbeConfig(max_examples=40, max_tokens=2))["w_norm"] > 0
