@@ -251,6 +251,13 @@ def load_heldout(bridge, path: Path, cfg: InterveneConfig, batch_size: int, f1_s
     """The held-out set that intervene and detox measure with: F1 on the first n_heldout passages (or
     f1_samples), and perplexity per [intervene] perplexity, on those passages or on stream windows, batch_size
     rows a batch at most."""
+    n_ctx = bridge.cfg.n_ctx
+    if f1_samples is not None and cfg.f1_prompt_tokens + cfg.f1_tokens > n_ctx:
+        raise datasets.DataError(f"[intervene] f1_prompt_tokens + f1_tokens = {cfg.f1_prompt_tokens + cfg.f1_tokens} exceed "
+                                 f"the model's context of {n_ctx} tokens; lower them")
+    if cfg.f1_tokens > n_ctx - 2:  # a prefix keeps BOS and one token of its passage at least
+        raise datasets.DataError(f"[intervene] f1_tokens = {cfg.f1_tokens} leaves no room for a prompt in the model's "
+                                 f"context of {n_ctx} tokens; lower it to {n_ctx - 2} or less")
     held = heldout_set(bridge, datasets.load_text(path)[:cfg.n_heldout], cfg.f1_tokens, batch_size)
     if f1_samples is not None:
         tok = models.load_tokenizer(bridge.original_model.name_or_path)

@@ -34,8 +34,13 @@ def sample_continuations(model, tok, prompts: list[str], cfg: PairsConfig, devic
     tok.padding_side = "left"
     tok.pad_token = tok.eos_token
     out, prefix = [], models.bos_prefix(tok, model.config, bos)
+    n_ctx = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     for i in tqdm(range(0, len(prompts), batch_size), desc="sampling", unit="batch"):
         enc = tok([prefix + p for p in prompts[i:i + batch_size]], return_tensors="pt", padding=True).to(device)
+        if n_ctx and enc["input_ids"].shape[1] + cfg.new_tokens > n_ctx:
+            raise datasets.DataError(f"a prompt of [data] prompts has {enc['input_ids'].shape[1]} tokens; with [pairs] "
+                                     f"new_tokens = {cfg.new_tokens} the context of {n_ctx} holds at most "
+                                     f"{n_ctx - cfg.new_tokens}; lower new_tokens or shorten it")
         # top_k=0 and top_p=1: plain temperature sampling, whatever the checkpoint's generation_config says
         gen = model.generate(**enc, max_new_tokens=cfg.new_tokens, do_sample=True, temperature=cfg.temperature,
                              top_k=0, top_p=1.0, num_return_sequences=cfg.k, pad_token_id=tok.eos_token_id)

@@ -318,6 +318,17 @@ def test_sampling_gives_k_seeded_continuations_per_prompt(base_dir):
     assert all(len(set(g)) > 1 for g in a), "the K samples of a prompt should differ"
 
 
+def test_sampling_refuses_continuations_beyond_the_context(base_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    model = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    n_ctx = model.config.n_positions
+    with pytest.raises(DataError, match=rf"\[pairs\] new_tokens = {n_ctx} the context of {n_ctx}") as e:
+        pairs.sample_continuations(model, tok, ["the river"], PairsConfig(k=2, new_tokens=n_ctx), "cpu")
+    assert "\n" not in str(e.value)
+
+
 class Seen(Exception):
     """Carries what a spied call was given out of the stage that made it."""
 

@@ -138,6 +138,27 @@ def test_f1_compares_token_ids_with_the_gold_half_up_to_the_first_end_of_text(ti
     assert intervene.mean_f1(bridge, cut, held) == pytest.approx(2 * (1 / 3) / (1 + 1 / 3))
 
 
+def test_f1_lengths_beyond_the_context_are_refused_before_any_generation(tiny_gpt2, tmp_path):
+    """They ended in an IndexError inside generation, after record and attribute had run."""
+    from pipeline.data import DataError
+
+    bridge = models.load_bridge(str(tiny_gpt2), "cpu")
+    n_ctx = bridge.cfg.n_ctx
+    (tmp_path / "h.txt").write_text("the river runs past the old mill and into the lake\n")
+    (tmp_path / "s.jsonl").write_text(json.dumps({"prompt": "the river runs", "gold": "the river runs past"}) + "\n")
+    for cfg, samples, message in [
+            (InterveneConfig(f1_tokens=n_ctx - 1), None, f"f1_tokens = {n_ctx - 1} leaves no room"),
+            (InterveneConfig(f1_tokens=10, f1_prompt_tokens=n_ctx - 9), tmp_path / "s.jsonl",
+             rf"f1_prompt_tokens \+ f1_tokens = {n_ctx + 1} exceed")]:
+        with pytest.raises(DataError, match=message) as e:
+            intervene.load_heldout(bridge, tmp_path / "h.txt", cfg, 2, samples)
+        assert "\n" not in str(e.value)
+    held = intervene.load_heldout(bridge, tmp_path / "h.txt", InterveneConfig(f1_tokens=n_ctx - 2), 2)
+    assert len(held.prefixes[0]) == 2  # BOS and the passage's last prefix token: the longest f1_tokens there is room for
+    intervene.load_heldout(bridge, tmp_path / "h.txt", InterveneConfig(f1_tokens=10, f1_prompt_tokens=n_ctx - 10), 2,
+                           tmp_path / "s.jsonl")
+
+
 def test_f1_of_samples_counts_the_prompt_and_leaves_padding_out(tiny_gpt2, tmp_path):
     """Planted continuations under [data] f1_samples: a gold that is the prompt and then the continuation
     scores 1; after an end of text nothing counts (the reference's generate pads there, and GPT-2's padding
