@@ -192,7 +192,7 @@ def run(out: Path, *, device: str, model: ModelConfig, attribute: AttributeConfi
     n = min(attribute.n_logit_lens, order.size)
     lens_ids = np.union1d(order[:n], np.argsort(-cos, axis=None)[:n])
     v = base["W_out"].reshape(-1, base["W_out"].shape[-1])[torch.from_numpy(lens_ids)]
-    logits, ids = logit_lens(v, base["W_U"], base["ln_scale"], attribute.top_k_tokens)
+    logits, ids = logit_lens(v, base["W_U"], base["ln_scale"], min(attribute.top_k_tokens, base["W_U"].shape[-1]))
     tok = base["tokenizer"]
     pl.DataFrame([
         {"layer": int(i // d_mlp), "neuron": int(i % d_mlp), "rank": r + 1, "token": tok.decode([int(t)]), "logit": float(lg)}

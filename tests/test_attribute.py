@@ -79,7 +79,7 @@ def hf_value_vectors(path) -> np.ndarray:
     return np.stack([blk.mlp.c_proj.weight.detach().numpy() for blk in m.transformer.h]).astype(np.float64)
 
 
-def attribute_on(tmp, base, w, act, act_dpo, n_bootstrap=10) -> tuple:
+def attribute_on(tmp, base, w, act, act_dpo, n_bootstrap=10, **attribute_cfg) -> tuple:
     """attribute.run on checkpoint `base` with probe direction w and recorded means act / act_dpo; the DPO
     checkpoint must be in tmp/dpo/model already. Returns the output folder and the stage summary."""
     (tmp / "probe").mkdir()
@@ -88,7 +88,7 @@ def attribute_on(tmp, base, w, act, act_dpo, n_bootstrap=10) -> tuple:
     out = tmp / "out"
     out.mkdir()
     summary = attribute.run(out, device="cpu", model=ModelConfig(path=str(base)),
-                            attribute=AttributeConfig(n_bootstrap=n_bootstrap), world_dir=None,
+                            attribute=AttributeConfig(n_bootstrap=n_bootstrap, **attribute_cfg), world_dir=None,
                             probe_dir=tmp / "probe", dpo_dir=tmp / "dpo", record_dir=rec)
     return out, summary
 
@@ -186,6 +186,19 @@ def test_logit_lens_and_top_prompts_match_the_checkpoint_and_the_record(tiny_gpt
         assert rows["prompt_id"].to_list() == want.tolist()
         np.testing.assert_allclose(rows["act"], a_p[want, l, i])
         np.testing.assert_allclose(rows["act_dpo"], a_dpo_p[want, l, i])
+
+
+def test_logit_lens_asked_for_more_tokens_than_the_vocabulary_lists_them_all(tiny_gpt2, tmp_path):
+    from transformers import AutoConfig
+
+    vocab = AutoConfig.from_pretrained(tiny_gpt2).vocab_size
+    shutil.copytree(tiny_gpt2, tmp_path / "dpo" / "model")
+    V = hf_value_vectors(tiny_gpt2)
+    act = np.random.default_rng(0).normal(size=V.shape[:2])
+    out, _ = attribute_on(tmp_path, tiny_gpt2, np.ones(V.shape[-1]), act, act * 0.5, n_logit_lens=2,
+                          top_k_tokens=vocab + 100)
+    lens = pl.read_parquet(out / "neuron_tokens.parquet")
+    assert (lens.group_by("layer", "neuron").len()["len"] == vocab).all()
 
 
 def test_proj_dpo_uses_the_dpo_models_own_value_vectors(tiny_gpt2, tmp_path):
