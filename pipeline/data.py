@@ -189,6 +189,9 @@ def load_probe(path: Path, max_examples: int, seed: int) -> tuple[list[str], lis
         hint = "; Jigsaw's unintended-bias file calls it target: rename that column" if "target" in (reader.fieldnames or []) else ""
         raise DataError(f"{_name(path)} lacks column(s) {', '.join(sorted(missing))} (found: {found[:200]}); the probe CSV needs "
                         f"comma-separated comment_text and toxic{hint}")
+    twice = sorted({c for c in ("comment_text", "toxic") if reader.fieldnames.count(c) > 1})
+    if twice:  # DictReader would silently read the last of them
+        raise DataError(f"{_name(path)} has {' and '.join(twice)} more than once in its header; keep one column of each name")
     by_label: dict[int, list[str]] = {0: [], 1: []}
     try:
         for row in reader:

@@ -33,6 +33,13 @@ def test_probe_csv_missing_column(tmp_path):
     assert "comment_text" in one_line(e) and "toxic" in str(e.value)
 
 
+def test_probe_csv_with_a_label_column_twice(tmp_path):
+    rows = "comment_text,toxic,toxic\n" + "".join(f"text {i},{i % 2},{1 - i % 2}\n" for i in range(8))
+    with pytest.raises(DataError) as e:  # it read the last toxic column: every label flipped, without a word
+        data.load_probe(write(tmp_path, "p.csv", rows), 10, 0)
+    assert "has toxic more than once in its header" in one_line(e)
+
+
 def test_probe_csv_with_one_class_only(tmp_path):
     with pytest.raises(DataError, match="two toxic and two non-toxic"):
         data.load_probe(write(tmp_path, "p.csv", "comment_text,toxic\na,0\nb,0\n"), 10, 0)
