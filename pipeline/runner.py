@@ -10,6 +10,7 @@ stage leaves nothing that looks done, and a rerun resumes after the last finishe
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.metadata
 import json
@@ -34,10 +35,11 @@ PACKAGES = ("torch", "transformers", "transformer-lens", "trl", "tokenizers", "d
 @dataclass(frozen=True)
 class Stage:
     """module.run(out, *, device, <section>=..., <dep>_dir=...) -> summary; module.tables(out) -> {table: frame}.
-    `sections` names what the result depends on: a whole section ("dpo") or one field ("data.pairs"; only
+    `sections` names what the result depends on: a whole section ("probe") or one field ("data.pairs"; only
     the SCORES fields of [scorer], as its batch size, rate limit, retries and answer cache change no
-    score, and not record.processes); the stage receives the whole section either way. A dep that this config does not run (the world,
-    for a real model) is passed as None."""
+    score, and neither record.processes nor dpo.gradient_checkpointing, which change no result); the stage
+    receives the whole section either way. A dep that this config does not run (the world, for a real model)
+    is passed as None."""
 
     name: str
     module: ModuleType
@@ -48,13 +50,15 @@ class Stage:
 
 SCORES = ("scorer.backend", "scorer.detoxify_model", "scorer.checkpoint")  # what decides a toxicity score
 DETOXIFY_ONLY = ("scorer.detoxify_model", "scorer.checkpoint")
+# Checkpointed steps train the same weights (tests/test_dpo.py): turning it on for a smaller GPU reuses a cached DPO.
+DPO = tuple(f"dpo.{f.name}" for f in dataclasses.fields(config_mod.DPOStageConfig) if f.name != "gradient_checkpointing")
 
 STAGES = (
     Stage("world", world, sections=("world", *SCORES), code=(corpus, scoring)),
     Stage("probe", probe, sections=("model", "data.probe", "probe"), deps=("world",), code=(data, models)),
     Stage("pairs", pairs, sections=("model", "data.prompts", "data.challenging_only", "data.max_prompts",
                                     "data.pairs", "pairs", *SCORES), deps=("world",), code=(data, models, scoring)),
-    Stage("dpo", dpo, sections=("model.path", "model.bos", "dpo"), deps=("world", "pairs"), code=(data, models)),
+    Stage("dpo", dpo, sections=("model.path", "model.bos", *DPO), deps=("world", "pairs"), code=(data, models)),
     Stage("record", record, sections=("model", "data.prompts", "data.challenging_only", "data.max_prompts",
                                       "record.new_tokens", "record.batch_size", "record.max_prompt_tokens",
                                       "record.eos_ends_text"),
@@ -178,8 +182,12 @@ def run(cfg: config_mod.Config, force: set[str] = frozenset(), only: str | None 
     for name in set(force) | ({only} if only else set()):
         if name not in names:
             raise config_mod.ConfigError(f"{cfg.source}: no stage {name!r} in this config; its stages are {', '.join(names)}")
-    if not only and Path(cfg.run.store).exists():
-        store.connect(cfg.run.store, empty_ok=True).close()  # a store that cannot take the run is refused before hours of work
+    if Path(cfg.run.cache_dir).exists() and not Path(cfg.run.cache_dir).is_dir():
+        raise config_mod.ConfigError(f"[run] cache_dir {cfg.run.cache_dir} is a file; give a folder")
+    if not only:  # a store that cannot take the run is refused before hours of work
+        store.make_folder_for(Path(cfg.run.store), "[run] store")
+        if Path(cfg.run.store).exists():
+            store.connect(cfg.run.store, empty_ok=True).close()
     resolve_device(cfg.run.device)  # so is a missing GPU, and an optimizer name known only when dpo starts
     if "dpo" in names:
         dpo.check_optimizer(cfg.dpo.optimizer)

@@ -204,7 +204,7 @@ def write_run(path: str | Path, *, run: dict, stages: list[dict], tables: dict[s
     without run_id.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder_for(path, "store")
     run_id = new_run_id()
     with _writer_lock(path):
         tmp = _tmp_name(path)
@@ -310,6 +310,19 @@ def _check_run(src: Path, run_id: str) -> None:
         raise StoreError(f"no run {run_id!r} in {src}; its newest runs are {hint}")
 
 
+def make_folder_for(path: Path, what: str) -> None:
+    """The folder a store file `path` goes into, made if missing; a path that cannot take a file is refused (the
+    pipeline calls this before its first stage, not after hours of work)."""
+    if path.is_dir():
+        raise StoreError(f"{what} {path} is a folder; give a file path, e.g. {path / 'dpo_neurons.duckdb'}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StoreError(f"{what} {path}: its folder cannot be made ({e.strerror or e}); choose a writable path") from None
+    if not os.access(path.parent, os.W_OK):
+        raise StoreError(f"{what} {path}: its folder is not writable; choose a writable path")
+
+
 def _check_target(out: Path, force: bool) -> None:
     if out.exists() and not force:
         raise StoreError(f"{out} already exists; pass --force to replace it, or choose another path")
@@ -323,7 +336,7 @@ def export_run(src: str | Path, run_id: str, out: str | Path, force: bool = Fals
     if out.resolve() == src.resolve():
         raise StoreError(f"--out {out} is the source store itself; choose another path")
     _check_target(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_folder_for(out, "--out")
     tmp = _tmp_name(out)
     try:
         con = _create(tmp)

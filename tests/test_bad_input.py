@@ -220,6 +220,20 @@ def test_several_gpus_in_one_process_are_refused_before_any_stage_runs(tmp_path,
                              ["stage dpo trains with trl", "sees 2", "accelerate launch", "CUDA_VISIBLE_DEVICES=0"])
 
 
+@pytest.mark.parametrize("change, pieces", [
+    ({"run": {"store": "folder"}}, ["[run] store folder is a folder", "folder/dpo_neurons.duckdb"]),
+    ({"run": {"store": "a-file/s.duckdb"}}, ["[run] store a-file/s.duckdb: its folder cannot be made", "writable path"]),
+    ({"run": {"cache_dir": "a-file"}}, ["[run] cache_dir a-file is a file; give a folder"]),
+])
+def test_a_store_or_cache_path_that_cannot_be_written_is_refused_before_any_stage_runs(tmp_path, capsys, monkeypatch,
+                                                                                      change, pieces):
+    """A store path in no folder failed when the run was written, after every stage."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "a-file").write_text("")
+    refused_before_any_stage(tmp_path, capsys, {"world": {}}, change, pieces)
+
+
 def refused_before_any_stage(tmp_path, capsys, sections: dict, change: dict, pieces: list[str]) -> None:
     """`run` on sections with change merged in exits 2 with one error line naming pieces, before any
     stage ran and with the store as it was."""

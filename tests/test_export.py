@@ -161,3 +161,14 @@ def test_out_that_is_the_source_says_so_even_without_force(two_runs, capsys):
     src, run_id, _ = two_runs
     assert main(["export", "--run", run_id, "--store", str(src), "--out", str(src)]) == 2
     assert "is the source store itself" in capsys.readouterr().err
+
+
+def test_out_in_no_folder_or_that_is_a_folder_is_one_line(two_runs, tmp_path, capsys):
+    src, run_id, _ = two_runs
+    (tmp_path / "a-file").write_text("")
+    (tmp_path / "folder").mkdir()
+    for out, message in [(tmp_path / "a-file" / "e.duckdb", "its folder cannot be made"),
+                         (tmp_path / "folder", "is a folder; give a file path")]:
+        assert main(["export", "--run", run_id, "--store", str(src), "--out", str(out), "--force"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err, err

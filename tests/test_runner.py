@@ -223,11 +223,14 @@ def test_settings_that_change_no_result_are_in_no_key(tmp_path):
     base = runner.cache_keys(real_model_config(tmp_path))
     for setting in ({"scorer__batch_size": 3}, {"scorer__rate_limit": 9.0}, {"scorer__max_retries": 0},
                     {"scorer__cache_dir": str(tmp_path / "answers")}, {"record__processes": 2}, {"run__device": "cpu"},
-                    {"run__store": str(tmp_path / "other.duckdb")},
+                    {"run__store": str(tmp_path / "other.duckdb")}, {"dpo__gradient_checkpointing": True},
                     {"scorer__detoxify_model": "unbiased"}, {"scorer__checkpoint": str(tmp_path / "model")}):  # backend not detoxify
         assert not changed(base, runner.cache_keys(real_model_config(tmp_path, **setting))), setting
     assert changed(base, runner.cache_keys(real_model_config(tmp_path, record__batch_size=3))) == {"record", "attribute",
                                                                                                   "intervene", "score"}
+    for setting in ({"dpo__lr": 2e-5}, {"dpo__grad_accum": 4}):  # the rest of [dpo] is keyed
+        assert changed(base, runner.cache_keys(real_model_config(tmp_path, **setting))) == {"dpo", "record", "attribute",
+                                                                                            "intervene", "score"}, setting
 
 
 @pytest.mark.parametrize("section, setting, value, reruns", [
