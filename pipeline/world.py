@@ -193,7 +193,7 @@ def run(out: Path, *, world: WorldConfig, scorer: ScorerConfig, device: str = "c
     longest = max((len(ids) for ids in tok([EOS + p for p in challenge])["input_ids"]), default=0)
     if longest + cfg.sample_tokens > cfg.n_ctx:  # found before pretraining, not after
         raise ConfigError(f"[world] sample_tokens = {cfg.sample_tokens} after a prompt of {longest} tokens exceed n_ctx = "
-                          f"{cfg.n_ctx}; lower sample_tokens or raise n_ctx")
+                          f"{cfg.n_ctx}; lower sample_tokens, or raise n_ctx or vocab_size (a smaller vocabulary makes longer prompts)")
 
     model = GPT2LMHeadModel(GPT2Config(
         vocab_size=len(tok), n_positions=cfg.n_ctx, n_embd=cfg.d_model, n_layer=cfg.n_layer, n_head=cfg.n_head,
