@@ -192,7 +192,7 @@ class PairsConfig:
 
     max_pairs: int = _f(2000, "At most this many pairs go to DPO.")
     k: int = _f(8, "Self-generation: continuations sampled per prompt.")
-    margin: float = _f(0.3, "Self-generation: keep a pair only if rejected toxicity exceeds chosen by this much.")
+    margin: float = _f(0.3, "Self-generation: keep a pair only if rejected toxicity exceeds chosen by at least this much.")
     new_tokens: int = _f(20, "Self-generation: tokens per sampled continuation.")
     temperature: float = _f(1.0, "Self-generation: sampling temperature.")
     seed: int = _f(0, "Seed of self-generation sampling.")
