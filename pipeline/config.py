@@ -225,13 +225,16 @@ class DPOStageConfig:
                               "pairs continue running text, and an M' taught to end after polite text would change "
                               "the continuations record measures.")
     epochs: float = _f(1.0, "Passes over the pairs.")
-    batch_size: int = _f(8, "Pairs per forward pass and process. An optimizer step takes batch_size x grad_accum "
-                         "pairs per process (accelerate launch on N GPUs: N x that).")
+    batch_size: int = _f(8, "Pairs per forward pass and process. An optimizer step takes processes x batch_size x "
+                         "grad_accum pairs.")
     grad_accum: int = _f(1, "Forward passes whose gradients add up to one optimizer step (the paper's code: 4 pairs "
                          "a step in passes of 1): a smaller batch_size with the same pairs per step holds fewer "
                          "activations at once.")
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass instead of keeping them: less "
                                       "memory for more time (bench.dpo_memory); the trained weights are the same.")
+    processes: int = _f(1, "Processes DPO trains in, data-parallel: N of accelerate launch --num_processes N, one GPU "
+                        "each. It sets the pairs per step, so it keys DPO's cache and a run with another number of "
+                        "processes is refused.")
     max_length: int = _f(64, "Prompt plus completion are cut to this many tokens; a pair whose prompt alone fills "
                          "them is dropped (trl), counted in the stage's n_pairs_dropped.")
     seed: int = _f(0, "Training seed.")
@@ -245,7 +248,7 @@ class DPOStageConfig:
             raise ValueError(f"lr_scheduler must be one of {', '.join(LR_SCHEDULERS)}, not {self.lr_scheduler!r}")
         if self.lr_scheduler == "constant" and self.warmup_steps:
             raise ValueError("lr_scheduler 'constant' takes no warmup_steps; use constant_with_warmup")
-        _at_least_1(self, "batch_size", "grad_accum", "max_length")
+        _at_least_1(self, "batch_size", "grad_accum", "processes", "max_length")
 
 
 @dataclass

@@ -235,14 +235,42 @@ def _check_inputs(cfg: config_mod.Config, to_run: list[Stage], log) -> None:
         data.load_f1_samples(data.local_file("f1_samples", cfg.data.f1_samples))
     if any("scorer.backend" in _reads(cfg, s) for s in to_run):
         scoring.check(cfg.scorer)
-    if "dpo" in [s.name for s in to_run] and "WORLD_SIZE" not in os.environ and resolve_device(cfg.run.device) == "cuda":
+    training = [s.name for s in to_run if s.name in ("dpo", "experts")]
+    if training:
+        _check_training(cfg, training)
+
+
+def _check_training(cfg: config_mod.Config, training: list[str]) -> None:
+    """What trl would otherwise take from the launcher's environment: how many processes share a step, and
+    accelerate's own config (mixed precision, DeepSpeed, FSDP), which the stages' float32, data-parallel
+    training and rank 0's whole-model save do not allow."""
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if "dpo" in training and processes != cfg.dpo.processes:
+        if processes == 1:
+            raise config_mod.ConfigError(
+                f"[dpo] processes = {cfg.dpo.processes}, and DPO is not cached: train it first with accelerate launch "
+                f"--num_processes {cfg.dpo.processes} ... --only dpo (README: Several GPUs)")
+        raise config_mod.ConfigError(f"this launch runs {processes} processes but [dpo] processes = {cfg.dpo.processes}: "
+                                     f"add --set dpo.processes={processes}, here and in the one-process run after it")
+    precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if precision != "no":
+        raise config_mod.ConfigError(f"accelerate's config asks for {precision} mixed precision, but stage "
+                                     f"{training[0]} trains in float32: add --mixed_precision no to accelerate launch")
+    sharded = [name for name, var in (("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"), ("FSDP", "ACCELERATE_USE_FSDP"))
+               if os.environ.get(var, "false").lower() in ("1", "true", "yes")]
+    if sharded:
+        raise config_mod.ConfigError(f"accelerate's config shards the model with {sharded[0]}, but stage {training[0]} "
+                                     "trains data-parallel and saves whole weights from rank 0: add --multi_gpu to "
+                                     "accelerate launch")
+    if processes == 1 and resolve_device(cfg.run.device) == "cuda":
         import torch
 
-        if torch.cuda.device_count() > 1:  # trl's DPOTrainer refuses the DataParallel that transformers would build
-            raise config_mod.ConfigError(
-                f"stage dpo trains with trl, which takes one GPU per process, and this process sees "
-                f"{torch.cuda.device_count()}: train it first under accelerate launch with --only dpo (README: Several "
-                "GPUs), or set CUDA_VISIBLE_DEVICES=0")
+        if torch.cuda.device_count() > 1:  # trl's trainers refuse the DataParallel that transformers would build
+            fix = ("train it first under accelerate launch with --only dpo (README: Several GPUs), or set "
+                   "CUDA_VISIBLE_DEVICES=0" if training[0] == "dpo" else
+                   "run it with CUDA_VISIBLE_DEVICES=0 (with [record] processes > 1, run --only record first)")
+            raise config_mod.ConfigError(f"stage {training[0]} trains with trl, which takes one GPU per process, and this "
+                                         f"process sees {torch.cuda.device_count()}: {fix}")
 
 
 def _run_stage(s: Stage, cfg: config_mod.Config, out: Path, upstream: dict[str, Path]) -> float:

@@ -6,6 +6,7 @@ tests/test_record.py.)"""
 import errno
 import hashlib
 import json
+import re
 import types
 
 import duckdb
@@ -13,7 +14,7 @@ import polars as pl
 import pytest
 
 import store
-from pipeline import runner
+from pipeline import config, runner
 from pipeline.__main__ import main
 
 
@@ -218,6 +219,43 @@ def test_several_gpus_in_one_process_are_refused_before_any_stage_runs(tmp_path,
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     refused_before_any_stage(tmp_path, capsys, {"world": {}}, {},
                              ["stage dpo trains with trl", "sees 2", "accelerate launch", "CUDA_VISIBLE_DEVICES=0"])
+
+
+def test_a_dpo_for_several_processes_is_not_trained_by_one(tmp_path, capsys, monkeypatch):
+    """processes x batch_size pairs a step: one process would train a DPO with a quarter of the pairs a step."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    refused_before_any_stage(tmp_path, capsys, {"world": {}}, {"dpo": {"processes": 4}},
+                             ["[dpo] processes = 4", "DPO is not cached", "accelerate launch --num_processes 4", "--only dpo"])
+
+
+def test_a_launch_with_another_number_of_processes_than_dpo_processes_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = config.load(toml(tmp_path / "c.toml", {"run": {"cache_dir": str(tmp_path / "cache")}, "world": {}}))
+    with pytest.raises(config.ConfigError, match=re.escape("runs 2 processes but [dpo] processes = 1: add --set dpo.processes=2")):
+        runner.run(cfg, only="dpo", log=lambda *_: None)
+    assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("env, pieces", [
+    ({"ACCELERATE_MIXED_PRECISION": "bf16"}, ["asks for bf16 mixed precision", "trains in float32", "--mixed_precision no"]),
+    ({"ACCELERATE_USE_DEEPSPEED": "true"}, ["shards the model with DeepSpeed", "--multi_gpu"]),
+    ({"ACCELERATE_USE_FSDP": "True"}, ["shards the model with FSDP", "--multi_gpu"]),
+])
+def test_an_accelerate_config_that_changes_how_dpo_trains_is_refused(tmp_path, capsys, monkeypatch, env, pieces):
+    """accelerate launch passes its saved config to the Trainer through the environment: DPO would train in
+    bf16 under an unchanged cache key, or rank 0 would save a shard of the weights."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    refused_before_any_stage(tmp_path, capsys, {"world": {}}, {}, pieces)
+
+
+def test_experts_on_several_gpus_in_one_process_are_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 4)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    cfg = config.load(toml(tmp_path / "c.toml", {"world": {}, "experts": {}}))
+    with pytest.raises(config.ConfigError, match="stage experts trains with trl.*sees 4: run it with CUDA_VISIBLE_DEVICES=0"):
+        runner._check_training(cfg, ["experts"])
 
 
 @pytest.mark.parametrize("change, pieces", [

@@ -707,7 +707,7 @@ def test_dpo_trains_data_parallel_under_torchrun_and_the_rest_finds_it_cached(tm
     toml.write_text(f"""[run]\ncache_dir = "{tmp_path / 'cache'}"\nstore = "{tmp_path / 's.duckdb'}"\ndevice = "cpu"\n
 [model]\npath = "{tmp_path / 'model'}"\n[data]\nprobe = "{tmp_path / 'train.csv'}"\nprompts = "{tmp_path / 'rtp.jsonl'}"
 pairs = "{tmp_path / 'pairs.jsonl'}"\nheldout = "{tmp_path / 'wiki.txt'}"\n[dpo]\nbatch_size = 2\nmax_length = 24
-gradient_checkpointing = {str(arch != "gpt2").lower()}\n""")
+processes = 2\ngradient_checkpointing = {str(arch != "gpt2").lower()}\n""")
     cfg = load(toml)
     runner.run(cfg, only="pairs", log=lambda *_: None)
     torchrun = Path(sys.executable).with_name("torchrun")
@@ -719,6 +719,8 @@ gradient_checkpointing = {str(arch != "gpt2").lower()}\n""")
     assert json.loads((dpo_dir / "summary.json").read_text())["summary"]["n_steps"] == 16 // (2 * 2)
     assert (dpo_dir / "model").is_dir() and not list(dpo_dir.parent.glob("*.partial*"))
     assert {r["stage"]: r["state"] for r in runner.status(cfg)}["dpo"] == "cached"  # a one-process run goes on from here
+    one = load(toml, overrides=["dpo.processes=1"])
+    assert {r["stage"]: r["state"] for r in runner.status(one)}["dpo"] != "cached"  # 2 x 2 pairs a step are not 2
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match="--only dpo"):

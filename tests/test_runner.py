@@ -228,7 +228,7 @@ def test_settings_that_change_no_result_are_in_no_key(tmp_path):
         assert not changed(base, runner.cache_keys(real_model_config(tmp_path, **setting))), setting
     assert changed(base, runner.cache_keys(real_model_config(tmp_path, record__batch_size=3))) == {"record", "attribute",
                                                                                                   "intervene", "score"}
-    for setting in ({"dpo__lr": 2e-5}, {"dpo__grad_accum": 4}):  # the rest of [dpo] is keyed
+    for setting in ({"dpo__lr": 2e-5}, {"dpo__grad_accum": 4}, {"dpo__processes": 4}):  # the rest of [dpo] is keyed
         assert changed(base, runner.cache_keys(real_model_config(tmp_path, **setting))) == {"dpo", "record", "attribute",
                                                                                             "intervene", "score"}, setting
 
