@@ -55,7 +55,8 @@ class ModelConfig:
 
     path: str = _f("world", "'world' for the demo model built by stage world; else a hub name or local HF checkpoint.")
     dtype: str = _f("float32", "Weights and activations of the inference stages: float32, bfloat16 or float16 "
-                    "(GPU; sums stay float32). DPO trains in float32.")
+                    "(GPU; sums stay float32). DPO trains in float32; M' loaded in bfloat16 loses each weight change "
+                    "below 0.2 to 0.4% of the weight, which a small [dpo] lr makes, so record it in float32.")
     bos: str = _f("transformerlens", "Which texts start with BOS: transformerlens, those of a model TransformerLens "
                   "prepends one for (GPT-2, Llama, Gemma; not Qwen2, GPT-NeoX); tokenizer, only those the checkpoint's "
                   "own tokenizer gives one (not GPT-2's; Llama's), as the reference code tokenizes. In generation, the "
