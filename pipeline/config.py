@@ -138,7 +138,9 @@ class WorldConfig:
             raise ValueError("lr must be positive")
         if self.d_model % self.n_head:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
-        _at_least_1(self, "n_sentences", "n_toxic_words", "vocab_size", "n_layer", "n_ctx", "train_steps",
+        if self.vocab_size < 257:  # the byte-level BPE would silently make 257 tokens
+            raise ValueError(f"vocab_size must be at least 257, the tokenizer's 256 bytes and EOS, not {self.vocab_size}")
+        _at_least_1(self, "n_sentences", "n_toxic_words", "n_layer", "n_ctx", "train_steps",
                     "batch_size", "n_probe", "n_prompts", "n_pairs", "n_heldout", "n_samples", "sample_tokens")
 
 

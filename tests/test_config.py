@@ -53,6 +53,7 @@ def test_demo_config_loads():
     ("[dpo]\nseed = 4294967296\n[world]\n", ["[dpo] seed must lie in 0 .. 2**32 - 1"]),
     ("[data]\nheldout = 'self'\n[world]\n", ["[data] heldout = 'self' is for [data] pairs only"]),
     ("[experts]\nmax_examples = 1\n[world]\n", ["[experts] max_examples must be at least 2"]),  # no anti-expert text
+    ("[world]\nvocab_size = 100\n", ["[world] vocab_size must be at least 257", "256 bytes and EOS"]),  # BPE made 257
 ])
 def test_bad_config_names_key_and_file(tmp_path, text, pieces):
     with pytest.raises(config.ConfigError) as e:
