@@ -186,24 +186,29 @@ def test_every_refusal_is_one_clear_line_and_the_store_is_unchanged(small_store,
     assert not list(out_dir.iterdir()), "a refused query wrote a file"
 
 
-ESCAPES = [  # what the first wall stops, sent straight to the sandboxed connection
-    "SELECT * FROM read_csv('/etc/passwd')", "SELECT * FROM read_text('/etc/hostname')", "FROM glob('/*')",
-    "SELECT * FROM '/etc/passwd.csv'", "ATTACH '{tmp}/new.duckdb' AS other", "COPY neurons TO '{tmp}/leak.csv'",
-    "EXPORT DATABASE '{tmp}/exported'", "INSTALL httpfs", "LOAD httpfs", "CREATE TABLE t AS SELECT 1",
-    "DELETE FROM neurons", "DROP TABLE neurons", "SET enable_external_access = true",
-    "SET lock_configuration = false", "RESET enable_external_access", "SET memory_limit = '100GB'",
-    "PRAGMA enable_profiling",
+FILES_OFF, LOCKED, READ_ONLY = "disabled by configuration", "configuration has been locked", "attached in read-only mode"
+ESCAPES = [  # what the first wall stops, sent straight to the sandboxed connection, and the wall that stops it
+    ("SELECT * FROM read_csv('{csv}')", FILES_OFF), ("SELECT * FROM read_text('/etc/hostname')", FILES_OFF),
+    ("FROM glob('/*')", FILES_OFF), ("SELECT * FROM '{csv}'", FILES_OFF), ("ATTACH '{tmp}/new.duckdb' AS other", FILES_OFF),
+    ("COPY neurons TO '{tmp}/leak.csv'", FILES_OFF), ("EXPORT DATABASE '{tmp}/exported'", FILES_OFF),
+    ("INSTALL httpfs", FILES_OFF), ("LOAD httpfs", "disabled through configuration"), ("CREATE TABLE t AS SELECT 1", READ_ONLY),
+    ("DELETE FROM neurons", READ_ONLY), ("DROP TABLE neurons", READ_ONLY), ("SET enable_external_access = true", LOCKED),
+    ("SET lock_configuration = false", LOCKED), ("RESET enable_external_access", LOCKED),
+    ("SET memory_limit = '100GB'", LOCKED), ("PRAGMA enable_profiling", LOCKED),
 ]
 
 
-@pytest.mark.parametrize("query", ESCAPES)
-def test_the_sandbox_alone_refuses_what_the_validator_refuses(small_store, out_dir, query):
+@pytest.mark.parametrize("query, wall", ESCAPES)
+def test_the_sandbox_alone_refuses_what_the_validator_refuses(small_store, out_dir, tmp_path, query, wall):
+    """Each refused for the sandbox's reason, not another: a file that is there, and no network needed to fail,
+    so that these fail if a setting of the sandbox is lost."""
     path, _ = small_store
+    (tmp_path / "x.csv").write_text("a,b\n1,2\n")
     before = digest(path)
     con = store.connect(path, sandbox=True)
     try:
-        with pytest.raises(duckdb.Error):
-            con.execute(query.format(tmp=out_dir))
+        with pytest.raises(duckdb.Error, match=wall):
+            con.execute(query.format(tmp=out_dir, csv=tmp_path / "x.csv"))
     finally:
         con.close()
     assert digest(path) == before
