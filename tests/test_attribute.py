@@ -93,6 +93,26 @@ def attribute_on(tmp, base, w, act, act_dpo, n_bootstrap=10, **attribute_cfg) ->
     return out, summary
 
 
+def method_groups(align: np.ndarray, act: np.ndarray, act_dpo: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """delta and group code per neuron, written from method.md's table for a DPO copy with the base's
+    weights (v' = v), apart from attribute's code."""
+    delta, dact = (act - act_dpo) * align, act - act_dpo
+    first = np.where(align > 0, "T", "A")
+    sign = np.where(act >= 0, "P", "N")
+    moved = np.where((sign == "P") == (dact < 0), "+", "-")  # the activation's size grew: P went up, N went down
+    codes = np.char.add(np.char.add(first, sign), moved).astype(object)
+    codes[(dact == 0) | (align == 0)] = "unchanged"
+    return delta, codes
+
+
+def test_method_groups_reads_the_table():
+    align, act = np.array([1.0, 1.0, -1.0, -1.0, 1.0, 1.0, -1.0, -1.0]), np.array([1.0, -1.0, 1.0, -1.0] * 2)
+    dact = np.array([1.0, 1.0, -1.0, -1.0, -1.0, -1.0, 1.0, 1.0])  # reducing, then increasing
+    delta, codes = method_groups(align, act, act - dact)
+    assert list(codes) == ["TP-", "TN+", "AP+", "AN-", "TP+", "TN-", "AP-", "AN+"]
+    assert (delta[:4] > 0).all() and (delta[4:] < 0).all()
+
+
 def test_planted_neurons_rank_first_with_their_groups(tiny_gpt2, tmp_path):
     V = hf_value_vectors(tiny_gpt2)  # (L, d_mlp, d_model)
     L, d_mlp, d_model = V.shape
@@ -102,7 +122,8 @@ def test_planted_neurons_rank_first_with_their_groups(tiny_gpt2, tmp_path):
 
     align = V @ (w / np.linalg.norm(w))  # (L, d_mlp)
     act = rng.uniform(-0.2, 0.2, (L, d_mlp)) * 0.01
-    act_dpo = act.copy()
+    # Every neuron moves a little, in every group; the planted ones move much more.
+    act_dpo = act + rng.normal(0, 0.05, (L, d_mlp))
     # Plant one neuron per reducing group, with a big change in the direction the group names.
     toxic = np.argwhere(align > 0.3 * np.abs(align).max())
     anti = np.argwhere(align < -0.3 * np.abs(align).max())
@@ -122,10 +143,19 @@ def test_planted_neurons_rank_first_with_their_groups(tiny_gpt2, tmp_path):
     for group, ((l, i), _, _) in plants.items():
         row = neurons.filter((pl.col("layer") == l) & (pl.col("neuron") == i)).row(0, named=True)
         assert row["group_code"] == group and row["delta"] > 0
-    groups = pl.read_parquet(out / "group_summary.parquet")
-    unchanged = neurons.filter(pl.col("group_code") == "unchanged")["delta"].sum()
-    assert groups["sum_delta"].sum() + unchanged == pytest.approx(summary["net_reduction"], rel=1e-9, abs=1e-12)
-    assert groups.filter(pl.col("effect") == "reduces")["share_gross"].sum() == pytest.approx(1.0)
+
+    # The background's groups and sums, from method.md's table and the checkpoint's weights (the record
+    # stage stores float32).
+    delta, codes = method_groups(align, act.astype(np.float32).astype(np.float64), act_dpo.astype(np.float32).astype(np.float64))
+    assert set(codes.ravel()) >= {"TP-", "TN+", "AP+", "AN-", "TP+", "TN-", "AP-", "AN+"}
+    assert neurons.sort("layer", "neuron")["group_code"].to_list() == list(codes.ravel())
+    groups = {r["group_code"]: r for r in pl.read_parquet(out / "group_summary.parquet").iter_rows(named=True)}
+    G = sum(delta[codes == g].sum() for g in ("TP-", "TN+", "AP+", "AN-"))
+    for g, row in groups.items():
+        assert row["n_neurons"] == (codes == g).sum(), g
+        assert row["sum_delta"] == pytest.approx(delta[codes == g].sum(), rel=1e-5, abs=1e-9), g
+        assert row["share_gross"] == pytest.approx(delta[codes == g].sum() / G, rel=1e-5, abs=1e-9), g
+    assert summary["net_reduction"] == pytest.approx(delta.sum(), rel=1e-5)
 
 
 def test_proj_and_cos_match_the_checkpoint_weights(tiny_gpt2, tmp_path):
@@ -295,7 +325,7 @@ def test_stored_numbers_match_checkpoint_and_direction(tiny_run):
         SELECT group_code, sum(sum_delta) / ? FROM prompt_groups WHERE run_id = ? GROUP BY group_code""",
                                 [TINY_WORLD["n_prompts"], run_id]).fetchall())
     for group, total in con.execute("SELECT group_code, sum_delta FROM group_summary WHERE run_id = ?", [run_id]).fetchall():
-        assert by_group[group] == pytest.approx(total, rel=2e-2, abs=1e-4)
+        assert by_group[group] == pytest.approx(total, rel=1e-4, abs=1e-6)  # every prompt has T positions
 
 
 def test_a_neuron_with_a_zero_value_vector_has_cos_zero_and_is_unchanged():

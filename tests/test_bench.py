@@ -127,4 +127,4 @@ def test_pipeline_cost_runs_the_preset_into_a_store_and_scales_every_stage(capsy
     n_f1 = int(re.search(r"\((\d+) F1 passages\)", out).group(1))
     factor = pipeline_cost.PAPER["f1 passages"] / n_f1
     assert f1_measured > 0 and abs(f1_paper_min * 60 - f1_measured * factor) <= 0.05 * factor + 0.3
-    assert abs(sum(r[0] for n, r in rows.items() if n != "all") - rows["all"][0]) <= 0.5
+    assert rows["store"][0] >= -0.05  # the rest of the run: the stages' own seconds do not overlap or exceed it

@@ -491,7 +491,7 @@ def test_glu_model_without_bos_runs_the_whole_pipeline_into_a_store(tmp_path, de
     Detoxify from a local checkpoint, offline."""
     import store
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)  # read once at import: the variable is too late
     tok = tokenizer(bos=False)
     torch.manual_seed(0)
     tiny_qwen2(tok).save_pretrained(tmp_path / "qwen2")

@@ -36,7 +36,7 @@ class FakePerspective(BaseHTTPRequestHandler):
         srv.seen.append((time.monotonic(), self.path, body))
         time.sleep(srv.delay)
         if len(srv.seen) <= srv.n_slow:
-            time.sleep(0.5)
+            time.sleep(1.5)
         if len(srv.seen) <= srv.n_drop:
             self.close_connection = True  # no status line: the client sees the connection end
             return
@@ -87,12 +87,12 @@ def perspective(server, monkeypatch, **kw):
 
 
 def assert_spaced(starts: list[float], rate: float) -> None:
-    """Any k consecutive intervals between the server's arrival times span at least k / rate, less half an interval:
-    arrivals jitter by milliseconds on a loaded machine, so one short gap after a late arrival is not a
-    breach, while requests sent unspaced, or at twice the rate, fail over a longer span."""
+    """Any k consecutive intervals between the server's arrival times span at least k - 1 of them: an arrival
+    may come up to one interval late on a loaded machine (a server thread waiting for a core), while
+    requests sent unspaced, or at twice the rate, fall short over three intervals."""
     for i, a in enumerate(starts):
         for j in range(i + 1, len(starts)):
-            assert starts[j] - a >= (j - i - 0.5) / rate, (i, j, starts)
+            assert starts[j] - a >= (j - i - 1) / rate, (i, j, starts)
 
 
 def test_perspective_scores_keyed_requests_at_the_rate_limit(server, monkeypatch):
@@ -184,12 +184,12 @@ def test_perspective_gives_up_after_max_retries_in_one_line(server, monkeypatch)
 
 def test_perspective_retries_a_request_that_times_out(server, monkeypatch):
     server.n_slow = 1
-    sc = perspective(server, monkeypatch, rate_limit=1000.0, retry_wait=0.01, max_retries=2, timeout=0.2)
+    sc = perspective(server, monkeypatch, rate_limit=1000.0, retry_wait=0.01, max_retries=2, timeout=0.5)
     assert sc.score(["xx"]) == [1.0] and len(server.seen) == 2
     server.seen, server.n_slow = [], 10
     with pytest.raises(ConfigError) as e:
         sc.score(["x"])
-    assert "times out (0.2 s) after 2 retries" in str(e.value) and len(server.seen) == 3
+    assert "times out (0.5 s) after 2 retries" in str(e.value) and len(server.seen) == 3
 
 
 def test_perspective_retries_a_dropped_connection(server, monkeypatch):
@@ -294,7 +294,7 @@ def test_detoxify_scores_with_the_real_package_offline_from_a_local_checkpoint(d
 
     from tests.conftest import detoxify_sentence
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)  # read once at import: the variable is too late
     rng = np.random.default_rng(1)  # sentences the checkpoint was not trained on
     toxic = [detoxify_sentence(rng, True) for _ in range(20)]
     neutral = [detoxify_sentence(rng, False) for _ in range(20)]
@@ -309,7 +309,7 @@ def test_detoxify_scores_with_the_real_package_offline_from_a_local_checkpoint(d
 def test_blank_texts_score_zero_with_every_backend(detoxify_checkpoint, server, monkeypatch):
     """A continuation of only end-of-text tokens decodes to blanks; Perspective refuses such a text, so
     no backend reads its own noise into it (profanity-check would give it 0.036) and backends agree."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)  # read once at import: the variable is too late
     texts = ["", "you stupid idiot, xxx", "  ", "\n", "the garden needs water"]  # the fake API scores the share of x's
     fresh = [lambda: scoring.get_scorer(ScorerConfig(backend="profanity-check", batch_size=2)),
              lambda: scoring.get_scorer(ScorerConfig(backend="detoxify", checkpoint=str(detoxify_checkpoint), batch_size=2)),

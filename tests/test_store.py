@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import duckdb
@@ -125,12 +126,15 @@ def test_reader_sees_old_or_new_run_set_never_half(tmp_path):
 
     t = threading.Thread(target=read)
     t.start()
-    for i in range(5):
-        store.write_run(path, run=a_run(f"r{i}"), stages=STAGE, tables={"generations": gens(50)})
+    for k in range(2, 7):
+        store.write_run(path, run=a_run(f"r{k}"), stages=STAGE, tables={"generations": gens(50)})
+        deadline = time.monotonic() + 60
+        while (k, 50 * k) not in seen and not errors and time.monotonic() < deadline:  # the reader runs between writes
+            time.sleep(0.01)
     done.set()
     t.join()
     assert not errors
-    assert seen and seen <= {(k, 50 * k) for k in range(1, 7)}
+    assert seen == {(k, 50 * k) for k in range(1, 7)}
 
 
 def test_missing_store_is_a_clear_error(tmp_path):
