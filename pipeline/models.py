@@ -125,6 +125,18 @@ def trainer_args(out: Path, device: str) -> dict:
     )
 
 
+def check_supported(path: str) -> None:
+    """Refuses, from its HF config alone, a model that is not there or whose architecture the bridge does not
+    support: stages that train through transformers (dpo, experts) would otherwise train it first."""
+    from transformer_lens.model_bridge.sources._hf_format import determine_architecture_from_hf_config
+    from transformers import AutoConfig
+
+    try:
+        determine_architecture_from_hf_config(AutoConfig.from_pretrained(path))
+    except (OSError, ValueError) as e:
+        raise _load_error(path, e) from None
+
+
 def prepends_bos(config) -> bool:
     """Whether TransformerLens prepends BOS to this model's inputs (`cfg.default_prepend_bos`): each
     architecture's adapter decides (GPT-2, Llama, Gemma: yes; Qwen2, GPT-NeoX, Phi: no). Read from the

@@ -223,8 +223,10 @@ def run(cfg: config_mod.Config, force: set[str] = frozenset(), only: str | None 
 
 
 def _check_inputs(cfg: config_mod.Config, to_run: list[Stage], log) -> None:
-    """The data files (hub datasets fetched), the scorer and the GPUs that the stages about to run need, checked
+    """The model, the data files (hub datasets fetched), the scorer and the GPUs that the stages about to run need, checked
     before the first one starts: a missing pairs file or API key is found before hours of probe and record, not after."""
+    if cfg.model.path != "world" and any(s.name != "score" for s in to_run):
+        models.check_supported(cfg.model.path)
     read = {sec.partition(".")[2] for s in to_run for sec in _reads(cfg, s) if sec.startswith("data.")}
     for kind in [k for k in data.WORLD_FILES if k in read and getattr(cfg.data, k) not in ("world", "self")]:
         value = getattr(cfg.data, kind)

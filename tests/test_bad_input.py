@@ -110,17 +110,30 @@ def unsupported_checkpoint(path, tokenizer_from) -> str:
     return str(path)
 
 
-def test_stages_that_train_through_transformers_refuse_an_unsupported_architecture_in_one_line(tmp_path, tiny_gpt2):
-    """DPO, self-generated pairs and the experts ask TransformerLens for its BOS convention before
-    they train: an architecture it does not support is the same one-line error as in the bridge stages."""
+@pytest.mark.parametrize("bos", ["transformerlens", "tokenizer"])
+def test_an_unsupported_architecture_is_refused_before_any_stage_runs(tmp_path, capsys, monkeypatch, tiny_gpt2, bos):
+    """DPO, self-generated pairs and the experts train through transformers, which loads the model; with
+    --only dpo, or [model] bos = tokenizer (no BOS question asked of TransformerLens), nothing else would
+    notice before DPO had trained it and record failed."""
+    monkeypatch.chdir(tmp_path)
+    data = {"probe": probe_csv(tmp_path / "probe.csv"), "prompts": prompts_jsonl(tmp_path / "p.jsonl", True),
+            "pairs": "self", "heldout": str(tmp_path / "p.jsonl")}
+    path = unsupported_checkpoint(tmp_path / "ctrl", tiny_gpt2)
+    refused_before_any_stage(tmp_path, capsys, {"run": {"device": "cpu"}, "model": {"path": path, "bos": bos}, "data": data},
+                             {}, [f"model '{path}' has an architecture that TransformerLens' bridge does not support"])
+
+
+def test_stages_that_train_through_transformers_ask_the_bridge_about_bos(tmp_path, tiny_gpt2):
+    """Called on its own (a notebook), bos_prefix refuses an unsupported architecture in one line too."""
     from transformers import AutoConfig, AutoTokenizer
 
     from pipeline.data import DataError
     from pipeline.models import bos_prefix
 
     path = unsupported_checkpoint(tmp_path / "ctrl", tiny_gpt2)
-    with pytest.raises(DataError, match="architecture that TransformerLens' bridge does not support"):
+    with pytest.raises(DataError, match="architecture that TransformerLens' bridge does not support") as e:
         bos_prefix(AutoTokenizer.from_pretrained(path), AutoConfig.from_pretrained(path))
+    assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("case, pieces", [
