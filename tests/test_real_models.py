@@ -394,13 +394,14 @@ def test_logit_lens_scales_by_the_models_own_final_norm(planted_run):
         assert rows["token"].to_list() == [tok.decode([int(t)]) for t in top], (l, i)
 
 
-def continuations_equal(arch: str, dirs: dict, variant: str, hf, tok) -> None:
-    """The intervention's continuations are transformers' greedy generation by hf, an edited copy of the base."""
+def continuations_equal(arch: str, dirs: dict, variant: str, hf, tok) -> bool:
+    """The intervention's continuations are transformers' greedy generation by hf, an edited copy of the base;
+    returns whether they differ from the base's anywhere."""
     gens = pl.read_parquet(dirs["intervene"] / "continuations.parquet").filter(pl.col("variant") == variant)
     base = pl.read_parquet(dirs["record"] / "continuations.parquet").filter(pl.col("variant") == "base")
     moved = (gens.sort("prompt_id")["continuation"] != base.sort("prompt_id")["continuation"]).any()
     # the equality below means something only where the intervention moved a token: on the tiny models it does;
-    # a few of gpt2-medium's 98,304 neurons flip no greedy token of a random model (test_intervene checks GPT-2's hook)
+    # a few of gpt2-medium's 98,304 neurons flip no greedy token of a random model, which the caller then checks otherwise
     assert moved or arch == "gpt2-medium"
     for p, got in zip(PROMPTS, gens.sort("prompt_id")["continuation"], strict=True):
         ids = torch.tensor([prompt_ids(arch, tok, p)])
@@ -408,6 +409,7 @@ def continuations_equal(arch: str, dirs: dict, variant: str, hf, tok) -> None:
             out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=T, do_sample=False,
                               pad_token_id=tok.eos_token_id)
         assert tok.decode(out[0, ids.shape[1]:]).replace(tok.eos_token, " ") == got
+    return moved
 
 
 def test_ablation_equals_zeroing_the_down_projection_rows(planted_run):
@@ -426,7 +428,20 @@ def test_ablation_equals_zeroing_the_down_projection_rows(planted_run):
                 downs[l].weight[i] = 0.0
             else:
                 downs[l].weight[:, i] = 0.0
-    continuations_equal(arch, dirs, "ablate_top_3", hf, tok)
+    if continuations_equal(arch, dirs, "ablate_top_3", hf, tok):
+        return
+    # Tokens unchanged (gpt2-medium's shape): the same positions, so below the first ablated layer mlp_proj is the
+    # base's, and in it the base's less what the ablated neurons wrote, act_i (v_i . w_hat), from record and the weights.
+    w = np.load(dirs["probe"] / "w.npy").astype(np.float64)
+    vw = V @ (w / np.linalg.norm(w))  # (L, d_mlp)
+    act, base = np.load(dirs["record"] / "base_act.npy"), np.load(dirs["record"] / "base_mlp_proj.npy")
+    got = pl.read_parquet(dirs["intervene"] / "layers.parquet").filter(pl.col("variant") == "ablate_top_3").sort("layer")
+    got = got["mlp_proj"].to_numpy()
+    first = min(top3["layer"])
+    np.testing.assert_allclose(got[:first], base[:first], rtol=1e-5, atol=1e-6)
+    written = sum(act[l, i] * vw[l, i] for l, i in zip(top3["layer"], top3["neuron"]) if l == first)
+    assert abs(written) > 1e-4  # far above the tolerance: the ablation is seen
+    assert got[first] == pytest.approx(base[first] - written, rel=1e-4, abs=1e-6)
 
 
 def test_groups_have_the_sign_of_delta_when_no_value_vector_moved(planted_run):
