@@ -7,9 +7,14 @@ STORE  ?= store/dpo_neurons.duckdb
 PORT   ?= 8501
 
 .PHONY: demo test pipeline app install bench clean
+# demo serves the app on the store that its pipeline writes: under make -j the two would start together.
+.NOTPARALLEL:
 
 # Reinstalls only when a requirements file changes; each stamp records one install set.
+# Python 3.11 only: the pinned torch's CPU wheel is built for it, and on another Python pip would pull a CUDA build.
 $(VENV)/.pipeline: requirements.txt requirements-pipeline.txt
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' || \
+	  { echo "error: $(PYTHON) is not Python 3.11; install python3.11 or run make PYTHON=/path/to/python3.11" >&2; exit 2; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements-pipeline.txt
