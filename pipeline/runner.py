@@ -250,7 +250,8 @@ def _check_training(cfg: config_mod.Config, training: list[str]) -> None:
     if "dpo" in training and processes != cfg.dpo.processes:
         if processes == 1:
             raise config_mod.ConfigError(
-                f"[dpo] processes = {cfg.dpo.processes}, and DPO is not cached: train it first with accelerate launch "
+                f"[dpo] processes = {cfg.dpo.processes}, but this run would train DPO in one process: train it first "
+                f"with accelerate launch "
                 f"--num_processes {cfg.dpo.processes} ... --only dpo (README: Several GPUs)")
         raise config_mod.ConfigError(f"this launch runs {processes} processes but [dpo] processes = {cfg.dpo.processes}: "
                                      f"add --set dpo.processes={processes}, here and in the one-process run after it")

@@ -238,7 +238,8 @@ def test_a_dpo_for_several_processes_is_not_trained_by_one(tmp_path, capsys, mon
     """processes x batch_size pairs a step: one process would train a DPO with a quarter of the pairs a step."""
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     refused_before_any_stage(tmp_path, capsys, {"world": {}}, {"dpo": {"processes": 4}},
-                             ["[dpo] processes = 4", "DPO is not cached", "accelerate launch --num_processes 4", "--only dpo"])
+                             ["[dpo] processes = 4", "would train DPO in one process", "accelerate launch --num_processes 4",
+                              "--only dpo"])
 
 
 def test_a_launch_with_another_number_of_processes_than_dpo_processes_is_refused(tmp_path, monkeypatch):
