@@ -95,7 +95,7 @@ def attribute_on(tmp, base, w, act, act_dpo, n_bootstrap=10, **attribute_cfg) ->
 
 def method_groups(align: np.ndarray, act: np.ndarray, act_dpo: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """delta and group code per neuron, written from method.md's table for a DPO copy with the base's
-    weights (v' = v), apart from attribute's code."""
+    weights (v' = v), written apart from attribute's code."""
     delta, dact = (act - act_dpo) * align, act - act_dpo
     first = np.where(align > 0, "T", "A")
     sign = np.where(act >= 0, "P", "N")
