@@ -410,8 +410,8 @@ def test_compare_runs_lists_the_settings_that_differ(tiny_run, tmp_path, monkeyp
     at = open_page(str(PAGES / "5_Compare_runs.py"), run_id)
     at.selectbox[0].set_value(runs["edited"]).run()
     assert not at.exception and at.expander[0].label == "2 settings differ between A and B"
-    assert at.dataframe[0].value.values.tolist() == [["model.bos", '"transformerlens"', '"tokenizer"'],
-                                                     ["record.max_prompt_tokens", "0", "32"]]
+    assert at.dataframe[0].value.values.tolist() == [["model.bos", json.dumps(config["model"]["bos"]), '"tokenizer"'],
+                                                     ["record.max_prompt_tokens", json.dumps(config["record"]["max_prompt_tokens"]), "32"]]
     at.selectbox[0].set_value(runs["same"]).run()
     assert "A and B were made with the same settings (their [run] sections aside)." in [c.value for c in at.caption]
     assert not at.expander
