@@ -42,7 +42,7 @@ def synchronize(device: str) -> None:
 
 
 def value_projections(hf, w_hat: torch.Tensor) -> torch.Tensor:
-    """(L, d_mlp) v_i . w_hat from the c_proj weights, computed once, as record's attribute step reads them."""
+    """(L, d_mlp) v_i . w_hat from the c_proj weights, computed once, outside the timed calls."""
     return torch.stack([b.mlp.c_proj.weight for b in hf.transformer.h]) @ w_hat
 
 
