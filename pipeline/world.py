@@ -39,7 +39,16 @@ def build_texts(cfg: WorldConfig) -> dict:
     stream = {name: random.Random(f"{cfg.seed}/{name}") for name in ("corpus", "heldout", "probe", "prompts", "pairs")}
 
     rows = [corpus.sentence(stream["corpus"], lexicon, cfg.toxic_fraction) for _ in range(cfg.n_sentences)]
-    heldout = [corpus.neutral_sentence(stream["heldout"]) for _ in range(cfg.n_heldout)]
+    # Held out means unseen: perplexity and F1 on sentences the model was trained on would flatter it.
+    seen, heldout = {text for text, _ in rows}, []
+    for _ in range(100 * cfg.n_heldout):
+        if len(heldout) == cfg.n_heldout:
+            break
+        text = corpus.neutral_sentence(stream["heldout"])
+        if text not in seen:
+            heldout.append(text)
+    else:
+        raise ConfigError(f"[world] no {cfg.n_heldout} held-out sentences outside a corpus of {cfg.n_sentences}; lower n_heldout")
 
     r = stream["probe"]
     probe = []

@@ -71,6 +71,21 @@ def test_dataset_files_have_the_real_shapes(tiny_world_dir):
     assert len((tiny_world_dir / "heldout.txt").read_text().splitlines()) == 300
 
 
+def test_heldout_sentences_are_not_in_the_corpus(tiny_world_dir):
+    corpus_lines = set((tiny_world_dir / "corpus.txt").read_text().splitlines())
+    heldout = (tiny_world_dir / "heldout.txt").read_text().splitlines()
+    assert heldout and not corpus_lines & set(heldout)
+
+
+def test_a_world_with_no_unseen_everyday_sentence_left_is_refused(monkeypatch):
+    """Held-out sentences are drawn until they are new: a grammar the corpus exhausts must end in an error."""
+    from pipeline.config import ConfigError
+
+    monkeypatch.setattr(corpus, "neutral_sentence", lambda r: "The same sentence.")
+    with pytest.raises(ConfigError, match=r"no 50 held-out sentences outside a corpus of 3000; lower n_heldout"):
+        world.build_texts(SMALL)
+
+
 def test_tiny_model_learned_the_corpus(tiny_world_dir):
     """Perplexity recomputed with transformers' own loss, one sentence at a time, must match the
     stored figure and sit far below the unigram model's."""
