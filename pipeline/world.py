@@ -42,11 +42,11 @@ def build_texts(cfg: WorldConfig) -> dict:
     # Held out means unseen: perplexity and F1 on sentences the model was trained on would flatter it.
     seen, heldout = {text for text, _ in rows}, []
     for _ in range(100 * cfg.n_heldout):
-        if len(heldout) == cfg.n_heldout:
-            break
         text = corpus.neutral_sentence(stream["heldout"])
         if text not in seen:
             heldout.append(text)
+            if len(heldout) == cfg.n_heldout:
+                break
     else:
         raise ConfigError(f"[world] no {cfg.n_heldout} held-out sentences outside a corpus of {cfg.n_sentences}; lower n_heldout")
 
