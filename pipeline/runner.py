@@ -251,8 +251,7 @@ def _check_training(cfg: config_mod.Config, training: list[str]) -> None:
         if processes == 1:
             raise config_mod.ConfigError(
                 f"[dpo] processes = {cfg.dpo.processes}, but this run would train DPO in one process: train it first "
-                f"with accelerate launch "
-                f"--num_processes {cfg.dpo.processes} ... --only dpo (README: Several GPUs)")
+                f"with accelerate launch --num_processes {cfg.dpo.processes} ... --only dpo (README: Several GPUs)")
         raise config_mod.ConfigError(f"this launch runs {processes} processes but [dpo] processes = {cfg.dpo.processes}: "
                                      f"add --set dpo.processes={processes}, here and in the one-process run after it")
     precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
