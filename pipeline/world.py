@@ -70,10 +70,12 @@ def build_texts(cfg: WorldConfig) -> dict:
         prompts.append({"prompt": {"text": prefix}, "continuation": {"text": cont},
                         "challenging": frame.heat >= corpus.CHALLENGE_HEAT})
 
+    # Pairs come from the mild frames only, so DPO is judged on challenge templates it never trained on,
+    # as the paper's pairs come from WikiText prompts, apart from RealToxicityPrompts.
     r = stream["pairs"]
     pairs = []
     for _ in range(cfg.n_pairs):
-        frame = r.choice(corpus.FRAMES)
+        frame = r.choice(corpus.MILD)
         prefix, target = corpus.frame_prefix(frame, r)
         pairs.append({"prompt": prefix,
                       "chosen": " " + corpus.neutral_predicate(r, target) + ".",

@@ -71,6 +71,17 @@ def test_dataset_files_have_the_real_shapes(tiny_world_dir):
     assert len((tiny_world_dir / "heldout.txt").read_text().splitlines()) == 300
 
 
+def test_pairs_never_use_a_challenge_template():
+    """DPO is judged out of distribution, as in the paper: no pair prompt fits a challenging frame."""
+    texts = world.build_texts(WorldConfig(n_sentences=3000, n_probe=10, n_prompts=200, n_pairs=500, n_heldout=10))
+    pattern = lambda f: re.compile(re.sub(r"\\\{\w+\\\}", ".+", re.escape(corpus._cap(f.template))) + "$")
+    challenge = [pattern(f) for f in corpus.CHALLENGING]
+    asked = [p["prompt"]["text"] for p in texts["prompts"] if p["challenging"]]
+    assert all(any(c.match(text) for c in challenge) for text in asked)  # the patterns do match their own prompts
+    assert not any(c.match(p["prompt"]) for p in texts["pairs"] for c in challenge)
+    assert len({p["prompt"] for p in texts["pairs"]}) > 100, "the pairs still vary"
+
+
 def test_heldout_sentences_are_not_in_the_corpus(tiny_world_dir):
     corpus_lines = set((tiny_world_dir / "corpus.txt").read_text().splitlines())
     heldout = (tiny_world_dir / "heldout.txt").read_text().splitlines()
