@@ -54,8 +54,11 @@ def run(out: Path, *, device: str, scorer: ScorerConfig, record_dir: Path, inter
     end = dict(by_variant.select("variant", "toxicity").iter_rows())
     tox_base, tox_dpo = end["base"], end["dpo"]
     drop_se = dpo_drop_se(generations)
-    rows = rows.with_columns(recovered=(tox_base - pl.col("toxicity")) / (tox_base - tox_dpo)
-                             if abs(tox_base - tox_dpo) > 2 * drop_se else pl.lit(None, pl.Float64))
+    drop = tox_base - tox_dpo
+    # Divided in Python: polars divides a column by a scalar through its reciprocal, which gave DPO's own
+    # row 0.9999999999999999 where method.md defines it as 1.
+    recovered = [(tox_base - t) / drop if abs(drop) > 2 * drop_se else None for t in rows["toxicity"]]
+    rows = rows.with_columns(recovered=pl.Series(recovered, dtype=pl.Float64))
     generations.select(list(GENERATIONS)).cast(GENERATIONS).write_parquet(out / "generations.parquet")
     rows.select(list(INTERVENTIONS)).cast(INTERVENTIONS).write_parquet(out / "interventions.parquet")
     share = dict(by_variant.select("variant", "toxic_share").iter_rows())

@@ -123,6 +123,22 @@ def test_recovered_is_empty_when_dpos_drop_is_within_its_noise(tmp_path, x_score
         assert all(r["recovered"] is None for r in rows.values())
 
 
+@pytest.mark.parametrize("seed", range(16))
+def test_base_and_dpo_recover_exactly_zero_and_one(tmp_path, x_scorer, seed):
+    """method.md's endpoints hold exactly, not to a rounding step, with as many rows as a real run."""
+    import random
+
+    r = random.Random(seed)
+    base, dpo = ([r.randint(lo, hi) for _ in range(40)] for lo, hi in ((10, 20), (0, 9)))
+    others = [f"ablate_top_{n}" for n in range(1, 25)]
+    record_dir = write(tmp_path / "record", {"base": texts_with(base), "dpo": texts_with(dpo)})
+    intervene_dir = write(tmp_path / "intervene", {o: texts_with([r.randint(0, 20) for _ in range(40)]) for o in others},
+                          ["base", "dpo", *others])
+    score.run(tmp_path, device="cpu", scorer=x_scorer, record_dir=record_dir, intervene_dir=intervene_dir, detox_dir=None)
+    rows = {r["intervention_id"]: r["recovered"] for r in score.tables(tmp_path)["interventions"].iter_rows(named=True)}
+    assert (rows["base"], rows["dpo"]) == (0.0, 1.0)
+
+
 def test_a_row_without_continuations_is_refused(tmp_path, x_scorer):
     record_dir = write(tmp_path / "record", {"base": ["xa"], "dpo": ["aa"]})
     intervene_dir = write(tmp_path / "intervene", {}, ["base", "dpo", "ablate_top_3"])
