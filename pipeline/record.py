@@ -53,17 +53,17 @@ CONTINUATIONS = {"variant": pl.String, "prompt_id": pl.Int64, "prompt": pl.Strin
 
 
 def prompt_tokens(bridge, prompts: list[str], new_tokens: int, bos: str = "transformerlens",
-                  max_tokens: int = 0) -> list[torch.Tensor]:
+                  max_tokens: int = 0, first: int = 0) -> list[torch.Tensor]:
     """Each prompt tokenized alone, BOS first as [model] bos says, cut to its first max_tokens (0: whole);
-    refuses prompts that leave no room for the continuation, before any generation time is spent."""
+    refuses prompts that leave no room for the continuation, before any generation time is spent.
+    first: the stage's index of prompts[0] (a shard's offset), so that an error names the prompt's number."""
     prepend_bos = models.bridge_prepends_bos(bridge, bos)
     rows = [bridge.to_tokens(p, prepend_bos=prepend_bos, move_to_device=False, truncate=False)[0] for p in prompts]
     rows = [r[:max_tokens] for r in rows] if max_tokens else rows
     room = bridge.cfg.n_ctx - new_tokens
     for i, r in enumerate(rows):
         if len(r) > room:
-            # the text names it too: under [record] processes, i counts within one share of the prompts
-            raise datasets.DataError(f"prompt {i} ({prompts[i][:40]!r}) has {len(r)} tokens; with [record] new_tokens = "
+            raise datasets.DataError(f"prompt {first + i} ({prompts[i][:40]!r}) has {len(r)} tokens; with [record] new_tokens = "
                                      f"{new_tokens} the context of {bridge.cfg.n_ctx} holds at most {room}; lower "
                                      "new_tokens or shorten it")
     return rows
@@ -148,13 +148,13 @@ def per_prompt(names: tuple[str, ...] | list[str]) -> str:
 
 @torch.no_grad()
 def generate_and_record(bridge, prompts: list[str], w_hat: np.ndarray, new_tokens: int, batch_size: int, desc: str,
-                        prefix: Path, bos: str = "transformerlens", max_prompt_tokens: int = 0) -> dict:
+                        prefix: Path, bos: str = "transformerlens", max_prompt_tokens: int = 0, first: int = 0) -> dict:
     """Means over the generated positions (module docstring); the per-prompt means are streamed to
     {prefix}{name}_prompt.npy batch by batch, so memory does not grow with the number of prompts."""
     cfg = bridge.cfg
     n_layers, d_mlp, T, dev = cfg.n_layers, cfg.d_mlp, new_tokens, cfg.device
     w = torch.tensor(w_hat, dtype=torch.float32, device=dev)  # (d_model,)
-    rows = prompt_tokens(bridge, prompts, T, bos, max_prompt_tokens)
+    rows = prompt_tokens(bridge, prompts, T, bos, max_prompt_tokens, first)
 
     names = neuron_means(bridge)
     sums = {name: torch.zeros(n_layers, d_mlp, device=dev) for name in names} | {"mlp_proj": torch.zeros(n_layers, device=dev)}
@@ -208,12 +208,13 @@ def shard_device(device: str, i: int) -> str:
     return f"cuda:{i % torch.cuda.device_count()}" if device == "cuda" else device
 
 
-def record_shard(path: str, device: str, dtype: str, bos: str, prompts: list[str], w_hat: np.ndarray,
+def record_shard(path: str, device: str, dtype: str, bos: str, prompts: list[str], first: int, w_hat: np.ndarray,
                  record: RecordConfig, desc: str, prefix: Path) -> dict:
-    """One process's share of the prompts: generate_and_record on them, plus the decoded continuations."""
+    """One process's share of the prompts, from the stage's prompt `first` on: generate_and_record on them,
+    plus the decoded continuations."""
     bridge = models.load_bridge(path, device, dtype)
     rec = generate_and_record(bridge, prompts, w_hat, record.new_tokens, record.batch_size, desc, prefix,
-                              bos, record.max_prompt_tokens)
+                              bos, record.max_prompt_tokens, first)
     rec["texts"] = decode(bridge.tokenizer, rec["tokens"], record.eos_ends_text)
     rec["n"] = len(prompts)
     del bridge
@@ -269,8 +270,8 @@ def run(out: Path, *, device: str, model: ModelConfig, data: DataConfig, record:
     for variant in VARIANTS:
         t0 = time.perf_counter()
         shards = np.array_split(np.arange(len(prompts)), min(record.processes, len(prompts)))
-        jobs = [(paths[variant], shard_device(device, i), model.dtype, model.bos, [prompts[j] for j in idx], w_hat, record,
-                 f"record {variant}" + (f" {i + 1}/{len(shards)}" if len(shards) > 1 else ""),
+        jobs = [(paths[variant], shard_device(device, i), model.dtype, model.bos, [prompts[j] for j in idx], int(idx[0]),
+                 w_hat, record, f"record {variant}" + (f" {i + 1}/{len(shards)}" if len(shards) > 1 else ""),
                  out / f"shard{i}_{variant}_") for i, idx in enumerate(shards)]
         if len(jobs) == 1:
             parts = [record_shard(*jobs[0])]

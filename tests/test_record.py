@@ -230,6 +230,20 @@ def test_prompt_longer_than_the_context_allows_is_refused(stage):
     assert str(e.value).startswith("prompt 1 ('I think I think") and "\n" not in str(e.value)
 
 
+def test_a_too_long_prompt_in_a_later_shard_is_named_by_its_number_among_all_prompts(tiny_gpt2, tmp_path):
+    """Under [record] processes the second shard starts at prompt 2; its too-long prompt is the stage's prompt 3."""
+    prompts = PROMPTS[:3] + ["I think " * 40]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": {"text": p}}) + "\n" for p in prompts))
+    (tmp_path / "probe").mkdir()
+    np.save(tmp_path / "probe" / "w.npy", np.ones(32, np.float32))
+    with pytest.raises(record.datasets.DataError) as e:
+        record.run(tmp_path, device="cpu", model=ModelConfig(path=str(tiny_gpt2)),
+                   data=DataConfig(prompts=str(tmp_path / "prompts.jsonl"), challenging_only=False, max_prompts=100),
+                   record=RecordConfig(new_tokens=T, processes=2), world_dir=None, probe_dir=tmp_path / "probe",
+                   dpo_dir=tmp_path / "dpo")
+    assert str(e.value).startswith("prompt 3 ('I think I think")
+
+
 def test_activations_that_reach_inf_or_nan_stop_record_at_the_first_such_batch(tiny_gpt2, tmp_path, monkeypatch):
     """float16 tops out at 65,504: an MLP that passes it gives inf sums, which would reach every share as NaN.
     Record stops after the batch where they appear, not after every prompt, and tells a dtype too narrow from
