@@ -97,14 +97,15 @@ class AfterPromptPass:
 class OverPostNormScale(AfterPromptPass):
     """Adds a_i / s into total (B, d_mlp), s the RMS by which the norm after the MLP divides the newest
     position (its hook_scale). Two hooks a layer: `keep` at mlp.hook_post holds the newest activation
-    until ln2_post.hook_scale, later in the same pass, divides it."""
+    until ln2_post.hook_scale, later in the same pass, divides it, in float32: a quotient rounded to bfloat16
+    would carry an error of up to 2^-9 of itself into every mean."""
 
     def keep(self, x, hook):  # x (B, pos, d_mlp)
         self.act = x[:, -1]
 
     def __call__(self, scale, hook):  # scale (B, pos, 1)
         if self.passes:
-            self.total.add_(self.act / scale[:, -1])
+            self.total.add_(self.act.float() / scale[:, -1].float())
         self.passes += 1
 
 

@@ -274,3 +274,18 @@ def test_activations_that_reach_inf_or_nan_stop_record_at_the_first_such_batch(t
                                        "record dpo", tmp_path / f"{name}_")
         assert "record dpo: the model's " in str(e.value) and says in str(e.value) and "\n" not in str(e.value)
         assert len(batches) == 1
+
+
+def test_act_over_the_post_norm_rms_is_divided_in_float32_whatever_the_models_dtype():
+    """On Gemma in bfloat16, a_i and the RMS s arrive in bfloat16; a_i / s rounded to bfloat16 again would add an
+    error of up to 2^-9 of each value, which no mean over positions removes. The division runs in float32."""
+    g = torch.Generator().manual_seed(0)
+    acts = torch.randn(3, 4, 1, 512, generator=g).to(torch.bfloat16)  # (passes, B, pos, d_mlp)
+    scales = (torch.rand(3, 4, 1, 1, generator=g) * 30 + 1).to(torch.bfloat16)  # (passes, B, pos, 1)
+    total = torch.zeros(4, 512)
+    normed = record.OverPostNormScale(total)
+    for a, s in zip(acts, scales):
+        normed.keep(a, None)
+        normed(s, None)
+    want = (acts[1:].double() / scales[1:].double()).sum(0)[:, -1]  # the prompt pass (0) is skipped
+    np.testing.assert_allclose(total.numpy(), want.numpy(), rtol=1e-6, atol=1e-7)
