@@ -37,8 +37,8 @@ def along(W_out: torch.Tensor, w_hat: np.ndarray) -> tuple[np.ndarray, np.ndarra
     """(L, d_mlp) v_i . w_hat and |v_i|, in float64 a layer at a time: no float64 copy of a large model's
     W_out is ever made (15 GB for Llama 3 8B's), and proj of every prompt reuses v . w_hat."""
     w = torch.from_numpy(np.asarray(w_hat, dtype=np.float64))
-    layers = [W.double() for W in W_out]
-    return torch.stack([V @ w for V in layers]).numpy(), torch.stack([V.norm(dim=-1) for V in layers]).numpy()
+    vw, norms = zip(*((V @ w, V.norm(dim=-1)) for V in (W.double() for W in W_out)))
+    return torch.stack(vw).numpy(), torch.stack(norms).numpy()
 
 
 def cosines(vw: np.ndarray, v_norm: np.ndarray) -> np.ndarray:

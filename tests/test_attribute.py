@@ -328,6 +328,30 @@ def test_stored_numbers_match_checkpoint_and_direction(tiny_run):
         assert by_group[group] == pytest.approx(total, rel=1e-4, abs=1e-6)  # every prompt has T positions
 
 
+def test_value_vectors_are_taken_to_float64_one_layer_at_a_time():
+    """A float64 copy of a large model's whole W_out would double the memory attribute needs (Llama 3 8B: 15 GB
+    more); at most the previous layer's copy may still be alive while the next one is made."""
+    import weakref
+
+    alive, most = [], []
+
+    class Layer:
+        def __init__(self, W):
+            self.W = W
+
+        def double(self):
+            most.append(sum(ref() is not None for ref in alive))
+            copy = self.W.double()
+            alive.append(weakref.ref(copy))
+            return copy
+
+    W_out = torch.randn(6, 5, 4)
+    vw, v_norm = attribute.along([Layer(W) for W in W_out], np.ones(4) / 2)
+    assert max(most) <= 1
+    np.testing.assert_allclose(vw, W_out.double().sum(-1).numpy() / 2)
+    np.testing.assert_allclose(v_norm, W_out.double().norm(dim=-1).numpy())
+
+
 def test_a_neuron_with_a_zero_value_vector_has_cos_zero_and_is_unchanged():
     W_out = torch.tensor([[[1.0, 0.0], [0.0, 0.0], [-2.0, 0.0]]])  # (L=1, d_mlp=3, d_model=2); neuron 1 is pruned
     cos = attribute.cosines(*attribute.along(W_out, np.array([0.6, 0.8])))
