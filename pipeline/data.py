@@ -7,11 +7,13 @@ problem and the fix.
 
 from __future__ import annotations
 
+import bz2
 import csv
 import gzip
 import hashlib
 import io
 import json
+import lzma
 import math
 import random
 import re
@@ -121,13 +123,30 @@ def model_path(value: str, world_dir: Path | None) -> str:
 
 def _read(path: Path) -> str:
     """The file's text: UTF-8, with or without the byte-order mark that Excel and Windows tools write;
-    gzip-compressed files (.jsonl.gz as datasets are shipped) are read through."""
+    gzip-, bzip2- and xz-compressed files (.jsonl.gz as datasets are shipped) are read through."""
     raw = path.read_bytes()
     if raw[:2] == b"\x1f\x8b":
         try:
             raw = gzip.decompress(raw)
         except (OSError, EOFError) as e:
             raise DataError(f"{_name(path)} is a damaged gzip file ({e}); download it again") from None
+    elif raw[:3] == b"BZh":
+        try:
+            raw = bz2.decompress(raw)
+        except (OSError, ValueError) as e:
+            raise DataError(f"{_name(path)} is a damaged bzip2 file ({e}); download it again") from None
+    elif raw[:6] == b"\xfd7zXZ\x00":
+        try:
+            raw = lzma.decompress(raw)
+        except lzma.LZMAError as e:
+            raise DataError(f"{_name(path)} is a damaged xz file ({e}); download it again") from None
+    elif raw[:4] == b"\x28\xb5\x2f\xfd":
+        raise DataError(f"{_name(path)} is zstd-compressed; decompress it (zstd -d) and give the file inside")
+    elif raw[:4] == b"PAR1":
+        raise DataError(f"{_name(path)} is a Parquet file; write it out as CSV or JSONL (polars: "
+                        "pl.read_parquet(path).write_csv(...) or .write_ndjson(...)), or give its hub dataset as hf:NAME")
+    elif raw[:4] == b"PK\x03\x04" and b"[Content_Types].xml" in raw[:4096]:
+        raise DataError(f"{_name(path)} is an Excel or other Office file; save it as CSV (UTF-8) and give that")
     elif raw[:4] == b"PK\x03\x04":
         raise DataError(f"{_name(path)} is a zip archive; unzip it and give the file inside")
     try:
@@ -218,7 +237,7 @@ def load_probe(path: Path, max_examples: int, seed: int) -> tuple[list[str], lis
 
 def load_prompts(path: Path, challenging_only: bool, max_prompts: int) -> list[str]:
     """Prompt texts from RealToxicityPrompts-style JSONL ({"prompt": {"text": ...}, "challenging": ...})."""
-    prompts = []
+    prompts, unflagged, empty = [], 0, 0
     for n, row in _jsonl(path):
         prompt = row.get("prompt")
         text = prompt.get("text") if isinstance(prompt, dict) else prompt
@@ -229,10 +248,18 @@ def load_prompts(path: Path, challenging_only: bool, max_prompts: int) -> list[s
             challenging = challenging.strip().lower() in _TRUE
         if challenging not in (None, True, False, 0, 1):
             raise DataError(f"{_name(path)} line {n}: challenging = {challenging!r}; give true, false or leave it out")
-        if text.strip() and (challenging or not challenging_only):
+        if not text.strip():
+            empty += 1
+        elif challenging or not challenging_only:
             prompts.append(text)
+        else:
+            unflagged += 1
     if not prompts:
-        raise DataError(f"{_name(path)} has no usable prompts" + (" flagged challenging; set [data] challenging_only = false" if challenging_only else ""))
+        if unflagged:
+            raise DataError(f"{_name(path)} has no usable prompts flagged challenging ({unflagged} without the flag); set [data] "
+                            "challenging_only = false, or flag them \"challenging\": true")
+        raise DataError(f"{_name(path)} has no usable prompts ({f'all {empty} are empty' if empty else 'it holds none'}); "
+                        "each line needs {\"prompt\": {\"text\": ...}} with non-empty text")
     return prompts[:max_prompts]
 
 
@@ -284,10 +311,27 @@ def load_f1_samples(path: Path) -> list[tuple[str, str]]:
     return samples
 
 
+def _not_jsonl(path: Path, lines: list[str]) -> None:
+    """Refuses a JSONL given as plain text (Lee et al.'s wiki_samples.jsonl as [data] heldout, say): its JSON
+    lines would be scored as passages."""
+    rows = [line for line in lines if line.strip()]
+    if not rows or not rows[0].lstrip().startswith("{"):
+        return
+    for line in rows:
+        try:
+            if not isinstance(json.loads(line), dict):
+                return
+        except json.JSONDecodeError:
+            return
+    raise DataError(f"{_name(path)} is JSONL, but [data] heldout is plain text, one passage per line (WikiText-2); a "
+                    "JSONL of {prompt, gold} goes in [data] f1_samples")
+
+
 def load_entries(path: Path) -> list[str]:
     """The file's lines as WikiText-2's hub entries are, for the reference code's perplexity text
     ("\n\n".join of them): a line with text keeps its newline, a blank line is empty, headings stay."""
     lines = _lines(_read(path))
+    _not_jsonl(path, lines)
     if lines and lines[-1] == "":  # the newline that ends the file ends the last line
         lines.pop()
     entries = [line + "\n" if line.strip() else "" for line in lines]
@@ -299,6 +343,7 @@ def load_entries(path: Path) -> list[str]:
 def load_text(path: Path) -> list[str]:
     """Non-empty lines of a text file (WikiText-2 style: headings, " = Title = ", and blank lines are skipped)."""
     lines = [line.strip() for line in _lines(_read(path))]
+    _not_jsonl(path, lines)
     lines = [line for line in lines if line and not (line.startswith("=") and line.endswith("="))]
     if not lines:
         raise DataError(f"{_name(path)} has no text lines")

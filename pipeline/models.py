@@ -125,6 +125,9 @@ def trainer_args(out: Path, device: str) -> dict:
     )
 
 
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.json", "tokenizer.model")
+
+
 def check_supported(path: str) -> None:
     """Refuses, from its HF config alone, a model that is not there or whose architecture the bridge does not
     support: stages that train through transformers (dpo, experts) would otherwise train it first."""
@@ -135,6 +138,11 @@ def check_supported(path: str) -> None:
         determine_architecture_from_hf_config(AutoConfig.from_pretrained(path))
     except (OSError, ValueError) as e:
         raise _load_error(path, e) from None
+    # Without them transformers builds an empty tokenizer from the config alone, every text tokenizes to nothing
+    # but BOS, and the run goes on to a probe of noise.
+    if Path(path).is_dir() and not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
+        raise DataError(f"model {path} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); save the tokenizer "
+                          f"beside the weights (tokenizer.save_pretrained({str(path)!r}))")
 
 
 def prepends_bos(config) -> bool:

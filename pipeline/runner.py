@@ -222,6 +222,14 @@ def run(cfg: config_mod.Config, force: set[str] = frozenset(), only: str | None 
     return _publish(cfg, stages, keys, dirs, ran_any, log)
 
 
+_LOADERS = {  # each as the stages read it
+    "probe": lambda path, cfg: data.load_probe(path, cfg.probe.max_examples, cfg.probe.seed),
+    "prompts": lambda path, cfg: data.load_prompts(path, cfg.data.challenging_only, cfg.data.max_prompts),
+    "pairs": lambda path, cfg: data.load_pairs(path, cfg.pairs.max_pairs),
+    "heldout": lambda path, cfg: data.load_text(path),
+}
+
+
 def _check_inputs(cfg: config_mod.Config, to_run: list[Stage], log) -> None:
     """The model, the data files (hub datasets fetched), the scorer and the GPUs that the stages about to run need, checked
     before the first one starts: a missing pairs file or API key is found before hours of probe and record, not after."""
@@ -232,7 +240,9 @@ def _check_inputs(cfg: config_mod.Config, to_run: list[Stage], log) -> None:
         value = getattr(cfg.data, kind)
         if value.startswith(data.HUB):  # fetched now, so that a wrong split fails before hours of DPO
             log(f"[data] {kind}: {value}")
-        data.resolve(kind, value, None)
+        # read through too: a pairs file with other keys, or prompts none of which is flagged challenging, would
+        # otherwise fail in the stage that reads them, after those before it
+        _LOADERS[kind](data.resolve(kind, value, None), cfg)
     if "f1_samples" in read and cfg.data.f1_samples:
         data.load_f1_samples(data.local_file("f1_samples", cfg.data.f1_samples))
     if any("scorer.backend" in _reads(cfg, s) for s in to_run):

@@ -71,6 +71,29 @@ def test_empty_prompt_set_is_a_clear_error(tmp_path):
     assert "challenging_only = false" in one_line(e)
 
 
+def test_prompts_all_empty_are_not_told_to_drop_the_challenging_filter(tmp_path):
+    """Setting challenging_only = false cannot help prompts that have no text."""
+    path = write(tmp_path, "rtp.jsonl", json.dumps({"prompt": {"text": " "}, "challenging": True}) + "\n")
+    with pytest.raises(DataError) as e:
+        data.load_prompts(path, True, 10)
+    assert "no usable prompts (all 1 are empty)" in one_line(e) and "challenging_only" not in one_line(e)
+    with pytest.raises(DataError) as e:
+        data.load_prompts(write(tmp_path, "none.jsonl", "\n"), True, 10)
+    assert "no usable prompts (it holds none)" in one_line(e)
+
+
+def test_a_jsonl_given_as_held_out_text_points_to_f1_samples(tmp_path):
+    """Lee et al.'s wiki_samples.jsonl given as [data] heldout would have its JSON lines scored as passages."""
+    samples = write(tmp_path, "wiki_samples.jsonl", "".join(json.dumps({"prompt": f"p{i}", "gold": "g"}) + "\n" for i in range(3)))
+    for load in (data.load_text, data.load_entries):
+        with pytest.raises(DataError) as e:
+            load(samples)
+        assert "is JSONL, but [data] heldout is plain text" in one_line(e) and "[data] f1_samples" in one_line(e)
+    # text that merely starts with a brace, or holds one JSON line among passages, is text
+    text = write(tmp_path, "braces.txt", '{"a": 1}\nA passage about the weather.\n')
+    assert data.load_text(text) == ['{"a": 1}', "A passage about the weather."]
+
+
 def test_bad_json_line_names_the_line(tmp_path):
     path = write(tmp_path, "rtp.jsonl", '{"prompt": {"text": "a"}}\n{oops\n')
     with pytest.raises(DataError, match="line 2"):
@@ -356,3 +379,32 @@ def test_a_folder_or_an_empty_hub_name_is_named(tmp_path):
 def test_only_whole_headings_are_skipped(tmp_path):
     path = write(tmp_path, "wiki.txt", " = Valkyria Chronicles = \n = = Gameplay = = \n= 5 apples were sold .\nbody\r\n")
     assert data.load_text(path) == ["= 5 apples were sold .", "body"]
+
+
+def test_bzip2_and_xz_are_read_through_and_other_binary_formats_are_named(tmp_path):
+    """The fix each names: what a researcher gets from Kaggle, the hub's parquet export or a spreadsheet."""
+    import bz2
+    import lzma
+    import zipfile
+
+    import polars as pl
+
+    jsonl = json.dumps({"prompt": {"text": "p"}, "challenging": True}) + "\n"
+    assert data.load_prompts(write(tmp_path, "rtp.jsonl.bz2", bz2.compress(jsonl.encode())), True, 10) == ["p"]
+    assert data.load_prompts(write(tmp_path, "rtp.jsonl.xz", lzma.compress(jsonl.encode())), True, 10) == ["p"]
+    with pytest.raises(DataError) as e:
+        data.load_prompts(write(tmp_path, "cut.jsonl.xz", lzma.compress(jsonl.encode())[:-8]), True, 10)
+    assert "damaged xz file" in one_line(e)
+    with pytest.raises(DataError) as e:
+        data.load_prompts(write(tmp_path, "rtp.jsonl.zst", b"\x28\xb5\x2f\xfd" + b"\0" * 20), True, 10)
+    assert "zstd-compressed; decompress it" in one_line(e)
+    pl.DataFrame({"comment_text": ["a", "b"], "toxic": [1, 0]}).write_parquet(tmp_path / "train.parquet")
+    with pytest.raises(DataError) as e:
+        data.load_probe(tmp_path / "train.parquet", 10, 0)
+    assert "is a Parquet file; write it out as CSV or JSONL" in one_line(e)
+    with zipfile.ZipFile(tmp_path / "train.xlsx", "w") as z:  # what every .xlsx starts with
+        z.writestr("[Content_Types].xml", "<Types/>")
+        z.writestr("xl/workbook.xml", "<workbook/>")
+    with pytest.raises(DataError) as e:
+        data.load_probe(tmp_path / "train.xlsx", 10, 0)
+    assert "is an Excel or other Office file; save it as CSV (UTF-8)" in one_line(e)
