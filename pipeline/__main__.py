@@ -77,6 +77,10 @@ def main(argv=None) -> int:
     except (config.ConfigError, store.StoreError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except PermissionError as e:  # a data file of another user, a .cache that a root container made
+        print(f"error: permission denied on {e.filename or 'a file'}; give this user access to it or point the config "
+              "elsewhere, then rerun: finished stages are cached and the store is unchanged", file=sys.stderr)
+        return 2
     except OSError as e:
         if e.errno != errno.ENOSPC:
             raise

@@ -26,6 +26,14 @@ def _at_least_1(section, *names: str) -> None:
             raise ValueError(f"{name} must be at least 1")
 
 
+def _home(section, *names: str) -> None:
+    """Paths written from the home folder (~/data/train.csv), as a shell would expand them; else `~` would be
+    a folder of that name under the working directory, or a file not found."""
+    for name in names:
+        if getattr(section, name).startswith("~"):
+            setattr(section, name, str(Path(getattr(section, name)).expanduser()))
+
+
 def _f(default, help: str):
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata={"help": help})
@@ -42,6 +50,7 @@ class RunConfig:
     device: str = _f("auto", "Torch device: auto (cuda when available, else cpu), cpu or cuda.")
 
     def __post_init__(self):
+        _home(self, "cache_dir", "store")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, not {self.device!r}")
 
@@ -63,6 +72,7 @@ class ModelConfig:
                   "probe, DPO, self-generated pairs and the experts alike; held-out passages are scored after BOS either way.")
 
     def __post_init__(self):
+        _home(self, "path")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
         if self.bos not in ("transformerlens", "tokenizer"):
@@ -93,6 +103,7 @@ class ScorerConfig:
                          "(offline machines, own fine-tunes).")
 
     def __post_init__(self):
+        _home(self, "checkpoint")
         if self.backend not in SCORER_BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(SCORER_BACKENDS)}, not {self.backend!r}")
         _at_least_1(self, "batch_size")
@@ -159,6 +170,7 @@ class DataConfig:
     max_prompts: int = _f(1200, "At most this many challenge prompts (taken in file order).")
 
     def __post_init__(self):
+        _home(self, "probe", "prompts", "pairs", "heldout", "f1_samples")
         _at_least_1(self, "max_prompts")
         for kind in ("probe", "prompts", "heldout"):
             if getattr(self, kind) == "self":
@@ -204,6 +216,8 @@ class PairsConfig:
         if self.k < 2:
             raise ValueError("k must be at least 2 (a pair needs two samples)")
         _at_least_1(self, "max_pairs", "new_tokens")
+        if not 0.0 <= self.margin <= 1.0:  # toxicity lies in [0, 1]: above 1 no pair is ever kept
+            raise ValueError(f"margin must lie in 0 .. 1, the range of toxicity scores, not {self.margin}")
         if self.temperature <= 0:
             raise ValueError("temperature must be positive")
 
@@ -456,6 +470,10 @@ def _suggest(key: str, known) -> str:
 def from_dict(raw: dict, source: str = "<dict>") -> Config:
     sections = {}
     for name, body in raw.items():
+        if not isinstance(body, dict) and name not in SECTIONS:
+            owners = [f"[{sec}]" for sec in SECTIONS if name in typing.get_type_hints(_section_class(sec))]
+            raise ConfigError(f"{source}: key {name} stands before any [section]; move it under "
+                              f"{' or '.join(owners) if owners else 'the section it belongs to'}")
         if name not in SECTIONS:
             raise ConfigError(f"{source}: unknown section [{name}]{_suggest(name, SECTIONS)}")
         if not isinstance(body, dict):
@@ -506,7 +524,7 @@ def load(path: str | Path, overrides: list[str] = ()) -> Config:
     if not path.is_file():
         raise ConfigError(f"config file {path} not found; pass an existing TOML file, e.g. configs/demo.toml")
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        raw = tomllib.loads(path.read_text(encoding="utf-8-sig"))  # Notepad and PowerShell write a BOM first
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid TOML ({e}); fix the syntax at that place") from None
     for assignment in overrides:

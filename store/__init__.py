@@ -18,6 +18,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import secrets
 import shutil
 from contextlib import contextmanager
@@ -162,6 +163,10 @@ def connect(path: str | Path, read_only: bool = True, sandbox: bool = False, sna
             con = duckdb.connect(str(path), read_only=read_only)
     except duckdb.Error as e:
         first = str(e).strip().splitlines()[0]
+        if "Could not set lock" in first:  # a notebook's duckdb.connect(path) opens read-write and locks the file
+            holder = re.search(r"\(PID (\d+)\)", first)
+            raise StoreError(f"store {path} is open for writing in another process{f' (PID {holder[1]})' if holder else ''}; "
+                             "close that connection, or open the file with read_only=True there") from None
         raise StoreError(f"store {path} cannot be opened ({first}); it is corrupt or not a DuckDB file: "
                          "restore it or point STORE at another file") from None
     try:

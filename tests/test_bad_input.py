@@ -7,6 +7,8 @@ import errno
 import hashlib
 import json
 import re
+import subprocess
+import sys
 import types
 
 import duckdb
@@ -70,13 +72,21 @@ def older_schema(path, monkeypatch):
     ("corrupt", ["cannot be opened", "corrupt"]),
     ("truncated", ["cannot be opened", "restore it"]),
     ("older_schema", ["older dpo-neurons", f"schema version {store.SCHEMA_VERSION}", "new store file"]),
+    ("locked", ["is open for writing in another process (PID ", "read_only=True"]),
 ])
-def test_unreadable_store_is_refused_before_any_stage_runs(tmp_path, capsys, monkeypatch, case, pieces):
+def test_unreadable_store_is_refused_before_any_stage_runs(tmp_path, capsys, monkeypatch, request, case, pieces):
+    """locked: a notebook's duckdb.connect(path) opens the store read-write, which locks it; that is not a corrupt file."""
     path = tmp_path / "s.duckdb"
     if case == "corrupt":
         path.write_bytes(b"not a database" * 500)
     elif case == "truncated":
         truncated(path)
+    elif case == "locked":
+        a_store(path)
+        holder = subprocess.Popen([sys.executable, "-c", f"import duckdb, sys; c = duckdb.connect({str(path)!r}); "
+                                   "print('open', flush=True); sys.stdin.read()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert holder.stdout.readline() == "open\n"
+        request.addfinalizer(holder.kill)
     else:
         older_schema(path, monkeypatch)
     before = digest(path)
@@ -101,6 +111,13 @@ def prompts_jsonl(path, challenging):
     return str(path)
 
 
+def real_data(tmp_path) -> dict:
+    """[data] of a run on local files in the real formats; pairs self-generated."""
+    (tmp_path / "heldout.txt").write_text("".join(f"Passage number {i} is about the weather.\n" for i in range(5)))
+    return {"probe": probe_csv(tmp_path / "probe.csv"), "prompts": prompts_jsonl(tmp_path / "p.jsonl", True),
+            "pairs": "self", "heldout": str(tmp_path / "heldout.txt")}
+
+
 def unsupported_checkpoint(path, tokenizer_from) -> str:
     """A tiny CTRL, an architecture transformers knows and TransformerLens' bridge does not."""
     from transformers import AutoTokenizer, CTRLConfig, CTRLLMHeadModel
@@ -116,8 +133,7 @@ def test_an_unsupported_architecture_is_refused_before_any_stage_runs(tmp_path, 
     --only dpo, or [model] bos = tokenizer (no BOS question asked of TransformerLens), nothing else would
     notice before DPO had trained it and record failed."""
     monkeypatch.chdir(tmp_path)
-    data = {"probe": probe_csv(tmp_path / "probe.csv"), "prompts": prompts_jsonl(tmp_path / "p.jsonl", True),
-            "pairs": "self", "heldout": str(tmp_path / "p.jsonl")}
+    data = real_data(tmp_path)
     path = unsupported_checkpoint(tmp_path / "ctrl", tiny_gpt2)
     refused_before_any_stage(tmp_path, capsys, {"run": {"device": "cpu"}, "model": {"path": path, "bos": bos}, "data": data},
                              {}, [f"model '{path}' has an architecture that TransformerLens' bridge does not support"])
@@ -147,8 +163,7 @@ def test_bad_dataset_or_model_exits_with_one_line_and_store_intact(tmp_path, cap
     path = tmp_path / "s.duckdb"
     a_store(path)
     before = digest(path)
-    data = {"probe": probe_csv(tmp_path / "probe.csv"), "prompts": prompts_jsonl(tmp_path / "p.jsonl", True),
-            "pairs": "self", "heldout": str(tmp_path / "p.jsonl")}
+    data = real_data(tmp_path)
     model = str(tiny_gpt2)
     if case == "missing_column":
         data["probe"] = probe_csv(tmp_path / "bad.csv", header="comment_text,label")
@@ -212,6 +227,23 @@ def test_disk_full_inside_a_stage_exits_two_with_the_store_intact(tmp_path, caps
     monkeypatch.setattr(runner, "STAGES", (runner.Stage("world", fake, sections=("world",)),))
     code, err = cli(["run", "--config", world_config(tmp_path, path)], capsys)
     assert code == 2 and "disk is full" in err and "free space and rerun" in err
+    assert digest(path) == before
+
+
+def test_permission_denied_inside_a_stage_is_one_line_with_the_store_intact(tmp_path, capsys, monkeypatch):
+    """A data file of another user, or a .cache made by a container running as root: not a traceback."""
+    path = tmp_path / "s.duckdb"
+    a_store(path)
+    before = digest(path)
+
+    def denied(*_args, **_kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", "/data/train.csv")
+
+    fake = types.ModuleType("fake_world")
+    fake.run, fake.tables, fake.__file__ = denied, lambda out: {}, __file__
+    monkeypatch.setattr(runner, "STAGES", (runner.Stage("world", fake, sections=("world",)),))
+    code, err = cli(["run", "--config", world_config(tmp_path, path)], capsys)
+    assert code == 2 and err.startswith("error: permission denied on /data/train.csv; give this user access"), err
     assert digest(path) == before
 
 
@@ -308,14 +340,25 @@ def refused_before_any_stage(tmp_path, capsys, sections: dict, change: dict, pie
     ({"data": {"f1_samples": "p.jsonl"}}, ["p.jsonl line 1 needs keys prompt and gold"]),
     ({"scorer": {"backend": "perspective"}}, ["PERSPECTIVE_API_KEY", "set it"]),
     ({"scorer": {"backend": "detoxify", "checkpoint": "no.ckpt"}}, ["checkpoint 'no.ckpt' is not a file"]),
+    ({"data": {"pairs": "p.jsonl"}}, ["p.jsonl line 1 needs keys prompt, chosen, rejected"]),
+    ({"data": {"prompts": "unflagged.jsonl"}}, ["no usable prompts flagged challenging (5 without the flag)",
+                                                "challenging_only = false"]),
+    ({"data": {"heldout": "p.jsonl"}}, ["p.jsonl is JSONL, but [data] heldout is plain text", "[data] f1_samples"]),
+    ({"model": {"path": "no-tokenizer"}}, ["model no-tokenizer has no tokenizer files", "tokenizer.save_pretrained"]),
 ])
-def test_a_missing_input_of_a_later_stage_is_refused_before_any_stage_runs(tmp_path, capsys, monkeypatch, tiny_gpt2,
-                                                                           change, pieces):
-    """Probe would run for hours on a real model before pairs, record or intervene found these."""
+def test_a_missing_or_unreadable_input_of_a_later_stage_is_refused_before_any_stage_runs(tmp_path, capsys, monkeypatch,
+                                                                                         tiny_gpt2, change, pieces):
+    """Probe would run for hours on a real model before pairs, record or intervene found these. A checkpoint saved
+    without its tokenizer loads an empty one that tokenizes every text to nothing, and the run went on."""
+    import shutil
+
     monkeypatch.delenv("PERSPECTIVE_API_KEY", raising=False)
     monkeypatch.chdir(tmp_path)
-    data = {"probe": probe_csv(tmp_path / "probe.csv"), "prompts": prompts_jsonl(tmp_path / "p.jsonl", True),
-            "pairs": "self", "heldout": str(tmp_path / "p.jsonl")}
+    data = real_data(tmp_path)
+    prompts_jsonl(tmp_path / "unflagged.jsonl", False)
+    (tmp_path / "no-tokenizer").mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_gpt2 / name, tmp_path / "no-tokenizer")
     refused_before_any_stage(tmp_path, capsys, {"run": {"device": "cpu"}, "model": {"path": str(tiny_gpt2)}, "data": data},
                              change, pieces)
 

@@ -54,6 +54,10 @@ def test_demo_config_loads():
     ("[data]\nheldout = 'self'\n[world]\n", ["[data] heldout = 'self' is for [data] pairs only"]),
     ("[experts]\nmax_examples = 1\n[world]\n", ["[experts] max_examples must be at least 2"]),  # no anti-expert text
     ("[world]\nvocab_size = 100\n", ["[world] vocab_size must be at least 257", "256 bytes and EOS"]),  # BPE made 257
+    ("[pairs]\nmargin = -0.1\n[world]\n", ["[pairs] margin must lie in 0 .. 1"]),
+    ("[pairs]\nmargin = 1.5\n[world]\n", ["[pairs] margin must lie in 0 .. 1"]),  # no pair kept, after sampling them all
+    ("name = 'x'\n[world]\n", ["key name stands before any [section]", "move it under [run]"]),  # was "unknown section [name]"
+    ("seed = 3\n[world]\n", ["key seed stands before any [section]", "[world] or [probe]"]),
 ])
 def test_bad_config_names_key_and_file(tmp_path, text, pieces):
     with pytest.raises(config.ConfigError) as e:
@@ -62,6 +66,29 @@ def test_bad_config_names_key_and_file(tmp_path, text, pieces):
     assert "\n" not in msg
     for piece in pieces:
         assert piece in msg
+
+
+def test_a_byte_order_mark_before_the_config_is_read_through(tmp_path):
+    """Notepad and PowerShell's Out-File write one; it was "not valid TOML at line 1, column 1", where nothing shows."""
+    p = tmp_path / "c.toml"
+    p.write_bytes("\ufeff[world]\nseed = 3\n".encode())
+    assert config.load(p).world.seed == 3
+
+
+def test_paths_from_the_home_folder_are_expanded(tmp_path, monkeypatch):
+    """`~` was kept as written: a store under ./~/, data files and models not found."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = config.load(write(tmp_path, "[run]\nstore = '~/s.duckdb'\ncache_dir = '~/cache'\n[model]\npath = '~/models/gpt2'\n"
+                                      "[data]\nprobe = '~/train.csv'\nprompts = '~/rtp.jsonl'\npairs = '~/pairs.jsonl'\n"
+                                      "heldout = '~/wiki.txt'\nf1_samples = '~/wiki_samples.jsonl'\n"
+                                      "[scorer]\ncheckpoint = '~/detox.ckpt'\n"))
+    home = str(tmp_path)
+    assert (cfg.run.store, cfg.run.cache_dir, cfg.model.path) == (f"{home}/s.duckdb", f"{home}/cache", f"{home}/models/gpt2")
+    assert [getattr(cfg.data, k) for k in ("probe", "prompts", "pairs", "heldout", "f1_samples")] == [
+        f"{home}/{name}" for name in ("train.csv", "rtp.jsonl", "pairs.jsonl", "wiki.txt", "wiki_samples.jsonl")]
+    assert cfg.scorer.checkpoint == f"{home}/detox.ckpt"
+    assert config.load(write(tmp_path, "[model]\npath = 'gpt2-medium'\n[data]\nprompts = 'hf:allenai/real-toxicity-prompts'\n"
+                                       "probe = 'world'\npairs = 'world'\nheldout = 'world'\n[world]\n")).model.path == "gpt2-medium"
 
 
 def test_int_accepted_where_float_expected(tmp_path):
