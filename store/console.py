@@ -4,13 +4,23 @@ Two walls. The first, check_sql, reads the query with DuckDB's own parser and le
 query (SELECT, WITH, FROM, VALUES, TABLE, SHOW, DESCRIBE, SUMMARIZE) whose table functions are on an
 allow-list and which names no file. The second is the connection itself (connect(path, sandbox=True)):
 read-only, no file or network access, no extension loading, capped memory and threads, configuration
-locked. run_user_sql adds a row cap that reports truncation and a time limit that interrupts the query.
+locked. run_user_sql runs the query in a worker process of its own, whose address space is capped and which is
+killed at the time limit, at most SANDBOX_QUERIES at once, and adds a row cap that reports truncation.
 """
 
 from __future__ import annotations
 
 import json
-import threading
+import multiprocessing
+import multiprocessing.connection
+import os
+import queue
+import re
+import resource
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import duckdb
 import polars as pl
@@ -158,56 +168,157 @@ def _first_line(error: BaseException) -> str:
     return lines[0] if lines else type(error).__name__
 
 
+# Each query runs in a process of its own: DuckDB's memory limit does not cover every allocation (SELECT len(range(0,
+# 150000000)) builds a 1.2 GB list in one value, and repeat() a string as large), and interrupt() does not stop their
+# construction, so a thread kept running and growing after the console had given up on it. A process is killed at
+# the time limit, and its address space is capped. It is forked from a dispatcher, a process per slot started once,
+# which costs a fork per query where starting Python and DuckDB would cost 0.3 s. The dispatcher imports DuckDB but
+# never runs it, so no DuckDB lock can be held when it forks; its only other threads are pyarrow's and polars' idle
+# pools, which the worker does not use (pyarrow's allocator and pools reset themselves in a forked child).
+# Above what the worker has mapped once the store is open: DuckDB's memory limit, the result twice (batches and
+# their serialized stream), and room for what DuckDB allocates beside its buffer manager.
+_HEADROOM = 2 * SANDBOX_RESULT_BYTES + 768 * 2**20
+# Queries running at once in this process (every visitor of a hosted app shares it): each may use the limit above.
+SANDBOX_QUERIES = 2
+_SLOTS: queue.LifoQueue = queue.LifoQueue()  # idle dispatchers, the last used on top; None for one not started yet
+for _ in range(SANDBOX_QUERIES):
+    _SLOTS.put(None)
+
+
+def _mapped_bytes() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+
+
+def _memory_bytes(limit: str) -> int:
+    number, unit = re.fullmatch(r"(\d+)\s*([KMGT]?B)", limit.strip().upper()).groups()
+    return int(number) * 1024 ** "BKMGT".index(unit[0])
+
+
+def _work(send, path: str, query: str, max_rows: int) -> None:
+    """In the worker process: run the query, send ("frame", "") and its Arrow stream, or (kind of failure, first line)."""
+    try:
+        con = connect(path, sandbox=True)
+        cap = _mapped_bytes() + _memory_bytes(SANDBOX_MEMORY_LIMIT) + _HEADROOM
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+        # Streamed in small batches and stopped at the byte cap: 10,000 rows of 10 MB strings would otherwise all
+        # reach the app's memory, far past DuckDB's own limit, which does not cover the result.
+        reader = con.sql(query).limit(max_rows + 1).to_arrow_reader(64)
+        batches, size = [], 0
+        for batch in reader:
+            size += batch.nbytes
+            if size > SANDBOX_RESULT_BYTES:
+                send.send(("too_large", ""))
+                return
+            batches.append(batch)
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, reader.schema) as stream:
+            for batch in batches:
+                stream.write_batch(batch)
+        send.send(("frame", ""))
+        send.send_bytes(sink.getvalue())
+    except (duckdb.OutOfMemoryException, MemoryError) as e:
+        send.send(("memory", _first_line(e)))
+    except duckdb.Error as e:
+        send.send(("duckdb", _first_line(e)))
+    except Exception as e:
+        send.send(("other", _first_line(e)))
+
+
+def _dispatch(requests) -> None:
+    """The dispatcher's loop: for each (path, query, max_rows, timeout_s), fork a worker, wait for its answer at most
+    timeout_s, kill it, and pass on ("frame", "") and the stream, (kind of failure, first line) or ("timeout", "")."""
+    # DuckDB's first database in a process costs 20 ms more than later ones; closed, it leaves no thread behind
+    duckdb.connect(":memory:", config={"threads": 1}).close()
+    while True:
+        try:
+            path, query, max_rows, timeout_s = requests.recv()
+        except EOFError:  # the app has ended
+            return
+        receive, send = multiprocessing.Pipe(duplex=False)
+        pid = os.fork()
+        if pid == 0:
+            receive.close()
+            try:
+                _work(send, path, query, max_rows)
+            finally:
+                os._exit(0)
+        send.close()  # the worker holds the other copy: its exit ends the pipe
+        answer, stream = ("timeout", ""), None
+        if receive.poll(timeout_s):
+            try:
+                answer = receive.recv()
+                stream = receive.recv_bytes() if answer[0] == "frame" else None
+            except EOFError:  # killed before it answered: by the address-space cap, past what DuckDB counts
+                answer = ("memory", "")
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        receive.close()
+        requests.send(answer)
+        if stream is not None:
+            requests.send_bytes(stream)
+
+
+def _start_dispatcher() -> tuple[subprocess.Popen, multiprocessing.connection.Connection]:
+    """A dispatcher process and the app's end of its pipe. Started as a plain `python -c`, not by multiprocessing's
+    spawn, which would import the caller's main script again in it (Streamlit's, or a script with no main guard)."""
+    app_end, dispatcher_end = multiprocessing.Pipe()
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r}); "
+            "from multiprocessing.connection import Connection; from store.console import _dispatch; "
+            "_dispatch(Connection(int(sys.argv[1])))")
+    process = subprocess.Popen([sys.executable, "-c", code, str(dispatcher_end.fileno())],
+                               pass_fds=[dispatcher_end.fileno()], stdin=subprocess.DEVNULL)
+    dispatcher_end.close()
+    return process, app_end
+
+
+def _ask(dispatcher, request: tuple, timeout_s: float) -> tuple[tuple[str, str], bytes | None]:
+    process, conn = dispatcher
+    conn.send(request)
+    if not conn.poll(timeout_s + 10):  # the dispatcher answers at timeout_s itself; a stuck one is replaced
+        raise EOFError
+    answer = conn.recv()
+    return answer, conn.recv_bytes() if answer[0] == "frame" else None
+
+
 def run_user_sql(path, sql: str, max_rows: int, timeout_s: float) -> tuple[pl.DataFrame, bool]:
     """Run one untrusted query; return its first max_rows rows and whether there were more.
 
-    Raises SqlRefused for a refused query, bad SQL, a query over timeout_s seconds or over the memory limit."""
+    Raises SqlRefused for a refused query, bad SQL, a query over timeout_s seconds or over the memory limit, and
+    when SANDBOX_QUERIES others are running."""
     query = check_sql(sql)
-    con = connect(path, sandbox=True)
-    outcome: dict = {}
-
-    def work():
-        # The worker owns the connection: it closes it, so a timed-out query never races a close.
-        try:
-            # Streamed in small batches and stopped at the byte cap: 10,000 rows of 10 MB strings would otherwise
-            # all land in the app's memory, far past DuckDB's own limit, which does not cover the result.
-            reader = con.sql(query).limit(max_rows + 1).to_arrow_reader(64)
-            batches, size = [], 0
-            for batch in reader:
-                size += batch.nbytes
-                if size > SANDBOX_RESULT_BYTES:
-                    outcome["too_large"] = True
-                    return
-                batches.append(batch)
-            outcome["frame"] = pl.from_arrow(pa.Table.from_batches(batches, schema=reader.schema))
-        except Exception as e:
-            outcome["error"] = e
-        finally:
-            con.close()
-
-    worker = threading.Thread(target=work, name="sql-console", daemon=True)
-    worker.start()
-    worker.join(timeout_s)
-    timed_out = worker.is_alive()
-    if timed_out:
-        try:
-            con.interrupt()
-        except duckdb.ConnectionException:  # it finished between the join and the interrupt
-            pass
-        worker.join(timeout_s)  # a grace period: DuckDB stops at its next interrupt check
-    error = outcome.get("error")
-    if outcome.get("too_large"):
+    try:
+        dispatcher = _SLOTS.get_nowait()
+    except queue.Empty:
+        raise SqlRefused(f"the console is running {SANDBOX_QUERIES} queries already; run this one again in a few "
+                         "seconds") from None
+    try:
+        dispatcher = dispatcher or _start_dispatcher()
+        (kind, message), stream = _ask(dispatcher, (str(path), query, max_rows, timeout_s), timeout_s)
+    except (EOFError, OSError):  # the dispatcher died (killed from outside, say): start another next time
+        dispatcher[0].kill()
+        dispatcher[0].wait()
+        dispatcher = None
+        kind, message = "ended", ""
+    finally:
+        _SLOTS.put(dispatcher)
+    if kind == "too_large":
         raise SqlRefused(f"the result is larger than the console's {SANDBOX_RESULT_BYTES // 10**6} MB; select fewer "
                          "or shorter columns, aggregate or add a LIMIT")
-    if timed_out or isinstance(error, duckdb.InterruptException):
+    if kind == "timeout":
         raise SqlRefused(f"the query ran longer than the console's {timeout_s:g} s and was stopped; "
                          "filter by run_id, aggregate or add a LIMIT")
-    if isinstance(error, duckdb.OutOfMemoryException):
+    if kind == "memory":
         raise SqlRefused(f"the query needs more than the console's {SANDBOX_MEMORY_LIMIT} of memory; "
                          "filter by run_id, aggregate or add a LIMIT")
-    if isinstance(error, duckdb.Error):
-        raise SqlRefused(f"DuckDB could not run the query: {_first_line(error)}")
-    if error is not None:
-        raise SqlRefused(f"the result cannot be shown ({_first_line(error)}); CAST unusual columns to VARCHAR")
-    frame = outcome["frame"]
+    if kind == "duckdb":
+        raise SqlRefused(f"DuckDB could not run the query: {message}")
+    if kind == "ended":
+        raise SqlRefused("the console's worker process ended before it answered; run the query again")
+    if kind == "other":
+        raise SqlRefused(f"the result cannot be shown ({message}); CAST unusual columns to VARCHAR")
+    try:
+        frame = pl.from_arrow(pa.ipc.open_stream(stream).read_all())
+    except Exception as e:
+        raise SqlRefused(f"the result cannot be shown ({_first_line(e)}); CAST unusual columns to VARCHAR") from None
     return frame.head(max_rows), frame.height > max_rows

@@ -2,6 +2,8 @@
 clear message by each wall on its own, a runaway query is stopped, and the store never changes."""
 
 import hashlib
+import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -242,14 +244,32 @@ def test_sandbox_works_beside_a_plain_reader_of_the_same_file(small_store):
         plain.close()
 
 
+def descendants() -> set[int]:
+    """Live processes below this one (the console's dispatchers and their workers), from /proc."""
+    parent = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # ended while listed
+            continue
+        if fields[0] != "Z":
+            parent[int(stat.parent.name)] = int(fields[1])
+    found, frontier = set(), {os.getpid()}
+    while frontier:
+        frontier = {pid for pid, ppid in parent.items() if ppid in frontier} - found
+        found |= frontier
+    return found
+
+
 def test_runaway_query_is_stopped_with_a_clear_message(small_store):
     path, _ = small_store
-    before, threads = digest(path), threading.active_count()
+    run(path, "SELECT 1 AS x")  # the dispatcher is up
+    before, threads, processes = digest(path), threading.active_count(), descendants()
     start = time.monotonic()
     with pytest.raises(store.SqlRefused, match=r"longer than the console's 0.5 s"):
         run(path, RUNAWAY, timeout_s=0.5)
     assert time.monotonic() - start < 5
-    assert threading.active_count() == threads  # the interrupted worker has ended
+    assert threading.active_count() == threads and descendants() == processes  # the worker has ended
     assert digest(path) == before
     assert run(path, "SELECT 1 AS x")[0]["x"].item() == 1
 
@@ -261,6 +281,54 @@ def test_a_query_over_the_memory_limit_is_refused_not_spilled(small_store):
     with pytest.raises(store.SqlRefused, match=store.SANDBOX_MEMORY_LIMIT):
         run(path, "SELECT length(string_agg(repeat('x', 1000000), '')) FROM range(1200)")
     assert sorted(path.parent.iterdir()) == store_dir
+
+
+@pytest.mark.parametrize("query", ["SELECT len(range(0, 150000000)) AS n", "SELECT length(repeat('ab', 600000000)) AS n"])
+def test_a_single_value_larger_than_the_memory_limit_is_refused_and_nothing_keeps_building_it(small_store, query):
+    """DuckDB's memory limit does not count a list or string built in one value, and interrupt() does not stop its
+    construction: on a thread these ran on, to 7.6 GB, after the console had answered. A worker process is capped
+    and killed."""
+    path, _ = small_store
+    run(path, "SELECT 1 AS x")
+    threads, processes = threading.active_count(), descendants()
+    with pytest.raises(store.SqlRefused, match=f"more than the console's {store.SANDBOX_MEMORY_LIMIT} of memory"):
+        run(path, query, timeout_s=5.0)
+    assert threading.active_count() == threads and descendants() == processes
+    assert run(path, "SELECT 1 AS x")[0]["x"].item() == 1
+
+
+def test_a_dispatcher_killed_from_outside_is_replaced(small_store):
+    """An out-of-memory killer or an operator may end the console's processes; the app stays usable."""
+    path, _ = small_store
+    run(path, "SELECT 1 AS x")
+    for pid in descendants():
+        os.kill(pid, signal.SIGKILL)
+    answers = []
+    for _ in range(store.console.SANDBOX_QUERIES + 1):
+        try:
+            answers.append(run(path, "SELECT 1 AS x")[0]["x"].item())
+        except store.SqlRefused as e:
+            answers.append(str(e))
+    assert answers[-1] == 1 and set(answers[:-1]) <= {1, "the console's worker process ended before it answered; run the "
+                                                          "query again"}
+
+
+def test_queries_beyond_the_consoles_slots_are_refused_until_one_ends(small_store):
+    """Every visitor of a hosted app shares one process: at most SANDBOX_QUERIES queries (and their memory) at once."""
+    path, _ = small_store
+    outcomes = []
+    running = [threading.Thread(target=lambda: outcomes.append(pytest.raises(store.SqlRefused, run, path, RUNAWAY,
+                                                                               timeout_s=3.0)))
+               for _ in range(store.console.SANDBOX_QUERIES)]
+    for t in running:
+        t.start()
+    time.sleep(1.0)
+    with pytest.raises(store.SqlRefused, match=f"running {store.console.SANDBOX_QUERIES} queries already"):
+        run(path, "SELECT 1 AS x")
+    for t in running:
+        t.join()
+    assert len(outcomes) == store.console.SANDBOX_QUERIES and all("longer than" in str(o.value) for o in outcomes)
+    assert run(path, "SELECT 1 AS x")[0]["x"].item() == 1
 
 
 @pytest.mark.parametrize("query", ["SELEC * FROM neurons", "SELECT * FROM no_such_table", "SELECT nope FROM runs"])
