@@ -24,9 +24,17 @@ def store_and_run() -> tuple[str, float, str]:
         st.stop()
     ids = runs["run_id"].to_list()
     names = dict(zip(ids, runs["name"].to_list()))
+    # A shared link names its run (?run=): without it a colleague would see the newest run's neuron of that number.
+    linked = st.query_params.get("run")
+    if "run_id" not in st.session_state and linked is not None:
+        if linked in ids:
+            st.session_state["run_id"] = linked
+        else:
+            st.warning(f"The link's run {linked} is not in this store; showing the newest run instead.")
     if st.session_state.get("run_id") not in ids:
         st.session_state["run_id"] = ids[0]
     run_id = st.sidebar.selectbox("Run", ids, key="run_id", format_func=lambda r: f"{r} · {names[r]}")
+    st.query_params["run"] = run_id
     st.sidebar.caption(f"Store: `{path}`")
     return path, version, run_id
 

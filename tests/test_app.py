@@ -358,6 +358,24 @@ def test_neuron_page_opens_a_shared_link_and_refuses_a_bad_one(two_run_store, ap
         assert (any(warning in w for w in warnings) if warning else not warnings), link
 
 
+def test_a_shared_link_opens_its_own_run_not_the_newest(two_run_store, app_on_path):
+    """A colleague opening ?run=&layer=&neuron= in a new session sees that run's neuron, and the URL of any page
+    names the run it shows; a run the store lacks is said so."""
+    first, second = two_run_store  # second is the newest, the sidebar's default
+    (layer, neuron), = sql("SELECT layer, neuron FROM neurons WHERE run_id = ? AND delta_rank = 5", [first])
+    at = AppTest.from_file(NEURON_PAGE, default_timeout=60)
+    at.query_params.update(run=first, layer=str(layer), neuron=str(neuron))
+    at.run()
+    assert not at.exception and not at.warning
+    assert at.sidebar.selectbox[0].value == first and at.query_params["run"] == first
+    assert (at.number_input(key="layer").value, at.number_input(key="neuron").value) == (layer, neuron)
+    at = AppTest.from_file(str(PAGES / "1_Neuron_groups.py"), default_timeout=60)
+    at.query_params.update(run="20000101-000000-abcdef")
+    at.run()
+    assert any("run 20000101-000000-abcdef is not in this store" in w.value for w in at.warning)
+    assert at.sidebar.selectbox[0].value == second and at.query_params["run"] == second
+
+
 @pytest.fixture
 def compare_store(tiny_run, tmp_path, monkeypatch):
     """The tiny run plus a planted second run: the same neurons with the top 3 by delta moved to the end of
@@ -367,18 +385,19 @@ def compare_store(tiny_run, tmp_path, monkeypatch):
                               lambda n: n.with_columns(((pl.col("delta_rank") - 4) % n.height + 1).alias("delta_rank")))
 
 
-def second_run(tiny_run, tmp_path, monkeypatch, name: str, edit) -> str:
+def second_run(tiny_run, tmp_path, monkeypatch, name: str, edit, model: str | None = None) -> str:
     """A copy of the tiny run's store (STORE points at it) with a run `name` whose neurons are edit(the tiny
-    run's neurons) and whose group shares are the tiny run's."""
+    run's neurons) and whose group shares are the tiny run's; of the tiny run's model unless `model` is given."""
     cfg, run_id = tiny_run
     path = tmp_path / "c.duckdb"
     shutil.copyfile(cfg.run.store, path)
     con = store.connect(path)
     neurons = con.sql("SELECT * EXCLUDE (run_id) FROM neurons WHERE run_id = ?", params=[run_id]).pl()
     groups = con.sql("SELECT * EXCLUDE (run_id) FROM group_summary WHERE run_id = ?", params=[run_id]).pl()
+    (same,), = con.execute("SELECT model FROM runs WHERE run_id = ?", [run_id]).fetchall()
     con.close()
     monkeypatch.setenv("STORE", str(path))
-    return store.write_run(path, run={"name": name, "model": "m", "config": {}, "config_hash": name, "packages": {}},
+    return store.write_run(path, run={"name": name, "model": model or same, "config": {}, "config_hash": name, "packages": {}},
                            stages=[], tables={"neurons": edit(neurons), "group_summary": groups})
 
 
@@ -392,6 +411,19 @@ def test_compare_runs_overlap_of_top_neurons(compare_store, app_on_path):
         at.number_input[0].set_value(k).run()
         assert any(m.value.startswith(f"**{k - 3:,}** neurons are in both top-{k:,} lists") for m in at.markdown)
         assert len(at.dataframe[-1].value) == k + 3
+
+
+def test_compare_runs_of_two_models_of_one_shape_pair_neurons_only_when_asked(tiny_run, tmp_path, monkeypatch, app_on_path):
+    """gpt2-medium and Pythia-410M are both 24 x 4,096: matching shapes do not make neuron i the same neuron."""
+    _, run_id = tiny_run
+    other = second_run(tiny_run, tmp_path, monkeypatch, "other model", lambda n: n, model="EleutherAI/pythia-410m")
+    at = open_page(str(PAGES / "5_Compare_runs.py"), run_id)
+    at.selectbox[0].set_value(other).run()
+    assert not at.exception
+    assert any("base models differ" in c.value and "EleutherAI/pythia-410m" in c.value for c in at.caption)
+    assert not any("neurons are in both" in m.value for m in at.markdown)
+    at.checkbox[0].check().run()
+    assert any(m.value.startswith("**100** neurons are in both top-100 lists") for m in at.markdown)
 
 
 def test_compare_runs_lists_the_settings_that_differ(tiny_run, tmp_path, monkeypatch, app_on_path):

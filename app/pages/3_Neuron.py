@@ -12,7 +12,7 @@ path, version, run_id = store_and_run()
 
 bounds = neuron_bounds(path, version, run_id)
 
-# A neuron arrives by a click on another page, by a shared link (?layer=&neuron=), or from these inputs.
+# A neuron arrives by a click on another page, by a shared link (?run=&layer=&neuron=), or from these inputs.
 if "neuron_pick" in st.session_state:
     st.session_state["layer"], st.session_state["neuron"] = st.session_state.pop("neuron_pick")
 elif "layer" not in st.session_state and "layer" in st.query_params:
@@ -21,7 +21,7 @@ elif "layer" not in st.session_state and "layer" in st.query_params:
         st.session_state["neuron"] = int(st.query_params.get("neuron", 0))
     except ValueError:
         st.session_state.pop("layer", None)
-        st.warning("The link's ?layer=&neuron= are not whole numbers; showing the top neuron instead.")
+        st.warning("The link's layer and neuron are not whole numbers; showing the top neuron instead.")
     else:
         if not bounds["layer_min"] <= st.session_state["layer"] <= bounds["layer_max"]:
             st.warning(f"The link's layer {st.session_state.pop('layer')} is not in this run (layers "

@@ -50,6 +50,13 @@ if (shape_a["layer_max"], shape_a["n_neurons"]) != (shape_b["layer_max"], shape_
                f"in {shape_a['layer_max'] + 1} against {shape_b['layer_max'] + 1} layers): neuron indices do not "
                "correspond, so only the group shares compare.")
     st.stop()
+model = dict(zip(ids, runs["model"].to_list()))
+if model[run_a] != model[run_b]:
+    # Two models of one shape (gpt2-medium and Pythia-410M: 24 x 4,096) would pair unrelated neurons by index.
+    st.caption(f"The runs' base models differ (A: {model[run_a]}, B: {model[run_b]}): neuron i of one is not neuron i "
+               "of the other, so only the group shares compare.")
+    if not st.checkbox("They are one model under two names (a hub name and a local copy, say): compare neurons anyway"):
+        st.stop()
 k = st.number_input("k: top neurons by delta in each run", 1, 100_000, 100, step=50)
 pairs = queries.top_overlap(path, version, run_a, run_b, int(k))
 both = pairs.filter(pairs["top_a"] & pairs["top_b"]).height
