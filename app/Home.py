@@ -39,9 +39,12 @@ if probe:
 for col, row in zip(c[1:3], tox.filter(tox["variant"].is_in(["base", "dpo"])).iter_rows(named=True)):
     col.metric(f"Toxicity, {row['variant']} model", f"{row['toxicity']:.3f}",
                help=f"Mean over {row['n']} continuations ({row['scorer']}); {row['toxic_share']:.0%} above 0.5.")
+# R <= 0: DPO did not lower the MLPs' projection onto the probe, and no neurons carry a reduction (n_for_* are 0)
+reduced = bool(attr) and attr["net_reduction"] > 0
 if attr:
-    c[3].metric("Neurons for 50% of the net reduction", f"{attr['n_for_50']:,}",
-                help=f"of {attr['n_neurons']:,} MLP neurons, largest delta first (the cumulative curve, against R)")
+    c[3].metric("Neurons for 50% of the net reduction", f"{attr['n_for_50']:,}" if reduced else "none",
+                help=f"of {attr['n_neurons']:,} MLP neurons, largest delta first (the cumulative curve, against R)"
+                if reduced else f"R = {attr['net_reduction']:.4f}: DPO did not lower the MLPs' projection onto the probe.")
 
 if attr is None or groups.height == 0:
     st.info("This run has no attribution yet: its pipeline stopped before the `attribute` stage.")
@@ -57,9 +60,14 @@ else:
         st.altair_chart(charts.group_shares(groups), width="stretch")
     with right:
         st.subheader("Cumulative contribution")
-        marks = {"50%": attr["n_for_50"], "75%": attr["n_for_75"], "99%": attr["n_for_99"]}
-        st.altair_chart(charts.cumulative(queries.cumulative(path, version, run_id), marks), width="stretch")
-        st.caption(" · ".join(f"{k} of the net reduction: {v:,} neurons" for k, v in marks.items()))
+        if reduced:
+            marks = {"50%": attr["n_for_50"], "75%": attr["n_for_75"], "99%": attr["n_for_99"]}
+            st.altair_chart(charts.cumulative(queries.cumulative(path, version, run_id), marks), width="stretch")
+            st.caption(" · ".join(f"{k} of the net reduction: {v:,} neurons" for k, v in marks.items()))
+        else:
+            st.info(f"No curve: the net reduction R = {attr['net_reduction']:.4f} is not positive, so DPO did not lower "
+                    "the MLPs' projection onto the probe in this run and no neurons carry a reduction. The group sums "
+                    "in the table below still show which neurons moved it which way.")
     st.dataframe(groups, hide_index=True, width="stretch",
                  column_config={c: st.column_config.NumberColumn(format="percent")
                                 for c in ("share_gross", "share_net", "ci_low", "ci_high")})

@@ -77,7 +77,10 @@ def share(part: float, total: float) -> float:
 
 
 def neurons_needed(delta_sorted: np.ndarray, fraction: float) -> int:
-    """Fewest top neurons (by delta) whose summed delta reaches `fraction` of the net reduction."""
+    """Fewest top neurons (by delta) whose summed delta reaches `fraction` of the net reduction; 0 when there is
+    none (R <= 0: DPO did not lower the MLPs' projection onto the probe), where any first neuron would "reach" it."""
+    if delta_sorted.sum() <= 0:
+        return 0
     reached = np.nonzero(np.cumsum(delta_sorted) >= fraction * delta_sorted.sum())[0]
     return int(reached[0]) + 1 if len(reached) else len(delta_sorted)
 
@@ -145,8 +148,9 @@ def run(out: Path, *, device: str, model: ModelConfig, attribute: AttributeConfi
     rank[order] = np.arange(1, order.size + 1)
     layer, neuron = np.divmod(np.arange(order.size), d_mlp)
     # Stored per neuron so the app draws the curve without a window over every neuron of the run.
-    cum_share = np.empty(order.size)
-    cum_share[order] = np.cumsum(delta.ravel()[order]) / delta.sum()
+    cum_share = np.full(order.size, np.nan)  # a share of no reduction (R <= 0) is NaN, as in share()
+    if delta.sum() > 0:
+        cum_share[order] = np.cumsum(delta.ravel()[order]) / delta.sum()
     table = pl.DataFrame({
         "layer": layer, "neuron": neuron, "cos": cos.ravel(), "act": act.ravel(), "act_dpo": act_dpo.ravel(),
         "proj": proj.ravel(), "proj_dpo": proj_dpo.ravel(), "delta": delta.ravel(), "dact": dact.ravel(),

@@ -104,6 +104,31 @@ def test_home_says_when_the_probe_direction_was_given(two_run_store):
     assert not any("Probe direction" in m.value for m in at.markdown)
 
 
+def test_home_draws_no_cumulative_curve_when_dpo_did_not_lower_the_projection(tiny_run, tmp_path, monkeypatch, app_on_path):
+    """R <= 0 (a DPO that raised the MLPs' projection onto the probe): n_for_* are 0 and cum_share NaN, and the page
+    says why instead of "1 neuron carries 50%" and an upside-down curve."""
+    cfg, run_id = tiny_run
+    path = tmp_path / "up.duckdb"
+    shutil.copyfile(cfg.run.store, path)
+    con = store.connect(path)
+    tables = {t: con.sql(f"SELECT * EXCLUDE (run_id) FROM {t} WHERE run_id = ?", params=[run_id]).pl()
+              for t in ("neurons", "group_summary", "attribution")}
+    con.close()
+    tables["neurons"] = tables["neurons"].with_columns(pl.lit(float("nan")).alias("cum_share"))
+    tables["attribution"] = tables["attribution"].with_columns(pl.lit(-0.25).alias("net_reduction"),
+                                                               *(pl.lit(0).alias(f"n_for_{f}") for f in (50, 75, 99)))
+    up = store.write_run(path, run={"name": "up", "model": "m", "config": {}, "config_hash": "up", "packages": {}},
+                         stages=[], tables=tables)
+    monkeypatch.setenv("STORE", str(path))
+    at = AppTest.from_file(HOME, default_timeout=60).run()
+    assert at.sidebar.selectbox[0].value == up and not at.exception
+    assert next(m for m in at.metric if m.label == "Neurons for 50% of the net reduction").value == "none"
+    assert any("No curve: the net reduction R = -0.2500 is not positive" in i.value for i in at.info)
+    assert not any("of the net reduction:" in c.value for c in at.caption)
+    at.sidebar.selectbox[0].set_value(run_id).run()
+    assert not at.info and any("50% of the net reduction:" in c.value for c in at.caption)
+
+
 def test_toxicity_filter_changes_the_table(two_run_store):
     first, _ = two_run_store
     at = AppTest.from_file(HOME, default_timeout=60).run()

@@ -56,6 +56,9 @@ def test_neurons_needed():
     assert attribute.neurons_needed(np.array([5.0, 3.0, 1.0, 1.0]), 0.5) == 1
     assert attribute.neurons_needed(np.array([5.0, 3.0, 1.0, 1.0]), 0.75) == 2
     assert attribute.neurons_needed(np.array([5.0, 3.0, 1.0, 1.0]), 0.99) == 4
+    # R <= 0: no neurons carry a reduction that did not happen (the first one "reached" a negative target)
+    assert attribute.neurons_needed(np.array([1.0, -2.0, -3.0]), 0.5) == 0
+    assert attribute.neurons_needed(np.array([0.0, 0.0]), 0.5) == 0
 
 
 def fake_record(tmp, act, act_dpo, n_prompts=6, seed=0):
