@@ -204,6 +204,14 @@ def _record_batch(bridge, rows: list[torch.Tensor], T: int, w: torch.Tensor, sum
     return tokens
 
 
+def shard_prompts(n: int, batch_size: int, processes: int) -> list[np.ndarray]:
+    """Prompt indices per process, cut between whole batches: the batches are then those of one process, whose
+    left-padding (and so float sums and greedy tokens) a batch's composition decides, so that the number of
+    processes changes no result (it is in no cache key)."""
+    batches = np.array_split(np.arange(-(-n // batch_size)), min(processes, -(-n // batch_size)))
+    return [np.arange(b[0] * batch_size, min((b[-1] + 1) * batch_size, n)) for b in batches]
+
+
 def shard_device(device: str, i: int) -> str:
     """Shard i's device: on CUDA one GPU per process, round robin; CPU processes share the CPU."""
     return f"cuda:{i % torch.cuda.device_count()}" if device == "cuda" else device
@@ -270,7 +278,7 @@ def run(out: Path, *, device: str, model: ModelConfig, data: DataConfig, record:
     rows = []
     for variant in VARIANTS:
         t0 = time.perf_counter()
-        shards = np.array_split(np.arange(len(prompts)), min(record.processes, len(prompts)))
+        shards = shard_prompts(len(prompts), record.batch_size, record.processes)
         jobs = [(paths[variant], shard_device(device, i), model.dtype, model.bos, [prompts[j] for j in idx], int(idx[0]),
                  w_hat, record, f"record {variant}" + (f" {i + 1}/{len(shards)}" if len(shards) > 1 else ""),
                  out / f"shard{i}_{variant}_") for i, idx in enumerate(shards)]

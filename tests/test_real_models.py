@@ -664,7 +664,8 @@ def test_presets_load_without_a_world_or_a_download(preset):
 def test_record_sharded_over_processes_equals_one_process(tmp_path, arch):
     """[record] processes = 2: two spawned processes record uneven shares of the prompts; the reduced
     result equals one process's (sums weighted by prompt count, per-prompt rows in prompt order), for
-    act_normed too where the model has a norm after its MLP (Gemma 2)."""
+    act_normed too where the model has a norm after its MLP (Gemma 2). Shards are cut between whole batches, so
+    every prompt is generated in the batch it has in one process and its rows are the same to the bit."""
     from tests.conftest import save_planted_pair
 
     if arch == "gpt2":
@@ -691,6 +692,7 @@ def test_record_sharded_over_processes_equals_one_process(tmp_path, arch):
             one, two = (np.load(outs[n] / f"{variant}_{name}.npy") for n in (1, 2))
             assert one.shape == two.shape
             np.testing.assert_allclose(two, one, atol=1e-5)
+        assert np.array_equal(*(np.load(outs[n] / f"{variant}_{per_prompt}.npy") for n in (1, 2)))
     assert sorted(p.name for p in outs[2].iterdir()) == sorted(p.name for p in outs[1].iterdir())  # shard files joined
     assert pl.read_parquet(outs[2] / "continuations.parquet").equals(pl.read_parquet(outs[1] / "continuations.parquet"))
 

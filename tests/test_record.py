@@ -230,8 +230,19 @@ def test_prompt_longer_than_the_context_allows_is_refused(stage):
     assert str(e.value).startswith("prompt 1 ('I think I think") and "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("n, batch_size, processes", [(5, 2, 2), (8, 3, 2), (10, 2, 3), (3, 4, 2), (7, 1, 7), (1, 8, 4)])
+def test_shards_are_cut_between_whole_batches(n, batch_size, processes):
+    """A prompt is batched with the same others whatever the number of processes (its left-padding depends on them)."""
+    shards = record.shard_prompts(n, batch_size, processes)
+    assert np.concatenate(shards).tolist() == list(range(n)) and all(len(s) for s in shards)
+    assert len(shards) == min(processes, -(-n // batch_size))
+    batches = [s[i:i + batch_size].tolist() for s in shards for i in range(0, len(s), batch_size)]
+    assert batches == [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
+
+
 def test_a_too_long_prompt_in_a_later_shard_is_named_by_its_number_among_all_prompts(tiny_gpt2, tmp_path):
-    """Under [record] processes the second shard starts at prompt 2; its too-long prompt is the stage's prompt 3."""
+    """Under [record] processes the second shard starts at prompt 2 (batches of 2); its too-long prompt is the
+    stage's prompt 3."""
     prompts = PROMPTS[:3] + ["I think " * 40]
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": {"text": p}}) + "\n" for p in prompts))
     (tmp_path / "probe").mkdir()
@@ -239,7 +250,7 @@ def test_a_too_long_prompt_in_a_later_shard_is_named_by_its_number_among_all_pro
     with pytest.raises(record.datasets.DataError) as e:
         record.run(tmp_path, device="cpu", model=ModelConfig(path=str(tiny_gpt2)),
                    data=DataConfig(prompts=str(tmp_path / "prompts.jsonl"), challenging_only=False, max_prompts=100),
-                   record=RecordConfig(new_tokens=T, processes=2), world_dir=None, probe_dir=tmp_path / "probe",
+                   record=RecordConfig(new_tokens=T, batch_size=2, processes=2), world_dir=None, probe_dir=tmp_path / "probe",
                    dpo_dir=tmp_path / "dpo")
     assert str(e.value).startswith("prompt 3 ('I think I think")
 
