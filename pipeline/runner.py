@@ -131,6 +131,9 @@ def _source(modules) -> str:
 def cache_keys(cfg: config_mod.Config) -> dict[str, str]:
     keys: dict[str, str] = {}
     loaded = cfg.data.pairs != "self"
+    # Raised pins rerun what they compute: a new transformers or trl trains and generates differently, a new
+    # better-profanity changes the world's lexicon, and the store names the versions each run was made with.
+    packages = package_versions()
     for s in active_stages(cfg):
         upstream = {d: keys[d] for d in s.deps if d in keys}
         if s.name == "dpo" and loaded:  # DPO trains on the pairs' text, which a [scorer] change leaves as it is
@@ -141,6 +144,7 @@ def cache_keys(cfg: config_mod.Config) -> dict[str, str]:
             "code": _source((s.module, *s.code)),
             "config": _hashed_config(cfg, _reads(cfg, s)),
             "upstream": upstream,
+            "packages": packages,
         })
     return keys
 

@@ -140,6 +140,16 @@ def test_world_key_depends_on_world_settings_not_run_name(tmp_path):
     assert runner.cache_keys(renamed)["world"] == base
 
 
+def test_every_key_depends_on_the_package_versions(tmp_path, monkeypatch):
+    """Raised pins (a new transformers, trl or better-profanity) make other results: every stage reruns, where all
+    of them were reported cached and the store named versions that had not made them."""
+    base = runner.cache_keys(tiny_config(tmp_path))
+    versions = runner.package_versions()
+    monkeypatch.setattr(runner, "package_versions", lambda: versions | {"trl": versions["trl"] + ".post1"})
+    bumped = runner.cache_keys(tiny_config(tmp_path))
+    assert set(base) == set(bumped) and all(base[s] != bumped[s] for s in base)
+
+
 class Reads:
     """A config section that notes which of its fields are read."""
 
