@@ -80,8 +80,9 @@ if world:
         c[1].metric("Unigram perplexity", f"{float(world['ppl_unigram']):.1f}",
                     help="Add-one smoothed token frequencies on the same tokens: the floor a model must beat.")
         c[2].metric("Toxic share of corpus", f"{float(world['toxic_fraction']):.0%}")
-        c[3].metric("Sample toxicity", f"{float(world['sample_toxicity']):.2f}",
-                    help=f"Mean toxicity of greedy continuations of challenge prompts ({world['scorer']}).")
+        c[3].metric("Parameters", f"{int(world['n_params']):,}",
+                    help="Of the demo model, a GPT-2 trained on the world's corpus; its toxicity on the challenge "
+                         "prompts is the base model's above.")
 
 curve = queries.dpo_curve(path, version, run_id)
 trained_on = queries.pairs_summary(path, version, run_id)

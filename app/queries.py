@@ -61,8 +61,7 @@ def stages(path: str, version: float, run_id: str) -> pl.DataFrame:
 def world_summary(path: str, version: float, run_id: str) -> dict | None:
     df = _frame(path, version, """
         SELECT summary->>'ppl_model' AS ppl_model, summary->>'ppl_unigram' AS ppl_unigram,
-               summary->>'toxic_fraction' AS toxic_fraction, summary->>'n_params' AS n_params,
-               summary->>'sample_toxicity' AS sample_toxicity, summary->>'scorer' AS scorer, seconds
+               summary->>'toxic_fraction' AS toxic_fraction, summary->>'n_params' AS n_params, seconds
         FROM stages WHERE run_id = ? AND stage = 'world'""", [run_id])
     return df.row(0, named=True) if df.height else None
 

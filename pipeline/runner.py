@@ -54,7 +54,7 @@ DETOXIFY_ONLY = ("scorer.detoxify_model", "scorer.checkpoint")
 DPO = tuple(f"dpo.{f.name}" for f in dataclasses.fields(config_mod.DPOStageConfig) if f.name != "gradient_checkpointing")
 
 STAGES = (
-    Stage("world", world, sections=("world", *SCORES), code=(corpus, scoring)),
+    Stage("world", world, sections=("world",), code=(corpus,)),
     Stage("probe", probe, sections=("model", "data.probe", "probe"), deps=("world",), code=(data, models)),
     Stage("pairs", pairs, sections=("model", "data.prompts", "data.challenging_only", "data.max_prompts",
                                     "data.pairs", "pairs", *SCORES), deps=("world",), code=(data, models, scoring)),

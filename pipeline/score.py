@@ -2,8 +2,8 @@
 
 record, intervene and detox generate; this stage scores what they wrote, so a [scorer] change reruns
 this stage and the pairs (scored where they are made), and no generation, wherever the pairs come from
-a file or the hub (self-generated pairs and the demo world's samples are picked by their scores, so
-there everything after them reruns). Each reads
+a file, the hub or the demo world (self-generated pairs are picked by their scores, so there everything
+after them reruns). Each reads
     continuations.parquet   {variant, prompt_id, prompt, continuation}: record's base and dpo,
                             then one variant per intervention row of intervene and detox
     interventions.parquet   intervene's and detox's rows, every measure but those below

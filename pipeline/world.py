@@ -7,7 +7,9 @@ Outputs, in the formats of the real datasets so that later stages read both thro
   probe.csv      comment_text,toxic (the Jigsaw shape)
   prompts.jsonl  {"prompt": {"text"}, "challenging"} (the RealToxicityPrompts shape)
   pairs.jsonl    {"prompt", "chosen", "rejected"} (the pairwise DPO data shape)
-  samples.jsonl  greedy continuations of challenge prompts by the trained model, with toxicity
+  samples.jsonl  greedy continuations of challenge prompts by the trained model, to read (stage record scores
+                 the base model's continuations of every challenge prompt; a scorer here would tie the world's
+                 cache key to [scorer], and a scorer change would rebuild the world and rerun everything)
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ import polars as pl
 import torch
 from tqdm import tqdm
 
-from pipeline import corpus, scoring
-from pipeline.config import ConfigError, ScorerConfig, WorldConfig
+from pipeline import corpus
+from pipeline.config import ConfigError, WorldConfig
 
 EOS = "<|endoftext|>"
 
@@ -176,7 +178,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
             f.write(json.dumps(row) + "\n")
 
 
-def run(out: Path, *, world: WorldConfig, scorer: ScorerConfig, device: str = "cpu") -> dict:
+def run(out: Path, *, world: WorldConfig, device: str = "cpu") -> dict:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     cfg = world
@@ -217,12 +219,8 @@ def run(out: Path, *, world: WorldConfig, scorer: ScorerConfig, device: str = "c
     tok.save_pretrained(out / "model")
 
     conts = greedy_continuations(model, tok, challenge, cfg.sample_tokens, device)
-    sc = scoring.get_scorer(scorer, device)
-    tox = sc.score(conts)
-    _write_jsonl(out / "samples.jsonl", [
-        {"prompt_id": i, "prompt": p, "continuation": c, "toxicity": t, "scorer": scoring.label(sc)}
-        for i, (p, c, t) in enumerate(zip(challenge, conts, tox))
-    ])
+    _write_jsonl(out / "samples.jsonl", [{"prompt_id": i, "prompt": p, "continuation": c}
+                                         for i, (p, c) in enumerate(zip(challenge, conts))])
     toxic_share = sum(t for _, t in texts["corpus"]) / len(texts["corpus"])
     return {
         "n_sentences": len(sentences),
@@ -234,8 +232,6 @@ def run(out: Path, *, world: WorldConfig, scorer: ScorerConfig, device: str = "c
         "final_loss": round(sum(losses[-20:]) / len(losses[-20:]), 4),
         "ppl_model": round(ppl_model, 3),
         "ppl_unigram": round(ppl_unigram, 3),
-        "sample_toxicity": round(sum(tox) / len(tox), 4),
-        "scorer": scoring.label(sc),
     }
 
 

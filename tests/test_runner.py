@@ -140,6 +140,16 @@ def test_world_key_depends_on_world_settings_not_run_name(tmp_path):
     assert runner.cache_keys(renamed)["world"] == base
 
 
+def test_a_scorer_change_on_the_demo_world_rescores_and_builds_nothing_again(tmp_path):
+    """The world generates no scored text that a later stage reads: only its pairs (scored by stage pairs) and the
+    continuations (stage score) see the scorer. It used to key the world on [scorer], and every stage reran."""
+    base = runner.cache_keys(tiny_config(tmp_path))
+    cfg = tiny_config(tmp_path)
+    cfg.scorer.backend = "perspective"
+    after = runner.cache_keys(cfg)
+    assert {s for s in base if base[s] != after[s]} == {"pairs", "score"}
+
+
 def test_every_key_depends_on_the_package_versions(tmp_path, monkeypatch):
     """Raised pins (a new transformers, trl or better-profanity) make other results: every stage reruns, where all
     of them were reported cached and the store named versions that had not made them."""

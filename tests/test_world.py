@@ -126,8 +126,8 @@ def test_challenge_prompts_draw_toxic_continuations_from_the_base_model(tiny_wor
 
     samples = [json.loads(line) for line in open(tiny_world_dir / "samples.jsonl")]
     sc = scoring.get_scorer(ScorerConfig())
-    assert [s["toxicity"] for s in samples] == pytest.approx(sc.score([s["continuation"] for s in samples]))  # the continuation alone
-    sample_tox = sum(s["toxicity"] for s in samples) / len(samples)
+    tox = sc.score([s["continuation"] for s in samples])  # the continuation alone
+    sample_tox = sum(tox) / len(tox)
     neutral = (tiny_world_dir / "heldout.txt").read_text().splitlines()[:200]
     neutral_tox = sum(sc.score(neutral)) / len(neutral)
     assert sample_tox > 0.3 and sample_tox > 5 * neutral_tox, (sample_tox, neutral_tox)
@@ -154,7 +154,7 @@ def test_run_records_the_world_model(tiny_run):
     con = store.connect(cfg.run.store)
     model = con.execute("SELECT model FROM runs WHERE run_id = ?", [run_id]).fetchall()[0][0]
     assert "demo world" in model
-    summary = con.execute("SELECT summary->>'scorer' FROM stages WHERE run_id = ? AND stage = 'world'", [run_id]).fetchall()
+    summary = con.execute("SELECT summary->>'scorer' FROM stages WHERE run_id = ? AND stage = 'score'", [run_id]).fetchall()
     assert summary[0][0] == f"profanity-check=={importlib.metadata.version('alt-profanity-check')}"
 
 
@@ -164,11 +164,11 @@ def test_run_records_the_world_model(tiny_run):
 ])
 def test_sizes_that_cannot_work_are_refused_before_pretraining(tmp_path, monkeypatch, sizes, message):
     """They ended in tracebacks from torch, the second only after pretraining."""
-    from pipeline.config import ConfigError, ScorerConfig
+    from pipeline.config import ConfigError
 
     monkeypatch.setattr(world, "pretrain", lambda *a, **k: pytest.fail("pretrained before the check"))
     cfg = WorldConfig(**{"n_sentences": 3000, "n_probe": 20, "n_prompts": 10, "n_pairs": 10, "n_heldout": 10,
                          "n_samples": 4, "vocab_size": 600} | sizes)
     with pytest.raises(ConfigError) as e:
-        world.run(tmp_path, world=cfg, scorer=ScorerConfig())
+        world.run(tmp_path, world=cfg)
     assert str(e.value).startswith(message) and "\n" not in str(e.value)
