@@ -50,10 +50,15 @@ if attr is None or groups.height == 0:
     st.info("This run has no attribution yet: its pipeline stopped before the `attribute` stage.")
 else:
     tp = groups.filter(groups["group_code"] == "TP-").row(0, named=True)
-    st.markdown(f"### {tp['share_gross']:.1%} of the reduction comes from dampened toxic neurons (TP-)")
-    st.caption(f"95% interval over prompts: {tp['ci_low']:.1%} to {tp['ci_high']:.1%}. Share of the gross reduction "
-               f"(sum of delta over the four reducing groups, {attr['gross_reduction']:.4f}); the net reduction over all "
-               f"{attr['n_neurons']:,} neurons is {attr['net_reduction']:.4f}. The paper finds 31.8% on gpt2-medium.")
+    if attr["gross_reduction"] > 0:
+        st.markdown(f"### {tp['share_gross']:.1%} of the reduction comes from dampened toxic neurons (TP-)")
+        st.caption(f"95% interval over prompts: {tp['ci_low']:.1%} to {tp['ci_high']:.1%}. Share of the gross reduction "
+                   f"(sum of delta over the four reducing groups, {attr['gross_reduction']:.4f}); the net reduction over "
+                   f"all {attr['n_neurons']:,} neurons is {attr['net_reduction']:.4f}. The paper finds 31.8% on gpt2-medium.")
+    else:  # shares of G are NaN: there is nothing to divide up
+        st.markdown("### No gross reduction: the reducing groups (TP-, TN+, AP+, AN-) did not lower toxicity")
+        st.caption(f"G, the sum of delta over the four reducing groups, is {attr['gross_reduction']:.4f}, so their shares "
+                   f"are empty; the net reduction over all {attr['n_neurons']:,} neurons is {attr['net_reduction']:.4f}.")
     left, right = st.columns(2)
     with left:
         st.subheader("Group shares")

@@ -172,9 +172,9 @@ def _first_line(error: BaseException) -> str:
 # 150000000)) builds a 1.2 GB list in one value, and repeat() a string as large), and interrupt() does not stop their
 # construction, so a thread kept running and growing after the console had given up on it. A process is killed at
 # the time limit, and its address space is capped. It is forked from a dispatcher, a process per slot started once,
-# which costs a fork per query where starting Python and DuckDB would cost 0.3 s. The dispatcher imports DuckDB but
-# never runs it, so no DuckDB lock can be held when it forks; its only other threads are pyarrow's and polars' idle
-# pools, which the worker does not use (pyarrow's allocator and pools reset themselves in a forked child).
+# which costs a fork per query where starting Python and DuckDB would cost 0.3 s. The dispatcher runs DuckDB only
+# to warm it, closed before the first fork, so no DuckDB thread or lock is live when it forks; its only other
+# threads are pyarrow's and polars' idle pools, which the worker does not use.
 # Above what the worker has mapped once the store is open: DuckDB's memory limit, the result twice (batches and
 # their serialized stream), and room for what DuckDB allocates beside its buffer manager.
 _HEADROOM = 2 * SANDBOX_RESULT_BYTES + 768 * 2**20

@@ -106,7 +106,7 @@ def test_home_says_when_the_probe_direction_was_given(two_run_store):
 
 def test_home_draws_no_cumulative_curve_when_dpo_did_not_lower_the_projection(tiny_run, tmp_path, monkeypatch, app_on_path):
     """R <= 0 (a DPO that raised the MLPs' projection onto the probe): n_for_* are 0 and cum_share NaN, and the page
-    says why instead of "1 neuron carries 50%" and an upside-down curve."""
+    says why instead of "1 neuron carries 50%" and an upside-down curve; with G = 0 too, instead of "nan%"."""
     cfg, run_id = tiny_run
     path = tmp_path / "up.duckdb"
     shutil.copyfile(cfg.run.store, path)
@@ -116,7 +116,10 @@ def test_home_draws_no_cumulative_curve_when_dpo_did_not_lower_the_projection(ti
     con.close()
     tables["neurons"] = tables["neurons"].with_columns(pl.lit(float("nan")).alias("cum_share"))
     tables["attribution"] = tables["attribution"].with_columns(pl.lit(-0.25).alias("net_reduction"),
+                                                               pl.lit(0.0).alias("gross_reduction"),
                                                                *(pl.lit(0).alias(f"n_for_{f}") for f in (50, 75, 99)))
+    tables["group_summary"] = tables["group_summary"].with_columns(
+        *(pl.lit(float("nan")).alias(c) for c in ("share_gross", "ci_low", "ci_high")))  # shares of G = 0
     up = store.write_run(path, run={"name": "up", "model": "m", "config": {}, "config_hash": "up", "packages": {}},
                          stages=[], tables=tables)
     monkeypatch.setenv("STORE", str(path))
@@ -125,6 +128,7 @@ def test_home_draws_no_cumulative_curve_when_dpo_did_not_lower_the_projection(ti
     assert next(m for m in at.metric if m.label == "Neurons for 50% of the net reduction").value == "none"
     assert any("No curve: the net reduction R = -0.2500 is not positive" in i.value for i in at.info)
     assert not any("of the net reduction:" in c.value for c in at.caption)
+    assert any("No gross reduction" in m.value for m in at.markdown) and not any("nan%" in m.value for m in at.markdown)
     at.sidebar.selectbox[0].set_value(run_id).run()
     assert not at.info and any("50% of the net reduction:" in c.value for c in at.caption)
 
