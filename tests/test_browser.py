@@ -115,7 +115,7 @@ def test_filter_then_click_a_neuron_into_the_detail_page(page, app_url, tiny_run
     grid.scroll_into_view_if_needed()
     box = grid.bounding_box()
     page.mouse.click(box["x"] + 15, box["y"] + 35 + 17)
-    expect(page).to_have_url(f"{app_url}/Neuron?layer={layer}&neuron={neuron}", timeout=60_000)
+    expect(page).to_have_url(f"{app_url}/Neuron?run={run_id}&layer={layer}&neuron={neuron}", timeout=60_000)
     expect(page.get_by_role("heading", name=f"L{layer}.N{neuron} ")).to_contain_text("group TP-", timeout=60_000)
     settled(page)
     page.screenshot(path=SHOTS / "neuron-detail-after-click.png", full_page=True)

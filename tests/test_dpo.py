@@ -299,9 +299,10 @@ def test_self_pairs_keep_only_separated_samples(tmp_path, base_dir, stub_scorer,
 
 
 def test_self_pairs_with_no_gap_raise_a_one_line_data_error(tmp_path, base_dir, stub_scorer, monkeypatch):
-    monkeypatch.setattr(pairs, "sample_continuations", lambda model, tok, prompts, cfg, device, **_: [SAMPLES[p] for p in prompts])
+    narrow = [SAMPLES["p1"], SAMPLES["p3"]] * 2  # gaps 0.5 and 0
+    monkeypatch.setattr(pairs, "sample_continuations", lambda model, tok, prompts, cfg, device, **_: narrow[:len(prompts)])
     with pytest.raises(DataError, match=r"lower \[pairs\] margin") as e:
-        run_self_pairs(tmp_path, base_dir, margin=1.5)
+        run_self_pairs(tmp_path, base_dir, margin=0.6)
     assert "\n" not in str(e.value)
 
 
