@@ -61,6 +61,22 @@ def _bridge_keeps_no_pattern() -> None:
     JointQKVAttentionBridge._process_output = _process_output
 
 
+def _bridge_installs_nothing() -> None:
+    """transformer-lens 4.3 pip-installs torchvision into the running environment when a multimodal checkpoint's
+    processor does not load (Gemma 3 from 4B), and with it another torch (a CUDA build of several GB over the
+    pinned CPU wheel), in the middle of a run. The stages feed text only and need no processor: go without it."""
+    from transformer_lens.model_bridge.sources.transformers import helpers
+
+    def _ensure_torchvision() -> bool:
+        try:
+            import torchvision  # noqa: F401
+        except Exception:
+            return False
+        return True
+
+    helpers._ensure_torchvision = _ensure_torchvision
+
+
 def load_bridge(path: str, device: str, dtype: str = "float32"):
     """A TransformerLens v4 bridge around the HF model at `path` (hub name or local folder), in eval mode,
     weights in `dtype` (a name of [model] dtype)."""
@@ -68,6 +84,7 @@ def load_bridge(path: str, device: str, dtype: str = "float32"):
 
     _bridge_reads_the_kv_cache()
     _bridge_keeps_no_pattern()
+    _bridge_installs_nothing()
     try:
         bridge = TransformerBridge.boot_transformers(path, device=device, dtype=getattr(torch, dtype))
     except (OSError, ValueError) as e:

@@ -24,6 +24,7 @@ import os
 import random
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -613,6 +614,26 @@ def test_stream_windows_start_with_a_bos_that_is_not_the_end_of_text(tmp_path):
     with torch.no_grad():
         nll = sum(float(torch.nn.functional.cross_entropy(hf(w[None]).logits[0, :-1], w[1:], reduction="sum")) for w in windows)
     assert intervene.perplexity(bridge, windows, 4, []) == pytest.approx(np.exp(nll / len(text)), rel=1e-4)
+
+
+def test_loading_a_multimodal_checkpoint_installs_nothing(tmp_path, monkeypatch):
+    """transformer-lens pip-installs torchvision when a multimodal checkpoint's processor does not load, which
+    put a CUDA torch over the pinned CPU one in the middle of `make test`. With torchvision missing, the bridge
+    loads (text only) and nothing is run."""
+    import subprocess
+
+    from pipeline.models import load_bridge
+
+    tok = tokenizer()
+    torch.manual_seed(0)
+    tiny_gemma3_multimodal(tok).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    ran = []
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # import torchvision raises ImportError
+    monkeypatch.setattr(subprocess, "check_call", lambda *a, **k: ran.append(a) or 0)
+    bridge = load_bridge(str(tmp_path), DEVICE)
+    assert ran == []
+    assert bridge.to_tokens(PROMPTS[0]).shape[-1] > 1
 
 
 def test_dtype_reaches_the_weights_and_unknown_ones_are_refused(tmp_path):
