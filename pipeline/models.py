@@ -159,7 +159,7 @@ def check_supported(path: str) -> None:
     # but BOS, and the run goes on to a probe of noise.
     if Path(path).is_dir() and not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
         raise DataError(f"model {path} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); save the tokenizer "
-                          f"beside the weights (tokenizer.save_pretrained({str(path)!r}))")
+                        f"beside the weights (tokenizer.save_pretrained({str(path)!r}))")
 
 
 def prepends_bos(config) -> bool:

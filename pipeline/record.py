@@ -208,8 +208,9 @@ def shard_prompts(n: int, batch_size: int, processes: int) -> list[np.ndarray]:
     """Prompt indices per process, cut between whole batches: the batches are then those of one process, whose
     left-padding (and so float sums and greedy tokens) a batch's composition decides, so that the number of
     processes changes no result (it is in no cache key)."""
-    batches = np.array_split(np.arange(-(-n // batch_size)), min(processes, -(-n // batch_size)))
-    return [np.arange(b[0] * batch_size, min((b[-1] + 1) * batch_size, n)) for b in batches]
+    n_batches = -(-n // batch_size)
+    return [np.arange(b[0] * batch_size, min((b[-1] + 1) * batch_size, n))
+            for b in np.array_split(np.arange(n_batches), min(processes, n_batches))]
 
 
 def shard_device(device: str, i: int) -> str:
