@@ -273,7 +273,7 @@ def _start_dispatcher() -> tuple[subprocess.Popen, multiprocessing.connection.Co
 
 
 def _ask(dispatcher, request: tuple, timeout_s: float) -> tuple[tuple[str, str], bytes | None]:
-    process, conn = dispatcher
+    _, conn = dispatcher
     conn.send(request)
     if not conn.poll(timeout_s + 10):  # the dispatcher answers at timeout_s itself; a stuck one is replaced
         raise EOFError
@@ -295,9 +295,10 @@ def run_user_sql(path, sql: str, max_rows: int, timeout_s: float) -> tuple[pl.Da
     try:
         dispatcher = dispatcher or _start_dispatcher()
         (kind, message), stream = _ask(dispatcher, (str(path), query, max_rows, timeout_s), timeout_s)
-    except (EOFError, OSError):  # the dispatcher died (killed from outside, say): start another next time
-        dispatcher[0].kill()
-        dispatcher[0].wait()
+    except (EOFError, OSError):  # the dispatcher died (killed from outside, say) or did not start: another next time
+        if dispatcher:
+            dispatcher[0].kill()
+            dispatcher[0].wait()
         dispatcher = None
         kind, message = "ended", ""
     finally:
