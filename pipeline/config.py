@@ -62,7 +62,9 @@ DTYPES = ("float32", "bfloat16", "float16")
 class ModelConfig:
     """The base model M."""
 
-    path: str = _f("world", "'world' for the demo model built by stage world; else a hub name or local HF checkpoint.")
+    path: str = _f("world", "'world' for the demo model built by stage world; else a hub name or local HF checkpoint. "
+                   "NAME@REVISION pins a hub model to a commit, tag or branch (gpt2-medium@<commit>): a repository can take "
+                   "new weights under its name, and an unpinned name reruns nothing when it does.")
     dtype: str = _f("float32", "Weights and activations of the inference stages: float32, bfloat16 or float16 "
                     "(GPU; sums stay float32). DPO trains in float32; M' loaded in bfloat16 loses each weight change "
                     "below 0.2 to 0.4% of the weight, which a small [dpo] lr makes, so record it in float32.")
@@ -73,6 +75,9 @@ class ModelConfig:
 
     def __post_init__(self):
         _home(self, "path")
+        name, at, revision = self.path.rpartition("@")
+        if at and not (name and revision) and not Path(self.path).exists():
+            raise ValueError(f"path {self.path!r} names no revision; write NAME@REVISION (a commit, tag or branch) or NAME alone")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
         if self.bos not in ("transformerlens", "tokenizer"):
@@ -159,7 +164,7 @@ class WorldConfig:
 class DataConfig:
     """Where the datasets come from: 'world' for the demo world's files, else a local file."""
 
-    probe: str = _f("world", "Probe data: a CSV with columns comment_text, toxic (Jigsaw's train.csv), a hub dataset hf:NAME[:CONFIG[:SPLIT]] with those columns, or 'world'.")
+    probe: str = _f("world", "Probe data: a CSV with columns comment_text, toxic (Jigsaw's train.csv), a hub dataset hf:NAME[@REVISION][:CONFIG[:SPLIT]] with those columns, or 'world'.")
     prompts: str = _f("world", "Challenge prompts: RealToxicityPrompts-style JSONL ({prompt: {text}, challenging}), hf:allenai/real-toxicity-prompts, or 'world'.")
     pairs: str = _f("world", "Preference pairs: JSONL with prompt, chosen, rejected (or hf:NAME with those columns); 'world'; or 'self' to generate best-of-K.")
     heldout: str = _f("world", "Held-out text for perplexity and F1, one passage per line (WikiText-2 style), hf:Salesforce/wikitext:wikitext-2-raw-v1:test, or 'world'.")

@@ -68,17 +68,21 @@ def local_hub_folder(value: str) -> Path | None:
 
 
 def from_hub(kind: str, value: str) -> Path:
-    """`hf:NAME[:CONFIG[:SPLIT]]` (split default train), loaded with `datasets.load_dataset` and written
-    once to a file in the format of `kind` under the datasets cache, so that one loader reads hub and
-    local data alike. NAME may also be a local folder of data files, which is how the tests reach it."""
+    """`hf:NAME[@REVISION][:CONFIG[:SPLIT]]` (split default train, revision the newest), loaded with
+    `datasets.load_dataset` and written once to a file in the format of `kind` under the datasets cache, so
+    that one loader reads hub and local data alike. NAME may also be a local folder of data files, which
+    is how the tests reach it."""
     import datasets
 
     name, config, split = (value[len(HUB):].split(":") + ["", ""])[:3]
-    if not name:
-        raise DataError(f"[data] {kind} = {value!r} names no dataset; write hf:NAME[:CONFIG[:SPLIT]]")
+    local = local_hub_folder(value)
+    revision = None
+    if "@" in name and not local:
+        name, _, revision = name.rpartition("@")
+    if not name or revision == "":
+        raise DataError(f"[data] {kind} = {value!r} names no dataset; write hf:NAME[@REVISION][:CONFIG[:SPLIT]]")
     # Named by what it holds: the readable part alone would give hf:a/b and hf:a_b one file, and a local
     # folder's file would outlive an edit of the folder.
-    local = local_hub_folder(value)
     held = hashlib.sha256(json.dumps([kind, value, local and [str(local.resolve()), stamp(local)]]).encode()).hexdigest()[:12]
     out = Path(datasets.config.HF_DATASETS_CACHE) / "dpo-neurons" / f"v{HUB_FORMAT}" / (
         re.sub(r"[^A-Za-z0-9._-]+", "_", f"{name}_{config}_{split or 'train'}_{held}") + Path(WORLD_FILES[kind]).suffix)
@@ -86,7 +90,7 @@ def from_hub(kind: str, value: str) -> Path:
     if out.is_file():
         return out
     try:
-        ds = datasets.load_dataset(name, config or None, split=split or "train")
+        ds = datasets.load_dataset(name, config or None, split=split or "train", revision=revision)
     except Exception as e:  # the hub raises many types: offline, gated, unknown name or split
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         raise DataError(f"[data] {kind} = {value!r} could not be loaded ({first}); "

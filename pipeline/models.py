@@ -4,6 +4,7 @@ world's model take exactly the same path."""
 from __future__ import annotations
 
 import gc
+import os
 from pathlib import Path
 
 import torch
@@ -11,13 +12,22 @@ import torch
 from pipeline.data import DataError
 
 
+def hub_revision(path: str) -> tuple[str, str | None]:
+    """(name, revision) of a model path: NAME@REVISION pins a hub model to a commit, tag or branch, so that a
+    rerun or a colleague loads the weights this run had, where a hub repository can take new weights under
+    the same name. A local folder has none, even one with @ in its name."""
+    name, at, revision = path.rpartition("@")
+    return (path, None) if not at or os.path.exists(path) else (name, revision)
+
+
 def _load_error(path: str, e: Exception) -> DataError:
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     if first.startswith("Could not determine supported architecture"):
         return DataError(f"model {path!r} has an architecture that TransformerLens' bridge does not support; choose "
                          "a model of one it does (GPT-2, GPT-NeoX, Llama, Qwen2, Gemma, Mistral, ...)")
+    reach = "a hub name and revision" if hub_revision(path)[1] else "a hub name"
     return DataError(f"model {path!r} could not be loaded ({first[:160]}); give a local HF checkpoint "
-                     "folder or a hub name this machine can reach")
+                     f"folder or {reach} this machine can reach")
 
 
 def _bridge_reads_the_kv_cache() -> None:
@@ -85,10 +95,12 @@ def load_bridge(path: str, device: str, dtype: str = "float32"):
     _bridge_reads_the_kv_cache()
     _bridge_keeps_no_pattern()
     _bridge_installs_nothing()
+    name, revision = hub_revision(path)
     try:
-        bridge = TransformerBridge.boot_transformers(path, device=device, dtype=getattr(torch, dtype))
+        bridge = TransformerBridge.boot_transformers(name, device=device, dtype=getattr(torch, dtype), revision=revision)
     except (OSError, ValueError) as e:
         raise _load_error(path, e) from None
+    bridge.original_model.name_or_path = path  # what load_tokenizer reloads from it: the pinned revision too
     bridge.eval()
     if bridge.tokenizer.pad_token is None:
         bridge.tokenizer.pad_token = bridge.tokenizer.eos_token
@@ -100,8 +112,9 @@ def load_tokenizer(path: str):
     GPT-2, where the bridge's tokenizer prepends one."""
     from transformers import AutoTokenizer
 
+    name, revision = hub_revision(path)
     try:
-        tok = AutoTokenizer.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(name, revision=revision)
     except (OSError, ValueError) as e:
         raise _load_error(path, e) from None
     if tok.pad_token is None:
@@ -114,8 +127,9 @@ def load_hf(path: str, device: str | None = None, dtype: str = "float32"):
     from transformers import AutoModelForCausalLM
 
     tok = load_tokenizer(path)
+    name, revision = hub_revision(path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=getattr(torch, dtype), revision=revision)
     except (OSError, ValueError) as e:
         raise _load_error(path, e) from None
     if getattr(model.config, "vision_config", None) is not None:
@@ -151,13 +165,14 @@ def check_supported(path: str) -> None:
     from transformer_lens.model_bridge.sources._hf_format import determine_architecture_from_hf_config
     from transformers import AutoConfig
 
+    name, revision = hub_revision(path)
     try:
-        determine_architecture_from_hf_config(AutoConfig.from_pretrained(path))
+        determine_architecture_from_hf_config(AutoConfig.from_pretrained(name, revision=revision))
     except (OSError, ValueError) as e:
         raise _load_error(path, e) from None
     # Without them transformers builds an empty tokenizer from the config alone, every text tokenizes to nothing
     # but BOS, and the run goes on to a probe of noise.
-    if Path(path).is_dir() and not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
+    if Path(path).is_dir() and not any((Path(path) / f).is_file() for f in TOKENIZER_FILES):
         raise DataError(f"model {path} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); save the tokenizer "
                         f"beside the weights (tokenizer.save_pretrained({str(path)!r}))")
 

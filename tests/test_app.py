@@ -415,11 +415,13 @@ def compare_store(tiny_run, tmp_path, monkeypatch):
 
 
 def second_run(tiny_run, tmp_path, monkeypatch, name: str, edit, model: str | None = None) -> str:
-    """A copy of the tiny run's store (STORE points at it) with a run `name` whose neurons are edit(the tiny
-    run's neurons) and whose group shares are the tiny run's; of the tiny run's model unless `model` is given."""
+    """A copy of the tiny run's store (STORE points at it; made once per test, so that runs add up) with a run
+    `name` whose neurons are edit(the tiny run's neurons) and whose group shares are the tiny run's; of the tiny
+    run's model unless `model` is given."""
     cfg, run_id = tiny_run
     path = tmp_path / "c.duckdb"
-    shutil.copyfile(cfg.run.store, path)
+    if not path.exists():
+        shutil.copyfile(cfg.run.store, path)
     con = store.connect(path)
     neurons = con.sql("SELECT * EXCLUDE (run_id) FROM neurons WHERE run_id = ?", params=[run_id]).pl()
     groups = con.sql("SELECT * EXCLUDE (run_id) FROM group_summary WHERE run_id = ?", params=[run_id]).pl()
@@ -453,6 +455,22 @@ def test_compare_runs_of_two_models_of_one_shape_pair_neurons_only_when_asked(ti
     assert not any("neurons are in both" in m.value for m in at.markdown)
     at.checkbox[0].check().run()
     assert any(m.value.startswith("**100** neurons are in both top-100 lists") for m in at.markdown)
+
+
+def test_compare_runs_pairs_neurons_of_two_revisions_of_one_model(tiny_run, tmp_path, monkeypatch, app_on_path):
+    """NAME@REVISION: two commits of one repository pair their neurons by index without being asked, and say so;
+    another repository pinned to a revision is another model."""
+    _, run_id = tiny_run
+    runs = {m: second_run(tiny_run, tmp_path, monkeypatch, m, lambda n: n, model=m)
+            for m in ("acme/tiny@" + "1" * 40, "acme/tiny@v2", "acme/other@v2")}
+    at = open_page(str(PAGES / "5_Compare_runs.py"), runs["acme/tiny@" + "1" * 40])
+    at.selectbox[0].set_value(runs["acme/tiny@v2"]).run()
+    assert not at.exception and not at.checkbox
+    assert any("two revisions of one model" in c.value and "acme/tiny@v2" in c.value for c in at.caption)
+    assert any(m.value.startswith("**100** neurons are in both top-100 lists") for m in at.markdown)
+    at.selectbox[0].set_value(runs["acme/other@v2"]).run()
+    assert any("base models differ" in c.value for c in at.caption)
+    assert not any("neurons are in both" in m.value for m in at.markdown)
 
 
 def test_compare_runs_lists_the_settings_that_differ(tiny_run, tmp_path, monkeypatch, app_on_path):

@@ -220,6 +220,29 @@ def test_hub_dataset_goes_through_the_same_loaders(hub_cache):
     assert "no 'text' column" in one_line(e)
 
 
+def test_a_hub_dataset_pinned_to_a_revision_is_loaded_at_it(hub_cache, monkeypatch):
+    """hf:NAME@REVISION hands the revision to load_dataset, and each revision is written to its own file: a
+    file written for the newest rows is not read back for a pinned commit. (datasets reads no hub snapshot
+    offline, so the hub stands in here as a function of name and revision.)"""
+    import datasets
+
+    calls = []
+
+    def load_dataset(name, config=None, split=None, revision=None):
+        calls.append((name, config, split, revision))
+        rows = [{"prompt": {"text": f"{revision or 'newest'} {i}"}, "challenging": True} for i in range(2)]
+        return datasets.Dataset.from_list(rows)
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    newest = data.load_prompts(data.resolve("prompts", "hf:acme/rtp", None), True, 10)
+    pinned = data.load_prompts(data.resolve("prompts", "hf:acme/rtp@v1.2:default:train", None), True, 10)
+    assert (newest, pinned) == (["newest 0", "newest 1"], ["v1.2 0", "v1.2 1"])
+    assert calls == [("acme/rtp", None, "train", None), ("acme/rtp", "default", "train", "v1.2")]
+    with pytest.raises(DataError) as e:
+        data.resolve("prompts", "hf:acme/rtp@", None)
+    assert "names no dataset" in one_line(e) and "hf:NAME[@REVISION]" in one_line(e)
+
+
 def test_hub_comments_keep_their_carriage_returns_and_labels(hub_cache):
     """A Jigsaw-style hub dataset whose comment holds a lone carriage return: written out and read back, every
     row keeps its text and its label."""

@@ -636,6 +636,41 @@ def test_loading_a_multimodal_checkpoint_installs_nothing(tmp_path, monkeypatch)
     assert bridge.to_tokens(PROMPTS[0]).shape[-1] > 1
 
 
+def test_a_hub_model_pinned_to_a_revision_loads_that_commit_through_every_loader(tmp_path, monkeypatch):
+    """NAME@REVISION through the hub's own code path, offline: a hub cache holding two commits of one repository,
+    main at the first. A bare name loads main; a pinned one loads its commit in transformers, in the bridge and
+    in the tokenizer reloaded from the bridge, which must carry the revision: main is then taken away."""
+    from tests.conftest import save_tiny_gpt2
+
+    from pipeline import models
+    from pipeline.data import DataError
+
+    repo = tmp_path / "hub" / "models--acme--tiny"
+    first, second = "1" * 40, "2" * 40
+    for seed, commit in enumerate((first, second)):
+        save_tiny_gpt2(repo / "snapshots" / commit, seed=seed)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(first)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)  # read once at import: the variable is too late
+    weights = {c: AutoModelForCausalLM.from_pretrained(repo / "snapshots" / c).lm_head.weight for c in (first, second)}
+    assert not torch.equal(weights[first], weights[second])
+
+    assert torch.equal(models.load_hf("acme/tiny")[0].lm_head.weight, weights[first])
+    assert torch.equal(models.load_hf(f"acme/tiny@{second}")[0].lm_head.weight, weights[second])
+    models.check_supported(f"acme/tiny@{second}")
+    with pytest.raises(DataError) as e:
+        models.check_supported("acme/tiny@" + "f" * 40)
+    assert "\n" not in str(e.value) and "could not be loaded" in str(e.value) and "a hub name and revision" in str(e.value)
+
+    (repo / "refs" / "main").unlink()
+    bridge = models.load_bridge(f"acme/tiny@{second}", DEVICE)
+    assert torch.equal(bridge.original_model.lm_head.weight.cpu(), weights[second])
+    assert models.bridge_prepends_bos(bridge, "tokenizer") is False  # GPT-2's tokenizer adds none
+    with pytest.raises(DataError):
+        models.load_tokenizer("acme/tiny")  # what the reload above would have been without the revision
+
+
 def test_dtype_reaches_the_weights_and_unknown_ones_are_refused(tmp_path):
     from pipeline.config import ConfigError
     from pipeline.models import load_bridge

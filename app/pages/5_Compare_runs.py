@@ -51,7 +51,12 @@ if (shape_a["layer_max"], shape_a["n_neurons"]) != (shape_b["layer_max"], shape_
                "correspond, so only the group shares compare.")
     st.stop()
 model = dict(zip(ids, runs["model"].to_list()))
-if model[run_a] != model[run_b]:
+# NAME@REVISION: commits of one repository (a training checkpoint, a re-upload) keep neuron i where it was
+repo = {r: m.rpartition("@")[0] or m for r, m in model.items()}
+if repo[run_a] == repo[run_b] and model[run_a] != model[run_b]:
+    st.caption(f"The runs load two revisions of one model (A: {model[run_a]}, B: {model[run_b]}): neuron i is the "
+               "same unit in both, with the weights each revision gives it.")
+if repo[run_a] != repo[run_b]:
     # Two models of one shape (gpt2-medium and Pythia-410M: 24 x 4,096) would pair unrelated neurons by index.
     st.caption(f"The runs' base models differ (A: {model[run_a]}, B: {model[run_b]}): neuron i of one is not neuron i "
                "of the other, so only the group shares compare.")
