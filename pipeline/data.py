@@ -55,9 +55,11 @@ def local_file(kind: str, value: str) -> Path:
 
 
 def stamp(path: Path) -> list:
-    """[name within path, size, mtime] of a file, or of every file in a folder: a file replaced at the same
-    path changes it."""
-    files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+    """[name within path, size, mtime] of a file, or of every file in a folder but hidden ones: a file replaced
+    at the same path changes it. A model cloned with git keeps .git/ inside, which a fetch touches, and what
+    transformers and load_dataset read is never hidden."""
+    files = sorted(f for f in path.rglob("*") if f.is_file() and not any(
+        part.startswith(".") for part in f.relative_to(path).parts)) if path.is_dir() else [path]
     return [[str(f.relative_to(path)) if path.is_dir() else "", f.stat().st_size, f.stat().st_mtime_ns] for f in files]
 
 

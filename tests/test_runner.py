@@ -291,6 +291,17 @@ def test_a_file_replaced_at_the_same_path_reruns_what_read_it(tmp_path, replaced
     assert changed(before, runner.cache_keys(real_model_config(tmp_path))) == reruns
 
 
+def test_hidden_files_in_a_model_folder_rerun_nothing(tmp_path):
+    """A model cloned from the hub with git keeps .git/ inside, which a fetch rewrites: no loader reads it."""
+    before = runner.cache_keys(real_model_config(tmp_path))
+    for hidden in (".git/FETCH_HEAD", ".cache/huggingface/download/model.safetensors.metadata", ".gitattributes"):
+        (tmp_path / "model" / hidden).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "model" / hidden).write_text("touched\n")
+    assert runner.cache_keys(real_model_config(tmp_path)) == before
+    (tmp_path / "model" / "config.json").write_text("{}\n")
+    assert "probe" in changed(before, runner.cache_keys(real_model_config(tmp_path)))
+
+
 def test_an_edit_of_a_local_folder_given_as_hf_reruns_what_read_it(tmp_path):
     """hf:FOLDER (load_dataset on local data files) is stamped like a local file; a hub name is not."""
     (tmp_path / "rtp").mkdir()
