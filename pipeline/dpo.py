@@ -66,8 +66,10 @@ def run(out: Path, *, device: str, model: ModelConfig, dpo: DPOStageConfig, worl
         **models.trainer_args(out, device) | {"activation_checkpointing": dpo.gradient_checkpointing},
     )
     pairs = preference_dataset(pairs_dir / "pairs.jsonl", models.bos_prefix(tok, policy.config, model.bos))
-    # ref_model=None: trl reloads the policy's checkpoint as the frozen reference, i.e. the base model
-    trainer = DPOTrainer(model=policy, args=args, train_dataset=pairs, processing_class=tok)
+    # The frozen reference is the base model loaded again. trl would reload it from the policy's config, which
+    # names the repository without the revision a NAME@REVISION path pins: its newest weights, not the policy's.
+    reference, _ = models.load_hf(path)
+    trainer = DPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=pairs, processing_class=tok)
     dropped = len(pairs) - len(trainer.train_dataset)  # trl drops a pair whose prompt alone fills max_length
     if dropped == len(pairs):
         raise ConfigError(f"every pair's prompt fills [dpo] max_length = {dpo.max_length} tokens, so no pair is left to "

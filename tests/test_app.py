@@ -459,10 +459,9 @@ def test_compare_runs_of_two_models_of_one_shape_pair_neurons_only_when_asked(ti
 
 def test_compare_runs_pairs_neurons_of_two_revisions_of_one_model(tiny_run, tmp_path, monkeypatch, app_on_path):
     """NAME@REVISION: two commits of one repository pair their neurons by index without being asked, and say so;
-    another repository pinned to a revision is another model."""
-    _, run_id = tiny_run
+    another repository pinned to a revision is another model, and so is a local folder with @ in its path."""
     runs = {m: second_run(tiny_run, tmp_path, monkeypatch, m, lambda n: n, model=m)
-            for m in ("acme/tiny@" + "1" * 40, "acme/tiny@v2", "acme/other@v2")}
+            for m in ("acme/tiny@" + "1" * 40, "acme/tiny@v2", "acme/other@v2", "/home/jo@corp/a", "/home/jo@corp/b")}
     at = open_page(str(PAGES / "5_Compare_runs.py"), runs["acme/tiny@" + "1" * 40])
     at.selectbox[0].set_value(runs["acme/tiny@v2"]).run()
     assert not at.exception and not at.checkbox
@@ -471,6 +470,9 @@ def test_compare_runs_pairs_neurons_of_two_revisions_of_one_model(tiny_run, tmp_
     at.selectbox[0].set_value(runs["acme/other@v2"]).run()
     assert any("base models differ" in c.value for c in at.caption)
     assert not any("neurons are in both" in m.value for m in at.markdown)
+    at = open_page(str(PAGES / "5_Compare_runs.py"), runs["/home/jo@corp/a"])
+    at.selectbox[0].set_value(runs["/home/jo@corp/b"]).run()
+    assert any("base models differ" in c.value for c in at.caption) and at.checkbox
 
 
 def test_compare_runs_lists_the_settings_that_differ(tiny_run, tmp_path, monkeypatch, app_on_path):

@@ -127,6 +127,37 @@ def test_the_configured_optimizer_takes_the_step(base_dir, tmp_path, optimizer, 
     assert moved.median().item() / lr == pytest.approx(step_over_lr, rel=0.1)
 
 
+def test_the_frozen_reference_is_the_pinned_revision(base_dir, tmp_path, monkeypatch):
+    """[model] path = NAME@REVISION: DPO's reference is the policy's own commit, not the repository's newest, which
+    trl reloads when it builds the reference from the policy's bare name. Before the first update the two agree:
+    every reward is 0 and the loss log 2. The repository is a hub cache read offline, main at other weights."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    repo = tmp_path / "hub" / "models--acme--tiny"
+    newest, pinned = "1" * 40, "2" * 40
+    shutil.copytree(base_dir, repo / "snapshots" / pinned)
+    shutil.copytree(base_dir, repo / "snapshots" / newest)
+    other = AutoModelForCausalLM.from_pretrained(base_dir)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.normal_(0.0, 0.1)
+    other.save_pretrained(repo / "snapshots" / newest)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(newest)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)  # read once at import: the variable is too late
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in TRAIN[:8]))
+    cfg = DPOStageConfig(lr=1e-4, epochs=1.0, batch_size=8, max_length=32)
+    dpo.run(tmp_path / "out", device="cpu", model=ModelConfig(path=f"acme/tiny@{pinned}"), dpo=cfg, world_dir=None,
+            pairs_dir=tmp_path)
+    first = json.loads((tmp_path / "out" / "curve.jsonl").read_text().splitlines()[0])
+    assert (first["chosen_reward"], first["rejected_reward"]) == (0.0, 0.0)
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-4)
+
+
 def test_accumulated_and_checkpointed_steps_train_the_same_weights(base_dir, tmp_path, monkeypatch):
     """Two optimizer steps of 8 pairs, taken as 8 pairs per pass, as 2 x 4 accumulated, and with gradient
     checkpointing: plain SGD (a step linear in the gradient) ends at the same weights, so accumulation

@@ -1,10 +1,20 @@
 """Two runs side by side (two seeds, two betas, two models): do the same groups and neurons carry the reduction?"""
 
+import re
+
 import streamlit as st
 
 import charts
 import queries
 from common import store_and_run
+
+
+def repository(model: str) -> str:
+    """NAME of a hub model pinned as NAME@REVISION, whose commits (a training checkpoint, a re-upload) keep neuron i
+    where it was; a local path, /home/jo@corp/ckpt say, is its own."""
+    name, at, _ = model.rpartition("@")
+    return name if at and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) else model
+
 
 st.set_page_config(page_title="Compare runs · dpo-neurons", layout="wide")
 st.title("Compare runs")
@@ -51,8 +61,7 @@ if (shape_a["layer_max"], shape_a["n_neurons"]) != (shape_b["layer_max"], shape_
                "correspond, so only the group shares compare.")
     st.stop()
 model = dict(zip(ids, runs["model"].to_list()))
-# NAME@REVISION: commits of one repository (a training checkpoint, a re-upload) keep neuron i where it was
-repo = {r: m.rpartition("@")[0] or m for r, m in model.items()}
+repo = {r: repository(m) for r, m in model.items()}
 if repo[run_a] == repo[run_b] and model[run_a] != model[run_b]:
     st.caption(f"The runs load two revisions of one model (A: {model[run_a]}, B: {model[run_b]}): neuron i is the "
                "same unit in both, with the weights each revision gives it.")
