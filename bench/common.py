@@ -62,6 +62,14 @@ def text_of(tok, n_tokens: int, r: random.Random) -> str:
     return tok.decode(tok(text)["input_ids"][:n_tokens])
 
 
+def dpo_seconds(summary: dict, steps: int) -> float:
+    """Seconds of `steps` optimizer steps, scaled from a dpo stage summary: its first step as timed, which carries
+    the warm-up, and every other at the mean of the rest (at the first's, if it timed one step only)."""
+    first, n = summary["first_step_seconds"], summary["n_steps"]
+    rest = (summary["seconds"] - first) / (n - 1) if n > 1 else first
+    return first + rest * (steps - 1)
+
+
 def child_numbers(module: str, args: list[str]) -> list[float]:
     """Run `python -m module *args` in a fresh process (its own peak RSS) and read the numbers its last line prints."""
     out = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, check=True)

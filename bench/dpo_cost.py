@@ -3,7 +3,8 @@
 model as trl's frozen reference) on a random-init checkpoint of gpt2-medium's architecture: optimizer
 steps of the stage's own code, timed, and the paper's 24,576 pairs (6,144 steps of 4) scaled from them.
 Every pair fills all 128 tokens, so the figure is an upper bound for data whose prompts and
-continuations are shorter; the first step's warm-up is included (on a GPU, time 64 steps or more).
+continuations are shorter. The first step, which carries the warm-up, is scaled as itself and the others
+by their mean.
 
     python -m bench.dpo_cost --device cuda --steps 512              # gpt2-medium shape
     python -m bench.dpo_cost --n-layer 4 --d-model 256 --steps 2    # quick
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from bench.common import PRESET, model_args, save_model, text_of
+from bench.common import PRESET, dpo_seconds, model_args, save_model, text_of
 from pipeline import config, dpo
 from pipeline.config import ModelConfig
 
@@ -56,13 +57,14 @@ def main(argv=None) -> None:
         write_pairs(pairs_dir / "pairs.jsonl", tok, args.steps * pairs_per_step, cfg.max_length)
         result = dpo.run(out, device=args.device, model=ModelConfig(path=str(path)), dpo=cfg, world_dir=None,
                          pairs_dir=pairs_dir)
-    per_step = result["seconds"] / result["n_steps"]
     paper_steps = PAPER_PAIRS // pairs_per_step
+    rest = dpo_seconds(result, 2) - result["first_step_seconds"]  # the mean step after the first
     gpu = f", GPU peak {torch.cuda.max_memory_allocated() / 2**20:,.0f} MiB" if args.device.startswith("cuda") else ""
     print(f"{args.n_layer} x {4 * args.d_model} neurons, d_model {args.d_model}, vocab {args.vocab}; {pairs_per_step} pairs "
           f"per step, {cfg.max_length} tokens each, {args.device}, {torch.get_num_threads()} threads{gpu}")
-    print(f"  {result['n_steps']} steps of stage dpo:               {result['seconds']:8.1f} s  ({per_step:.2f} s per step)")
-    print(f"  the paper's pairs, {paper_steps:,} such steps:       {per_step * paper_steps / 60:8.1f} min")
+    print(f"  {result['n_steps']} steps of stage dpo:               {result['seconds']:8.2f} s  (the first {result['first_step_seconds']:.2f} s, "
+          f"then {rest:.3f} s per step)")
+    print(f"  the paper's pairs, {paper_steps:,} such steps:       {dpo_seconds(result, paper_steps) / 60:8.1f} min")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ the scorer, DPO's optimizer steps, record's and the interventions' generations, 
 perplexity windows), by wrapping those functions. The paper's sizes are then that part scaled by what
 the paper has over this run (1,200 prompts, 24,576 pairs in 6,144 steps, 20,000 probe texts, about
 287,000 WikiText-2 tokens, 200 F1 passages), plus the rest as measured (loading models, attribute, the
-store). On a GPU each stage's peak of torch's allocations is shown beside it. Every probe text fills
+store); DPO's first step, which carries the warm-up, counts once. On a GPU each stage's peak of torch's allocations is shown beside it. Every probe text fills
 128 tokens and every pair 128 tokens, so those two are upper bounds. The defaults give each part whole
 batches (the preset's 64 prompts, 4 pairs, 64 probe texts, 8 windows of 1,024 tokens a batch): a GPU
 takes nearly as long for a part-filled batch as for a full one, so sizes that fill their last batch
@@ -36,7 +36,7 @@ import torch
 from transformers import AutoTokenizer
 
 import store
-from bench.common import PRESET, model_args, save_model, text_of
+from bench.common import PRESET, dpo_seconds, model_args, save_model, text_of
 from pipeline import config, data, intervene, probe, record, runner, scoring
 
 PAPER = {"prompts": 1_200, "pairs": 24_576, "probe texts": 20_000, "heldout tokens": 287_000, "f1 passages": 200}
@@ -173,7 +173,7 @@ def main(argv=None) -> None:
     dpo = stages["dpo"]["summary"]
     timer.measured["dpo", "optimizer steps"] += dpo["seconds"]  # trl's training loop
     pairs_per_step = cfg.dpo.batch_size * cfg.dpo.grad_accum
-    timer.scaled["dpo", "optimizer steps"] += dpo["seconds"] * PAPER["pairs"] / pairs_per_step / dpo["n_steps"]
+    timer.scaled["dpo", "optimizer steps"] += dpo_seconds(dpo, PAPER["pairs"] // pairs_per_step)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB (Linux reports KiB)
     gpu = f", GPU peak {max(timer.gpu_peak.values()):,.0f} MiB" if timer.gpu_peak else ""
     print(f"{args.n_layer} x {4 * args.d_model} neurons, d_model {args.d_model}, vocab {args.vocab}; {args.prompts} prompts, "

@@ -1,6 +1,6 @@
 """Stage `dpo`: the DPO copy M' of the base model, trained with trl.DPOTrainer on the stage's pairs.
 
-The reference policy is the base model: trl loads a second, frozen copy from the same checkpoint.
+The reference policy is the base model: a second, frozen copy loaded from the same checkpoint and revision.
 Outputs: model/ (M' and its tokenizer, HF format, readable by transformers and TransformerLens) and
 curve.jsonl, one row per optimizer step with the loss and the implicit rewards trl logs.
 """
@@ -46,7 +46,17 @@ def check_optimizer(name: str) -> None:
 
 def run(out: Path, *, device: str, model: ModelConfig, dpo: DPOStageConfig, world_dir: Path | None,
         pairs_dir: Path) -> dict:
+    from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
+
+    class FirstStep(TrainerCallback):
+        """When the first optimizer step ends. It carries the warm-up (on a GPU some seconds of kernel choice and
+        first allocations), which a benchmark that times a few steps must not scale to thousands."""
+
+        at: float | None = None
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.at = self.at or time.perf_counter()
 
     check_optimizer(dpo.optimizer)
     path = datasets.model_path(model.path, world_dir)
@@ -69,7 +79,9 @@ def run(out: Path, *, device: str, model: ModelConfig, dpo: DPOStageConfig, worl
     # The frozen reference is the base model loaded again. trl would reload it from the policy's config, which
     # names the repository without the revision a NAME@REVISION path pins: its newest weights, not the policy's.
     reference, _ = models.load_hf(path)
-    trainer = DPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=pairs, processing_class=tok)
+    first = FirstStep()
+    trainer = DPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=pairs, processing_class=tok,
+                         callbacks=[first])
     dropped = len(pairs) - len(trainer.train_dataset)  # trl drops a pair whose prompt alone fills max_length
     if dropped == len(pairs):
         raise ConfigError(f"every pair's prompt fills [dpo] max_length = {dpo.max_length} tokens, so no pair is left to "
@@ -96,7 +108,8 @@ def run(out: Path, *, device: str, model: ModelConfig, dpo: DPOStageConfig, worl
         "n_steps": trainer.state.global_step,
         "final_loss": round(curve[-1]["loss"], 4),
         "final_reward_margin": round(curve[-1]["reward_margin"], 4),
-        "seconds": round(seconds, 1),
+        "seconds": round(seconds, 2),
+        "first_step_seconds": round(first.at - t0, 2),
     }
 
 

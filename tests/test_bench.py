@@ -8,6 +8,7 @@ import re
 import types
 
 import polars as pl
+import pytest
 import torch
 
 from bench import app_queries, dpo_cost, dpo_memory, pipeline_cost, record_cost, record_memory
@@ -68,12 +69,22 @@ def test_dpo_memory_runs_each_way_with_the_same_pairs_per_step(capsys, monkeypat
 
 
 def test_dpo_cost_times_the_steps_it_asked_for(capsys):
-    dpo_cost.main([*TINY, "--steps", "2", "--pairs-per-step", "2", "--max-length", "16"])
-    steps, total, per_step, paper = re.search(r"(\d+) steps of stage dpo: +(\S+) s +\((\S+) s per step\)\n.*?(\S+) min",
-                                              capsys.readouterr().out).groups()
-    assert int(steps) == 2 and float(total) > 0
+    dpo_cost.main([*TINY, "--steps", "3", "--pairs-per-step", "2", "--max-length", "16"])
+    steps, total, first, rest, paper = re.search(
+        r"(\d+) steps of stage dpo: +(\S+) s +\(the first (\S+) s, then (\S+) s per step\)\n.*?(\S+) min",
+        capsys.readouterr().out).groups()
+    assert int(steps) == 3 and 0 < float(first) <= float(total)
+    assert float(rest) == pytest.approx((float(total) - float(first)) / 2, abs=0.01)
     paper_steps = dpo_cost.PAPER_PAIRS // 2
-    assert abs(float(paper) * 60 - float(per_step) * paper_steps) <= 0.01 * paper_steps
+    assert float(paper) * 60 == pytest.approx(float(first) + float(rest) * (paper_steps - 1), abs=0.05 * 60 + 0.001 * paper_steps)
+
+
+def test_dpo_scaling_counts_the_first_steps_warm_up_once():
+    """A planted warm-up of 10 s in the first of 5 steps of 1 s: 100 steps take 10 + 99 s, not 100 x 14 / 5."""
+    from bench.common import dpo_seconds
+
+    assert dpo_seconds({"seconds": 14.0, "first_step_seconds": 10.0, "n_steps": 5}, 100) == pytest.approx(109.0)
+    assert dpo_seconds({"seconds": 3.0, "first_step_seconds": 3.0, "n_steps": 1}, 100) == pytest.approx(300.0)
 
 
 def test_pipeline_timer_scales_each_call_on_the_stage_that_made_it(monkeypatch):

@@ -158,6 +158,30 @@ def test_the_frozen_reference_is_the_pinned_revision(base_dir, tmp_path, monkeyp
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-4)
 
 
+def test_the_first_steps_warm_up_is_timed_apart(base_dir, tmp_path, monkeypatch):
+    """A second planted in the first of three steps shows in first_step_seconds and not in the other steps, so
+    that a benchmark scaling a few steps to thousands counts the warm-up once (bench.common.dpo_seconds)."""
+    import time
+
+    from trl import DPOTrainer
+
+    step, calls = DPOTrainer.training_step, []
+
+    def slow_first(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            time.sleep(1.0)
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(DPOTrainer, "training_step", slow_first)
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in TRAIN[:12]))
+    cfg = DPOStageConfig(lr=1e-4, epochs=1.0, batch_size=4, max_length=32)
+    summary = dpo.run(tmp_path / "out", device="cpu", model=ModelConfig(path=str(base_dir)), dpo=cfg, world_dir=None,
+                      pairs_dir=tmp_path)
+    assert summary["n_steps"] == 3
+    assert summary["first_step_seconds"] >= 1.0 > summary["seconds"] - summary["first_step_seconds"]
+
+
 def test_accumulated_and_checkpointed_steps_train_the_same_weights(base_dir, tmp_path, monkeypatch):
     """Two optimizer steps of 8 pairs, taken as 8 pairs per pass, as 2 x 4 accumulated, and with gradient
     checkpointing: plain SGD (a step linear in the gradient) ends at the same weights, so accumulation
