@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import polars as pl
+import torch
 
 from pipeline import data as datasets
 from pipeline import models
@@ -56,7 +57,10 @@ def run(out: Path, *, device: str, model: ModelConfig, dpo: DPOStageConfig, worl
         at: float | None = None
 
         def on_step_end(self, args, state, control, **kwargs):
-            self.at = self.at or time.perf_counter()
+            if self.at is None:
+                if args.device.type == "cuda":  # the step's kernels are queued, not yet run
+                    torch.cuda.synchronize(args.device)
+                self.at = time.perf_counter()
 
     check_optimizer(dpo.optimizer)
     path = datasets.model_path(model.path, world_dir)
@@ -78,7 +82,9 @@ def run(out: Path, *, device: str, model: ModelConfig, dpo: DPOStageConfig, worl
     pairs = preference_dataset(pairs_dir / "pairs.jsonl", models.bos_prefix(tok, policy.config, model.bos))
     # The frozen reference is the base model loaded again. trl would reload it from the policy's config, which
     # names the repository without the revision a NAME@REVISION path pins: its newest weights, not the policy's.
-    reference, _ = models.load_hf(path)
+    # Straight onto the device, the policy first: two float32 copies on the host at once would double its peak.
+    policy.to(args.device)
+    reference, _ = models.load_hf(path, str(args.device))
     first = FirstStep()
     trainer = DPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=pairs, processing_class=tok,
                          callbacks=[first])
