@@ -7,8 +7,8 @@ what it costs in time. Pairs as in bench.dpo_cost: every one fills max_length.
     python -m bench.dpo_memory --device cuda --steps 64                # gpt2-medium shape, 4 pairs a step
     python -m bench.dpo_memory --n-layer 4 --d-model 256 --steps 2     # quick
 
-The time a step includes the first step's warm-up, a few seconds on a GPU: there take enough steps for it
-to fade (at 16 the ways' ratios mislead).
+The time a step is the mean of the steps after the first, which carries the warm-up (a few seconds on a
+GPU, where at 16 steps it made the ways' ratios mislead); with --steps 1, the first's.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from bench.common import child_numbers, model_args, save_model
+from bench.common import child_numbers, dpo_seconds, model_args, save_model
 from bench.dpo_cost import write_pairs
 
 
@@ -47,7 +47,7 @@ def child(args) -> None:
                          pairs_dir=Path(args.pairs))
     gpu = torch.cuda.max_memory_allocated() / 2**20 if args.device.startswith("cuda") else 0.0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB (Linux reports KiB)
-    print(rss, gpu, result["seconds"] / result["n_steps"], result["n_steps"])
+    print(rss, gpu, dpo_seconds(result, 2) - result["first_step_seconds"], result["n_steps"])
 
 
 def main(argv=None) -> None:
