@@ -62,8 +62,8 @@ def main(argv=None) -> None:
     gpu = f", GPU peak {torch.cuda.max_memory_allocated() / 2**20:,.0f} MiB" if args.device.startswith("cuda") else ""
     print(f"{args.n_layer} x {4 * args.d_model} neurons, d_model {args.d_model}, vocab {args.vocab}; {pairs_per_step} pairs "
           f"per step, {cfg.max_length} tokens each, {args.device}, {torch.get_num_threads()} threads{gpu}")
-    print(f"  {result['n_steps']} steps of stage dpo:               {result['seconds']:8.2f} s  (the first {result['first_step_seconds']:.2f} s, "
-          f"then {rest:.3f} s per step)")
+    print(f"  {result['n_steps']} steps of stage dpo:               {result['seconds']:8.2f} s  "
+          f"(the first {result['first_step_seconds']:.2f} s, then {rest:.3f} s per step)")
     print(f"  the paper's pairs, {paper_steps:,} such steps:       {dpo_seconds(result, paper_steps) / 60:8.1f} min")
 
 

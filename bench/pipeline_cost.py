@@ -8,8 +8,9 @@ the scorer, DPO's optimizer steps, record's and the interventions' generations, 
 perplexity windows), by wrapping those functions. The paper's sizes are then that part scaled by what
 the paper has over this run (1,200 prompts, 24,576 pairs in 6,144 steps, 20,000 probe texts, about
 287,000 WikiText-2 tokens, 200 F1 passages), plus the rest as measured (loading models, attribute, the
-store); DPO's first step, which carries the warm-up, counts once. On a GPU each stage's peak of torch's allocations is shown beside it. Every probe text fills
-128 tokens and every pair 128 tokens, so those two are upper bounds. The defaults give each part whole
+store); DPO's first step, which carries the warm-up, counts once. On a GPU each stage's peak of torch's
+allocations is shown beside it. Every probe text fills 128 tokens and every pair 128 tokens, so those
+two are upper bounds. The defaults give each part whole
 batches (the preset's 64 prompts, 4 pairs, 64 probe texts, 8 windows of 1,024 tokens a batch): a GPU
 takes nearly as long for a part-filled batch as for a full one, so sizes that fill their last batch
 scale best. The scorer is profanity-check unless --scorer says otherwise (the

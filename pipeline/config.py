@@ -34,6 +34,14 @@ def _home(section, *names: str) -> None:
             setattr(section, name, str(Path(getattr(section, name)).expanduser()))
 
 
+def hub_revision(name: str) -> tuple[str, str | None]:
+    """(name, revision) of a hub name pinned as NAME@REVISION to a commit, tag or branch, so that a rerun or a
+    colleague loads what this run had, where a hub repository can take new weights or rows under the same
+    name; revision None for a bare name or a local path, even one with @ in it."""
+    base, at, revision = name.rpartition("@")
+    return (name, None) if not at or Path(name).exists() else (base, revision)
+
+
 def _f(default, help: str):
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata={"help": help})
@@ -75,9 +83,10 @@ class ModelConfig:
 
     def __post_init__(self):
         _home(self, "path")
-        name, at, revision = self.path.rpartition("@")
-        if at and not (name and revision) and not Path(self.path).exists():
-            raise ValueError(f"path {self.path!r} names no revision; write NAME@REVISION (a commit, tag or branch) or NAME alone")
+        name, revision = hub_revision(self.path)
+        if revision is not None and not (name and revision):
+            raise ValueError(f"path {self.path!r} is not NAME@REVISION; write a hub name and, after @, a commit, tag or "
+                             "branch, or the name alone")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
         if self.bos not in ("transformerlens", "tokenizer"):

@@ -19,7 +19,7 @@ import random
 import re
 from pathlib import Path
 
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, hub_revision
 
 HUB = "hf:"
 # Version of the files from_hub writes: raised when a kind's file changes (2: heldout lines lost the
@@ -77,14 +77,12 @@ def from_hub(kind: str, value: str) -> Path:
     import datasets
 
     name, config, split = (value[len(HUB):].split(":") + ["", ""])[:3]
-    local = local_hub_folder(value)
-    revision = None
-    if "@" in name and not local:
-        name, _, revision = name.rpartition("@")
+    name, revision = hub_revision(name)
     if not name or revision == "":
         raise DataError(f"[data] {kind} = {value!r} names no dataset; write hf:NAME[@REVISION][:CONFIG[:SPLIT]]")
     # Named by what it holds: the readable part alone would give hf:a/b and hf:a_b one file, and a local
     # folder's file would outlive an edit of the folder.
+    local = local_hub_folder(value)
     held = hashlib.sha256(json.dumps([kind, value, local and [str(local.resolve()), stamp(local)]]).encode()).hexdigest()[:12]
     out = Path(datasets.config.HF_DATASETS_CACHE) / "dpo-neurons" / f"v{HUB_FORMAT}" / (
         re.sub(r"[^A-Za-z0-9._-]+", "_", f"{name}_{config}_{split or 'train'}_{held}") + Path(WORLD_FILES[kind]).suffix)

@@ -4,20 +4,12 @@ world's model take exactly the same path."""
 from __future__ import annotations
 
 import gc
-import os
 from pathlib import Path
 
 import torch
 
+from pipeline.config import hub_revision
 from pipeline.data import DataError
-
-
-def hub_revision(path: str) -> tuple[str, str | None]:
-    """(name, revision) of a model path: NAME@REVISION pins a hub model to a commit, tag or branch, so that a
-    rerun or a colleague loads the weights this run had, where a hub repository can take new weights under
-    the same name. A local folder has none, even one with @ in its name."""
-    name, at, revision = path.rpartition("@")
-    return (path, None) if not at or os.path.exists(path) else (name, revision)
 
 
 def _load_error(path: str, e: Exception) -> DataError:

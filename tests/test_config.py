@@ -57,7 +57,8 @@ def test_demo_config_loads():
     ("[pairs]\nmargin = -0.1\n[world]\n", ["[pairs] margin must lie in 0 .. 1"]),
     ("[pairs]\nmargin = 1.5\n[world]\n", ["[pairs] margin must lie in 0 .. 1"]),  # no pair kept, after sampling them all
     ("name = 'x'\n[world]\n", ["key name stands before any [section]", "move it under [run]"]),  # was "unknown section [name]"
-    ("seed = 3\n[world]\n", ["key seed stands before any [section]", "[world] or [probe]"]),    ("[model]\npath = 'gpt2-medium@'\n", ["[model]", "'gpt2-medium@' names no revision", "NAME@REVISION"]),
+    ("seed = 3\n[world]\n", ["key seed stands before any [section]", "[world] or [probe]"]),
+    ("[model]\npath = 'gpt2-medium@'\n", ["[model]", "'gpt2-medium@' is not NAME@REVISION", "the name alone"]),
 ])
 def test_bad_config_names_key_and_file(tmp_path, text, pieces):
     with pytest.raises(config.ConfigError) as e:
