@@ -323,13 +323,22 @@ def _publish(cfg, stages, keys, dirs, ran_any, log) -> str:
         records.append({"stage": s.name, "cache_key": keys[s.name], "seconds": rec["seconds"], "summary": rec["summary"]})
     run_id = store.write_run(cfg.run.store, run={
         "name": cfg.run.name,
-        "model": world.model_label(cfg.world) if cfg.model.path == "world" else cfg.model.path,
+        "model": model_label(cfg),
         "config": cfg.to_dict(),
         "config_hash": config_hash,
         "packages": package_versions(),
     }, stages=records, tables={name: pl.concat(frames, how="diagonal_relaxed") for name, frames in tables.items()})
     log(f"wrote run {run_id} to {cfg.run.store}")
     return run_id
+
+
+def model_label(cfg: config_mod.Config) -> str:
+    """runs.model: the demo world's description, a local checkpoint's absolute path, or a hub name as given. The
+    absolute path tells a folder named ckpt@100 from a hub model pinned to a revision (Compare runs pairs the
+    neurons of a repository's revisions), and two runs' folders of one name apart."""
+    if cfg.model.path == "world":
+        return world.model_label(cfg.world)
+    return os.path.abspath(cfg.model.path) if os.path.exists(cfg.model.path) else cfg.model.path
 
 
 def resolve_device(device: str) -> str:

@@ -291,6 +291,16 @@ def test_a_file_replaced_at_the_same_path_reruns_what_read_it(tmp_path, replaced
     assert changed(before, runner.cache_keys(real_model_config(tmp_path))) == reruns
 
 
+def test_runs_name_a_local_model_by_its_absolute_path_and_a_hub_model_as_given(tmp_path, monkeypatch):
+    """A relative folder ckpt@100 is stored as /.../ckpt@100, which Compare runs does not take for revision 100 of a
+    hub model ckpt; a hub name pinned to a revision stays as written; the demo world is described."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ckpt@100").mkdir()
+    assert runner.model_label(config.from_dict({"model": {"path": "ckpt@100"}, "world": {}})) == str(tmp_path / "ckpt@100")
+    assert runner.model_label(config.from_dict({"model": {"path": "acme/tiny@v2"}, "world": {}})) == "acme/tiny@v2"
+    assert runner.model_label(config.from_dict({"world": {}})).startswith("demo world GPT-2")
+
+
 def test_hidden_files_in_a_model_folder_rerun_nothing(tmp_path):
     """A model cloned from the hub with git keeps .git/ inside, which a fetch rewrites: no loader reads it."""
     before = runner.cache_keys(real_model_config(tmp_path))

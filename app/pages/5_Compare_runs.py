@@ -11,7 +11,7 @@ from common import store_and_run
 
 def repository(model: str) -> str:
     """NAME of a hub model pinned as NAME@REVISION, whose commits (a training checkpoint, a re-upload) keep neuron i
-    where it was; a local path, /home/jo@corp/ckpt say, is its own."""
+    where it was; a local checkpoint, which a run names by its absolute path (/home/jo@corp/ckpt), is its own."""
     name, at, _ = model.rpartition("@")
     return name if at and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) else model
 
